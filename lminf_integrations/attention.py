@@ -1,0 +1,322 @@
+"""The Λ-shaped attention function, registered with transformers' attention-function interface.
+
+Every query sees three kinds of keys, each computed as its own partial attention and merged exactly by
+log-sum-exp (one softmax over all of them):
+
+* **local band** – keys within ``n_local`` positions, ordinary logits. Queries are cut into blocks of
+  ``BLOCK`` rows; every block's keys are one fixed-length slice, so all blocks go to PyTorch's fused CPU flash
+  kernel in *one* batched call with a small band mask (no n×n mask, no Python loop over blocks or heads);
+* **global** – the first ``n_global`` tokens once they fall out of the window, seen at distance
+  ``distance_limit``: queries are rotated to position ``distance_limit`` and keys to position 0;
+* **top-k middle** (optional) – for generation-time queries, the ``top_k`` middle keys with the highest logits,
+  also at distance ``distance_limit``.
+
+Grouped-query attention is handled by folding the query heads of a group into the rows of one kv head, so keys
+and values are never repeated.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import LMInfiniteConfig
+from .rope import shift_positions
+
+ATTENTION_NAME = "lminf"
+BLOCK = 256  # query rows per band block: measured fastest on a 2-core AVX-512 CPU (bench/attention_kernels.py)
+_NEG_INF = float("-inf")
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+@dataclass
+class LayerSettings:
+    """What a patched attention module needs to know; attached to each module by ``patch_model``."""
+
+    config: LMInfiniteConfig
+    inv_freq: torch.Tensor
+    layer_idx: int
+
+
+@dataclass
+class PreparedKeys:
+    """Keys a :class:`~lminf_integrations.cache.LambdaCache` layer hands to the attention function.
+
+    ``local_keys`` hold positions ``[local_start, last query]`` (rotated as usual); for a single query they may be
+    in any order (a ring buffer), otherwise in position order. ``sink_keys`` are the global tokens rotated to
+    position 0; ``middle_keys`` (top-k layers only) are positions ``[0, middle_end)`` rotated to position 0.
+    """
+
+    local_keys: torch.Tensor
+    local_values: torch.Tensor
+    local_start: int
+    sink_keys: torch.Tensor | None = None
+    sink_values: torch.Tensor | None = None
+    middle_keys: torch.Tensor | None = None
+    middle_values: torch.Tensor | None = None
+    top_k_from_position: int | None = None
+
+
+# The cache's ``update`` and the attention call happen back to back in one thread for one layer; the cache leaves
+# its prepared keys here, and the attention function only uses them if the key tensor it receives is theirs.
+_handoff = threading.local()
+
+
+def hand_over(prepared: PreparedKeys) -> None:
+    _handoff.prepared = prepared
+
+
+def _take_prepared(key: torch.Tensor) -> PreparedKeys | None:
+    prepared = getattr(_handoff, "prepared", None)
+    _handoff.prepared = None
+    if prepared is not None and prepared.local_keys is key:
+        return prepared
+    return None
+
+
+def _from_full_history(key: torch.Tensor, value: torch.Tensor, settings: LayerSettings) -> PreparedKeys:
+    """Keys of positions ``[0, last query]`` (no cache, or transformers' DynamicCache): derive everything."""
+    cfg = settings.config
+    n = key.shape[-2]
+    n_sink = min(cfg.n_global, n)
+    positions = torch.arange(n_sink, device=key.device)
+    sink_keys = shift_positions(key[:, :, :n_sink], -positions, settings.inv_freq)
+    middle_keys = middle_values = None
+    if cfg.top_k > 0 and settings.layer_idx >= cfg.top_k_from_layer:
+        all_positions = torch.arange(n, device=key.device)
+        middle_keys, middle_values = shift_positions(key, -all_positions, settings.inv_freq), value
+    return PreparedKeys(key, value, 0, sink_keys, value[:, :, :n_sink], middle_keys, middle_values)
+
+
+def lambda_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention-interface entry point: ``query (B, H, Lq, D)`` → ``(B, Lq, H, D)``."""
+    settings: LayerSettings = module.lminf_settings  # type: ignore[assignment]
+    if attention_mask is not None:
+        raise ValueError(
+            "LM-Infinite attention does not support padded batches; pass one sequence, or sequences of equal length"
+        )
+    prepared = _take_prepared(key) or _from_full_history(key, value, settings)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attend(query, prepared, settings, scale)
+    return out, None
+
+
+def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings, scale: float) -> torch.Tensor:
+    """All branches for queries at positions ``[last - Lq + 1, last]``; returns ``(B, Lq, H, D)``."""
+    cfg = settings.config
+    batch, n_heads, n_queries, head_dim = query.shape
+    n_kv = prepared.local_keys.shape[1]
+    rep = n_heads // n_kv
+    last = prepared.local_start + prepared.local_keys.shape[-2] - 1
+    first = last - n_queries + 1
+
+    parts = [_local_band(query, prepared, cfg.n_local, first, scale)]
+    distance = cfg.effective_distance_limit
+    needs_far = prepared.sink_keys is not None and prepared.sink_keys.shape[-2] > 0 and last >= cfg.n_local
+    needs_top_k = (
+        prepared.middle_keys is not None
+        and cfg.top_k > 0
+        and settings.layer_idx >= cfg.top_k_from_layer
+        and last - cfg.n_local >= cfg.n_global
+    )
+    if needs_far or needs_top_k:
+        # Queries moved to position `distance` and keys at position 0 give relative distance `distance`.
+        positions = torch.arange(first, last + 1, device=query.device)
+        far_query = _fold(shift_positions(query, distance - positions, settings.inv_freq), n_kv)
+        if needs_far:
+            parts.append(_global_part(far_query, prepared, cfg, first, rep, scale))
+        if needs_top_k:
+            parts.append(_top_k_part(far_query, prepared, cfg, first, rep, scale))
+    out = parts[0][0] if len(parts) == 1 else _merge(parts).to(query.dtype)
+    return out.view(batch, n_kv, rep, n_queries, head_dim).reshape(batch, n_heads, n_queries, head_dim).transpose(1, 2)
+
+
+def _fold(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(B, H, L, D) → (B, kv_heads, rep·L, D): the query heads sharing a kv head become rows."""
+    b, h, length, d = x.shape
+    return x.reshape(b, n_kv, (h // n_kv) * length, d)
+
+
+def _local_band(
+    query: torch.Tensor, prepared: PreparedKeys, window: int, first: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordinary attention to keys within ``window`` positions; returns folded output and its log-sum-exp."""
+    keys, values, start = prepared.local_keys, prepared.local_values, prepared.local_start
+    n_kv, n_queries = keys.shape[1], query.shape[-2]
+    last = start + keys.shape[-2] - 1
+    if start > max(0, first - window + 1):
+        raise RuntimeError(f"cache kept keys from position {start}, but a query at {first} needs the full window")
+    if n_queries == 1:
+        # One query sees every key of its window, in any order: no mask at all.
+        keep = min(keys.shape[-2], window)
+        if keep < keys.shape[-2]:
+            keys, values = keys[:, :, -keep:], values[:, :, -keep:]
+        return _flash(_fold(query, n_kv), keys, values, 0.0, False, scale=scale)
+    if last - window + 1 <= start:  # even the last query sees every key: no band yet
+        return _causal_no_band(query, keys, values, n_queries, scale)
+    return _banded_blocks(query, keys, values, window, first - start, last - start, scale)
+
+
+def _causal_no_band(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_queries: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query sees all earlier keys (the window is not yet full): plain causal attention."""
+    n_kv = keys.shape[1]
+    rep = query.shape[1] // n_kv
+    # The fused kernel's causal mask is top-left aligned, so it takes the square part; earlier keys are unmasked.
+    square_k = keys[:, :, -n_queries:].repeat_interleave(rep, dim=1)
+    square_v = values[:, :, -n_queries:].repeat_interleave(rep, dim=1)
+    out, lse = _flash(query, square_k, square_v, 0.0, True, scale=scale)
+    out, lse = _fold(out, n_kv), lse.reshape(lse.shape[0], n_kv, -1)
+    if keys.shape[-2] == n_queries:
+        return out, lse
+    prefix = _flash(_fold(query, n_kv), keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)
+    return _merge([(out, lse), prefix]).to(query.dtype), torch.logaddexp(lse, prefix[1])
+
+
+def _banded_blocks(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    window: int,
+    first_index: int,
+    last_index: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band |i - j| < window, as one batched fused-kernel call over query blocks.
+
+    Indices are into ``keys``. The block starting at query index ``a`` needs keys ``[a - window + 1, a + BLOCK)``:
+    ``window + BLOCK - 1`` of them, a fixed length, so the blocks' keys are strided views of one padded tensor.
+    """
+    batch, n_heads, n_queries, head_dim = query.shape
+    n_kv = keys.shape[1]
+    rep = n_heads // n_kv
+    block = min(BLOCK, n_queries)
+    n_blocks = -(-n_queries // block)
+    span = window + block - 1
+    left_pad = max(0, window - 1 - first_index)
+    needed = first_index - window + 1 + left_pad + (n_blocks - 1) * block + span  # padded length used
+    right_pad = max(0, needed - left_pad - keys.shape[-2])
+    padded_k = torch.nn.functional.pad(keys, (0, 0, left_pad, right_pad))
+    padded_v = torch.nn.functional.pad(values, (0, 0, left_pad, right_pad))
+    offset = first_index - window + 1 + left_pad
+
+    def blocks_of(x: torch.Tensor) -> torch.Tensor:
+        windows = x[:, :, offset:].unfold(2, span, block)[:, :, :n_blocks]  # (B, kv, nb, D, span)
+        return windows.permute(0, 2, 1, 4, 3).reshape(batch * n_blocks, n_kv, span, head_dim)
+
+    q = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * block - n_queries))
+    q = q.view(batch, n_kv, rep, n_blocks, block, head_dim).permute(0, 3, 1, 2, 4, 5)
+    q = q.reshape(batch * n_blocks, n_kv, rep * block, head_dim)
+
+    mask = _band_mask(block, span, window, n_blocks, offset - left_pad, last_index, rep, query.dtype, query.device)
+    if mask.shape[0] > 1 and batch > 1:
+        mask = mask.repeat(batch, 1, 1, 1)
+
+    out, lse = _flash(q, blocks_of(padded_k), blocks_of(padded_v), 0.0, False, attn_mask=mask, scale=scale)
+    out = out.view(batch, n_blocks, n_kv, rep, block, head_dim).permute(0, 2, 3, 1, 4, 5)
+    out = out.reshape(batch, n_kv, rep, n_blocks * block, head_dim)[:, :, :, :n_queries]
+    lse = lse.view(batch, n_blocks, n_kv, rep, block).permute(0, 2, 3, 1, 4)
+    lse = lse.reshape(batch, n_kv, rep, n_blocks * block)[..., :n_queries]
+    return out.reshape(batch, n_kv, rep * n_queries, head_dim), lse.reshape(batch, n_kv, rep * n_queries)
+
+
+@functools.lru_cache(maxsize=2)
+def _band_mask(
+    block: int,
+    span: int,
+    window: int,
+    n_blocks: int,
+    first_key_index: int,
+    last_index: int,
+    rep: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Additive mask ``(n_blocks or 1, 1, rep·block, span)`` of the band; built once per forward, shared by layers.
+
+    Row ``r`` is query ``a + r`` of a block, column ``c`` key ``a - window + 1 + c``: visible iff ``r <= c <=
+    r + window - 1`` and the key index is real, not padding.
+    """
+    row = torch.arange(block, device=device)[:, None]
+    col = torch.arange(span, device=device)[None, :]
+    band = (col >= row) & (col <= row + window - 1)
+    key_index = first_key_index + torch.arange(n_blocks, device=device)[:, None, None] * block + col
+    visible = band & (key_index >= 0) & (key_index <= last_index)  # (nb, block, span)
+    if bool((visible == band).all()):
+        visible = band[None]  # no block touches padding: one mask for all
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, _NEG_INF)
+    return mask.repeat(1, rep, 1)[:, None]
+
+
+def _global_part(
+    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, rep: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global tokens that are out of a query's window, seen at distance ``distance_limit``."""
+    assert prepared.sink_keys is not None and prepared.sink_values is not None
+    keys, values = prepared.sink_keys, prepared.sink_values
+    n_queries = far_query.shape[-2] // rep
+    positions = torch.arange(first, first + n_queries, device=far_query.device).repeat(rep)
+    key_positions = torch.arange(keys.shape[-2], device=far_query.device)
+    visible = positions[:, None] - key_positions[None, :] >= cfg.n_local
+    logits = torch.matmul(far_query.float(), keys.float().transpose(-1, -2)) * scale
+    return _softmax_part(logits.masked_fill(~visible, _NEG_INF), values)
+
+
+def _top_k_part(
+    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, rep: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query head's ``top_k`` strongest middle keys (``n_global <= j <= i - n_local``), for generation-time
+    queries only (positions ``>= top_k_from_position``)."""
+    assert prepared.middle_keys is not None and prepared.middle_values is not None
+    n_queries = far_query.shape[-2] // rep
+    positions = torch.arange(first, first + n_queries, device=far_query.device).repeat(rep)
+    start = prepared.top_k_from_position if prepared.top_k_from_position is not None else first + n_queries - 1
+    middle_end = first + n_queries - cfg.n_local  # exclusive bound of any query's middle
+    keys = prepared.middle_keys[:, :, cfg.n_global : middle_end]
+    values = prepared.middle_values[:, :, cfg.n_global : middle_end]
+    key_positions = torch.arange(cfg.n_global, middle_end, device=far_query.device)
+    visible = (key_positions[None, :] <= positions[:, None] - cfg.n_local) & (positions[:, None] >= start)
+    logits = torch.matmul(far_query.to(keys.dtype), keys.transpose(-1, -2)).float() * scale
+    logits = logits.masked_fill(~visible, _NEG_INF)
+    k = min(cfg.top_k, logits.shape[-1])
+    top_logits, top_index = logits.topk(k, dim=-1)
+    # Gather each row's chosen values: (B, kv, rows, k, D).
+    chosen = torch.gather(
+        values[:, :, None].expand(-1, -1, top_index.shape[2], -1, -1),
+        3,
+        top_index[..., None].expand(-1, -1, -1, -1, values.shape[-1]),
+    )
+    lse = torch.logsumexp(top_logits, dim=-1)
+    weights = torch.exp(top_logits - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhrk,bhrkd->bhrd", weights, chosen.float())
+    return out, lse
+
+
+def _softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention from masked float32 logits; rows with nothing visible get lse = -inf and output 0."""
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return torch.matmul(weights, values.float()), lse
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine partial attentions over disjoint key sets into one softmax, exactly."""
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    out = torch.zeros_like(parts[0][0], dtype=torch.float32)
+    for part_out, lse in parts:
+        out += torch.exp(lse - total).nan_to_num(0.0)[..., None] * part_out.float()
+    return out

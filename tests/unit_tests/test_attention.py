@@ -1,0 +1,236 @@
+"""Λ-attention exactness on tiny random-weight models of every supported architecture.
+
+(a) equal to the unpatched model while the input fits the window; (b) equal to an independent dense reference
+(``reference.py``) on inputs >= 3 × n_local, in both cache modes, with and without top-k; (c) token-by-token
+decoding with the cache equals recomputing the whole sequence; (d) the window cache stays the same size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
+
+from . import reference
+
+VOCAB = 101
+TOL = 1e-4
+
+
+def _common() -> dict[str, object]:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,  # grouped-query attention: 3 query heads per kv head
+        max_position_embeddings=64,
+    )
+
+
+def _tiny(arch: str) -> PreTrainedModel:
+    torch.manual_seed(1234)
+    if arch == "llama":
+        model: PreTrainedModel = LlamaForCausalLM(LlamaConfig(**_common()))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_common(), sliding_window=None))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_common()))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**_common(), head_dim=16))
+    return model.eval()
+
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (1, n), generator=generator)
+
+
+def _reference_logits(model: PreTrainedModel, ids: torch.Tensor, top_k_from: int | None) -> torch.Tensor:
+    reference.TOP_K_FROM_POSITION[0] = top_k_from
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(reference.REFERENCE_NAME)
+    try:
+        return model(ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _chunked_logits(model: PreTrainedModel, ids: torch.Tensor, chunk: int, prompt_length: int) -> torch.Tensor:
+    """Prefill in chunks through the LM-Infinite cache (the last prompt token alone, as generation does)."""
+    cache = new_cache(model)
+    cache.set_prompt_length(prompt_length)
+    pieces = []
+    bounds = list(range(0, prompt_length - 1, chunk)) + [prompt_length - 1]
+    for start, end in zip(bounds, bounds[1:] + [prompt_length]):
+        pieces.append(model(ids[:, start:end], past_key_values=cache).logits)
+    for position in range(prompt_length, ids.shape[1]):
+        pieces.append(model(ids[:, position : position + 1], past_key_values=cache).logits)
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_equals_unpatched_within_window(arch: str) -> None:
+    model = _tiny(arch)
+    ids = _ids(32)
+    vanilla = model(ids).logits
+    patch_model(model, LMInfiniteConfig(n_global=4, n_local=32, chunk_size=8))
+    assert (model(ids).logits - vanilla).abs().max() < TOL
+    assert (_chunked_logits(model, ids, chunk=7, prompt_length=32) - vanilla).abs().max() < TOL
+    unpatch_model(model)
+    assert (model(ids).logits - vanilla).abs().max() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(
+    "cache,top_k,distance_limit",
+    [("window", 0, None), ("full", 0, 6), ("full", 3, None), ("full", 2, 5)],
+)
+@torch.no_grad()
+def test_long_input_equals_naive_reference(arch: str, cache: str, top_k: int, distance_limit: int | None) -> None:
+    model = _tiny(arch)
+    config = LMInfiniteConfig(
+        n_global=3, n_local=8, distance_limit=distance_limit, top_k=top_k, top_k_from_layer=1, cache=cache  # type: ignore[arg-type]
+    )
+    patch_model(model, config)
+    prompt_length, total = 30, 36  # prompt >= 3 × n_local, then 6 "generated" tokens
+    ids = _ids(total, seed=1)
+    expected_prompt = _reference_logits(model, ids[:, :prompt_length], top_k_from=prompt_length - 1)
+    got = _chunked_logits(model, ids, chunk=5, prompt_length=prompt_length)
+    assert (got[:, :prompt_length] - expected_prompt).abs().max() < TOL
+    # Every later position is a generation-time query: compare each with a fresh reference run.
+    for position in range(prompt_length, total):
+        expected = _reference_logits(model, ids[:, : position + 1], top_k_from=prompt_length - 1)[:, -1]
+        assert (got[:, position] - expected).abs().max() < TOL, position
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@torch.no_grad()
+def test_whole_sequence_forward_without_cache_equals_reference(arch: str) -> None:
+    model = _tiny(arch)
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8))
+    ids = _ids(40, seed=2)
+    assert (model(ids).logits - _reference_logits(model, ids, top_k_from=None)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("cache", ["window", "full"])
+@torch.no_grad()
+def test_decoding_with_cache_equals_recomputation(cache: str) -> None:
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache=cache, chunk_size=4))  # type: ignore[arg-type]
+    ids = _ids(20, seed=3)
+    kv = new_cache(model)
+    model(ids[:, :-1], past_key_values=kv)
+    step = model(ids[:, -1:], past_key_values=kv).logits[:, -1]
+    for _ in range(15):
+        token = step.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        step = model(token, past_key_values=kv).logits[:, -1]
+        recomputed = model(ids).logits[:, -1]  # no cache at all: the whole sequence again
+        assert (step - recomputed).abs().max() < TOL
+
+
+@torch.no_grad()
+def test_window_cache_size_is_constant_over_long_decode() -> None:
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache="window"))
+    kv = new_cache(model)
+    model(_ids(8), past_key_values=kv)
+    sizes = set()
+    token = torch.tensor([[5]])
+    for _ in range(100):
+        model(token, past_key_values=kv)
+        sizes.add(kv.nbytes())
+    assert len(sizes) == 1
+    assert kv.get_seq_length() == 108
+
+
+@torch.no_grad()
+def test_full_cache_grows_and_reports_size() -> None:
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache="full"))
+    kv = new_cache(model)
+    model(_ids(300), past_key_values=kv)
+    small = kv.nbytes()
+    model(_ids(700), past_key_values=kv)
+    assert kv.nbytes() > small
+    assert kv.get_seq_length() == 1000
+
+
+@torch.no_grad()
+def test_generate_works_with_both_caches_and_streamers() -> None:
+    from transformers import TextIteratorStreamer  # noqa: F401 - the import itself is part of the contract
+
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8))
+    ids = _ids(30, seed=4)
+    with_default_cache = model.generate(ids, max_new_tokens=12, do_sample=False)
+    with_lambda_cache = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=new_cache(model))
+    assert torch.equal(with_default_cache, with_lambda_cache)
+    sampled = model.generate(
+        ids, max_new_tokens=5, do_sample=True, top_p=0.9, past_key_values=new_cache(model), pad_token_id=0
+    )
+    assert sampled.shape == (1, 35)
+
+
+def test_unsupported_architecture_names_the_supported_ones() -> None:
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+        patch_model(model, LMInfiniteConfig())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"n_local": 0}, "n_local"),
+        ({"n_global": -1}, "n_global"),
+        ({"top_k": 4}, "cache='full'"),
+        ({"cache": "paged"}, "cache must be"),
+        ({"distance_limit": 0}, "distance_limit"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_config_validation(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LMInfiniteConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_settings_beyond_training_length_are_refused() -> None:
+    model = _tiny("llama")  # trained length 64
+    with pytest.raises(ValueError, match="training length"):
+        patch_model(model, LMInfiniteConfig(n_local=128))
+    with pytest.raises(ValueError, match="top_k_from_layer"):
+        patch_model(model, LMInfiniteConfig(n_local=8, cache="full", top_k=2, top_k_from_layer=3))
+
+
+@torch.no_grad()
+def test_padded_batches_are_refused_clearly() -> None:
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_local=8))
+    ids = _ids(10).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model(ids, attention_mask=mask)
+    # Equal-length batches are fine and match single runs.
+    batch = model(torch.cat([_ids(20, 1), _ids(20, 2)])).logits
+    assert (batch[1] - model(_ids(20, 2)).logits[0]).abs().max() < TOL

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +128,14 @@ def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     kwargs: dict[str, object] = {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+        # Dense weights: LM-Infinite's speed comes from bf16/fp32 matmuls, and packed-GGUF kernels would cast
+        # every matmul's input and output when the model runs in bf16.
+        model_kwargs: dict[str, object] = {"quantization_config": GgufConfig(dequantize=True)}
+    else:
+        model_kwargs = {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs, **model_kwargs)
     except OSError as error:
         if source.kind != "hub":
             raise

@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmarks: the evaluation text, result files, a memory probe."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pydoc_data.topics
+from transformers import PreTrainedTokenizerBase
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pydoc_text() -> str:
+    """Python's own ``pydoc_data.topics`` (in every CPython), topics in sorted order: ~113K SmolLM2 tokens."""
+    return "\n\n".join(pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics))
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, n_tokens: int) -> list[int]:
+    """The first ``n_tokens`` of the text, repeated if it is shorter (only needed beyond ~113K tokens)."""
+    ids: list[int] = list(tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"])
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return ids[:n_tokens]
+
+
+def write_result(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def machine_line() -> str:
+    import torch
+
+    return (
+        f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
+    )
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Sample this process's resident memory every 20 ms; ``result['peak_gib']`` is the rise over the start."""
+    process = psutil.Process()
+    start = process.memory_info().rss
+    result = {"peak_gib": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        peak = start
+        while not stop.is_set():
+            peak = max(peak, process.memory_info().rss)
+            stop.wait(0.02)
+        result["peak_gib"] = (peak - start) / 2**30
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,90 @@
+"""The `lminf` command: argument errors, unreadable files, and a real streamed run on a tiny saved model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations.cli import build_parser, main
+
+OPTIONS = [
+    "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--stop", "--n-global",
+    "--n-local", "--distance-limit", "--top-k", "--top-k-from-layer", "--cache", "--chunk-size", "--no-progress",
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lminf_integrations", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_help_lists_every_option() -> None:
+    ask = build_parser()._subparsers._group_actions[0].choices["ask"]  # type: ignore[union-attr]
+    text = ask.format_help()
+    for option in OPTIONS:
+        assert option in text
+
+
+def test_console_script_help() -> None:
+    result = _run("ask", "--help")
+    assert result.returncode == 0
+    assert "--max-new-tokens" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(None, "no such file"), (b"\x00\x01binary", "looks binary"), (b"caf\xe9 au lait", "not valid UTF-8")],
+)
+def test_unreadable_files_are_reported(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "doc.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as error:
+        main(["ask", str(path), "question?"])
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--max-new-tokens", "0"], "must be >= 1"), (["--cache", "paged"], "invalid choice")],
+)
+def test_argument_errors(tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    with pytest.raises(SystemExit) as error:
+        main(["ask", str(path), "q", *extra])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inconsistent_settings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    with pytest.raises(SystemExit, match="cache='full'"):
+        main(["ask", str(path), "q", "--top-k", "4"])
+
+
+def test_streams_an_answer_with_progress(
+    tmp_path: Path, tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase]
+) -> None:
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    document = tmp_path / "doc.txt"
+    document.write_text("The quick brown fox jumps over the lazy dog. " * 400)  # ~4K tokens
+    result = _run(
+        "ask", str(document), "What jumps?", "--model", str(model_dir), "--max-new-tokens", "8", "--n-local", "512",
+        "--chunk-size", "1024", "--dtype", "fp32",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "encoding" in result.stderr and "tok" in result.stderr  # the tqdm bar
+    assert "generated" in result.stderr  # the closing summary
+    assert result.stdout.strip()  # some answer text (random weights: its content is meaningless)

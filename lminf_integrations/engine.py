@@ -5,6 +5,7 @@ Framework-free; the LangChain and LlamaIndex classes, the CLI and the benchmarks
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -21,6 +22,15 @@ from .config import LMInfiniteConfig
 from .models import load_model, model_name
 from .patch import new_cache, patch_model
 from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
+
+class _DropLengthReminder(logging.Filter):
+    """transformers warns once a generation passes max_position_embeddings: that is the point of LM-Infinite."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "predefined maximum length" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.stopping_criteria").addFilter(_DropLengthReminder())
 
 # Generation on one model copy is serialised: settings live on the modules, and CPU threads are shared anyway.
 _model_locks: weakref.WeakKeyDictionary[PreTrainedModel, threading.RLock] = weakref.WeakKeyDictionary()
@@ -144,8 +154,13 @@ class Engine:
         progress: ProgressCallback | None = None,
         cancelled: threading.Event | None = None,
         state: DocumentState | None = None,
+        report_total: int | None = None,
     ) -> DocumentState:
-        """Run ``token_ids`` through the model in chunks, filling a cache (continuing ``state`` if given)."""
+        """Run ``token_ids`` through the model in chunks, filling a cache (continuing ``state`` if given).
+
+        ``progress(done, total)`` is called before the first chunk and after each; ``report_total`` overrides
+        the total it reports (the engine reports whole prompts while encoding all but their last token).
+        """
         with self._lock:
             self._patched()
             if state is None:
@@ -153,7 +168,7 @@ class Engine:
             elif list(token_ids[: len(state.token_ids)]) != state.token_ids:
                 raise ValueError("token_ids do not start with the state's tokens")
             todo = list(token_ids[len(state.token_ids) :])
-            total = len(token_ids)
+            total = report_total or len(token_ids)
             self.check_memory(total)
             device = self.model.device
             step = self.config.chunk_size
@@ -216,11 +231,11 @@ class Engine:
             prefix = DocumentState(list(state.token_ids), base) if state is not None and base is not None else None
             # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
             # middle attention (generation-time queries) starts exactly at the last prompt token.
-            encoded = self.encode(ids[:-1], progress=report, cancelled=cancelled, state=prefix)
+            encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids))
             if cancelled.is_set():
                 return StreamResult(len(ids), 0, "cancelled")
             encoded.cache.set_prompt_length(len(ids))
-            report(len(ids), len(ids))
+            report(len(ids), len(ids))  # the last prompt token goes with the first generation step
             streamer = DeltaStreamer(self.tokenizer, emit)
             sampling: dict[str, Any] = {"do_sample": False}
             if settings.temperature > 0:
@@ -246,4 +261,5 @@ class Engine:
             reason = "cancelled" if cancelled.is_set() else "length"
             if new_tokens and new_tokens[-1] in eos_ids:
                 reason = "eos"
-            return StreamResult(len(ids), len(new_tokens), reason, streamer.tokenizer.decode(new_tokens))
+            text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
+            return StreamResult(len(ids), len(new_tokens), reason, text)

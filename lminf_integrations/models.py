@@ -150,6 +150,8 @@ def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     if model.dtype != dtype:
         model.to(dtype)
     model.lminf_source = source  # type: ignore[assignment]
+    # Long inputs are the point: silence "sequence longer than the specified maximum" from the tokenizer.
+    tokenizer.model_max_length = 10**9
     return model, tokenizer
 
 
@@ -157,4 +159,4 @@ def model_name(model: PreTrainedModel) -> str:
     source = getattr(model, "lminf_source", None)
     if isinstance(source, ModelSource):
         return source.name
-    return str(getattr(model.config, "_name_or_path", type(model).__name__))
+    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)

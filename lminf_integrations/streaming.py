@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from contextlib import aclosing, closing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
@@ -150,7 +153,16 @@ class TokenStream:
         self._events.put(("progress", Progress(done, total)))
 
     def _handle(self, event: tuple[str, Any]) -> str | object | None:
-        """Turn one queued event into text to yield, ``_END``, or None."""
+        """Turn one queued event into text to yield, ``_END``, or None (progress goes to ``on_progress``)."""
+        item = self._take(event)
+        if isinstance(item, Progress):
+            if self._on_progress is not None:
+                self._on_progress(item.done, item.total)
+            return None
+        return item
+
+    def _take(self, event: tuple[str, Any]) -> str | Progress | object | None:
+        """Turn one queued event into text to yield, a :class:`Progress`, ``_END``, or None."""
         kind, payload = event
         if kind == "delta":
             out = self._trimmer.feed(payload)
@@ -158,9 +170,7 @@ class TokenStream:
                 self.cancelled.set()
             return out or None
         if kind == "progress":
-            if self._on_progress is not None:
-                self._on_progress(payload.done, payload.total)
-            return None
+            return payload
         if kind == "error":
             self._finished = True
             self._thread.join()
@@ -173,9 +183,32 @@ class TokenStream:
         return _END
 
     def __iter__(self) -> Iterator[str]:
+        # closing(): leaving this generator early must close events() at once, which stops the worker.
+        with closing(self.events()) as items:
+            for item in items:
+                if isinstance(item, Progress):
+                    if self._on_progress is not None:
+                        self._on_progress(item.done, item.total)
+                else:
+                    yield item
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async with aclosing(self.aevents()) as items:
+            async for item in items:
+                if isinstance(item, Progress):
+                    if self._on_progress is not None:
+                        self._on_progress(item.done, item.total)
+                else:
+                    yield item
+
+    def events(self) -> Generator[str | Progress, None, None]:
+        """Text deltas and :class:`Progress` reports, in order, for adapters that forward progress themselves.
+
+        ``on_progress`` is not called for the reports yielded here. Closing the iterator stops generation.
+        """
         try:
             while not self._finished:
-                item = self._handle(self._events.get())
+                item = self._take(self._events.get())
                 if item is _END:
                     break
                 if item is not None:
@@ -186,11 +219,11 @@ class TokenStream:
         finally:
             self.close()
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def aevents(self) -> AsyncGenerator[str | Progress, None]:
+        """Async :meth:`events`: each wait for the worker runs in a thread, so the event loop is never blocked."""
         try:
             while not self._finished:
-                event = await asyncio.to_thread(self._events.get)
-                item = self._handle(event)
+                item = self._take(await asyncio.to_thread(self._events.get))
                 if item is _END:
                     break
                 if item is not None:
@@ -199,11 +232,13 @@ class TokenStream:
             if tail:
                 yield self._record(tail)
         finally:
+            # Joining the worker can take one token step; do it off the event loop.
             await asyncio.to_thread(self.close)
 
-    def _record(self, text: str) -> str:
-        self._text.append(text)
-        return text
+    def _record(self, item: str | Progress) -> str | Progress:
+        if isinstance(item, str):
+            self._text.append(item)
+        return item
 
     @property
     def text(self) -> str:
@@ -225,3 +260,58 @@ class TokenStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def merge_stop(*groups: Sequence[str] | None) -> list[str]:
+    """Stop strings from several sources (say an instance's and a call's): in order, without repeats or blanks."""
+    merged: list[str] = []
+    for group in groups:
+        for text in group or ():
+            if text and text not in merged:
+                merged.append(text)
+    return merged
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+class TerminalProgress:
+    """A :data:`ProgressCallback` drawing a tqdm bar for prompt encoding, only when the output is a terminal.
+
+    Logs, pipes and notebooks' captured stderr get no control characters. Prompts under ``min_tokens`` get no bar
+    either: they encode in a moment and a bar would only flicker. The bar disappears when encoding ends, so the
+    answer streamed after it starts on a clean line.
+    """
+
+    def __init__(
+        self,
+        enabled: bool | None = None,
+        min_tokens: int = 2048,
+        desc: str = "encoding prompt",
+        file: IO[str] | None = None,
+    ) -> None:
+        self.file = file if file is not None else sys.stderr
+        self.enabled = _is_terminal(self.file) if enabled is None else enabled
+        self.min_tokens = min_tokens
+        self.desc = desc
+        self._bar: tqdm[Any] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < self.min_tokens:
+            return
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.desc, unit="tok", file=self.file, leave=False, dynamic_ncols=True)
+        if self._bar.total != total:  # the engine counts the last prompt token only once generation starts
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

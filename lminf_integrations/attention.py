@@ -59,6 +59,8 @@ class PreparedKeys:
     middle_keys: torch.Tensor | None = None
     middle_values: torch.Tensor | None = None
     top_k_from_position: int | None = None
+    # The keys already include every global key placed at the distance limit: one plain attention call.
+    single_softmax: bool = False
 
 
 # The cache's ``update`` and the attention call happen back to back in one thread for one layer; the cache leaves
@@ -120,6 +122,9 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
     batch, n_heads, n_queries, head_dim = query.shape
     n_kv = prepared.local_keys.shape[1]
     rep = n_heads // n_kv
+    if prepared.single_softmax:
+        out, _ = _flash(_fold(query, n_kv), prepared.local_keys, prepared.local_values, 0.0, False, scale=scale)
+        return out.view(batch, n_heads, n_queries, head_dim).transpose(1, 2)
     last = prepared.local_start + prepared.local_keys.shape[-2] - 1
     first = last - n_queries + 1
 

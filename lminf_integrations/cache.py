@@ -10,13 +10,20 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import LayerSettings, PreparedKeys, hand_over
-from .rope import shift_positions
+from .rope import rotate, rotation, shift_positions
+
+
+@functools.lru_cache(maxsize=4)
+def _sink_rotation(position: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin moving position-0 keys to ``position``; computed once per decoding step for all layers."""
+    return rotation(torch.tensor([position], device=inv_freq.device), inv_freq, torch.float32)
 
 
 class LambdaLayer(CacheLayerMixin):
@@ -43,7 +50,10 @@ class LambdaLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, dim = key_states.shape
         self.batch_size = batch
-        capacity = self.settings.config.n_local if self.settings.config.cache == "window" else 256
+        cfg = self.settings.config
+        # Window mode: n_global leading slots (distance-limited global keys, rewritten each decoding step) and a
+        # ring of n_local slots, in one buffer, so a decoding step is one attention call over one tensor.
+        capacity = cfg.n_global + cfg.n_local if cfg.cache == "window" else 256
         self.keys = key_states.new_zeros(batch, heads, capacity, dim)
         self.values = value_states.new_zeros(batch, heads, capacity, dim)
         self.sink_keys = key_states.new_zeros(batch, heads, 0, dim)
@@ -59,6 +69,8 @@ class LambdaLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         first, count = self.seen, key_states.shape[-2]
         self._keep_sinks(key_states, value_states, first)
+        if self.settings.config.cache == "window" and count == 1 and first >= self._all_sinks_far_from:
+            return self._window_decode_step(key_states, value_states, first)
         if self.settings.config.cache == "window":
             local_k, local_v, local_start = self._window_update(key_states, value_states, first)
         else:
@@ -95,32 +107,60 @@ class LambdaLayer(CacheLayerMixin):
         self.sink_keys = torch.cat([self.sink_keys, sink_k], dim=-2)
         self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
 
+    @property
+    def _all_sinks_far_from(self) -> int:
+        """First query position for which every global token lies beyond the window."""
+        cfg = self.settings.config
+        return cfg.n_local + cfg.n_global - 1
+
+    def _ring_slots(self, start: int, end: int, device: torch.device) -> torch.Tensor:
+        cfg = self.settings.config
+        return cfg.n_global + torch.arange(start, end, device=device) % cfg.n_local
+
+    def _window_decode_step(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query whose window is full and whose global tokens are all out of it: one plain attention call.
+
+        Global keys rotated to position ``position - distance_limit`` sit at relative distance ``distance_limit``
+        from the query, so the query needs no rotation and all keys share one softmax in a single kernel call.
+        """
+        cfg = self.settings.config
+        assert self.keys is not None and self.values is not None and self.sink_keys is not None
+        slot = cfg.n_global + position % cfg.n_local
+        self.keys[:, :, slot] = key_states[:, :, 0]
+        self.values[:, :, slot] = value_states[:, :, 0]
+        if cfg.n_global:
+            cos, sin = _sink_rotation(position - cfg.effective_distance_limit, self.settings.inv_freq)
+            self.keys[:, :, : cfg.n_global] = rotate(self.sink_keys.float(), cos, sin)
+            self.values[:, :, : cfg.n_global] = self.sink_values
+        self.seen = position + 1
+        hand_over(PreparedKeys(self.keys, self.values, local_start=-1, single_softmax=True))
+        return self.keys, self.values
+
     def _window_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, first: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        window, count = self.settings.config.n_local, key_states.shape[-2]
+        cfg = self.settings.config
+        window, count = cfg.n_local, key_states.shape[-2]
         assert self.keys is not None and self.values is not None
         if count == 1:
-            slot = first % window
+            slot = cfg.n_global + first % window
             self.keys[:, :, slot] = key_states[:, :, 0]
             self.values[:, :, slot] = value_states[:, :, 0]
             filled = min(first + 1, window)
             # Ring order is irrelevant for a single query that sees its whole window.
-            return self.keys[:, :, :filled], self.values[:, :, :filled], max(0, first + 1 - window)
+            ring = slice(cfg.n_global, cfg.n_global + filled)
+            return self.keys[:, :, ring], self.values[:, :, ring], max(0, first + 1 - window)
         keep = min(first, window - 1)  # earlier keys the first query of this chunk can see
-        previous_k, previous_v = self._ring_in_order(first - keep, first)
-        local_k = torch.cat([previous_k, key_states], dim=-2)
-        local_v = torch.cat([previous_v, value_states], dim=-2)
+        previous = self._ring_slots(first - keep, first, key_states.device)
+        local_k = torch.cat([self.keys[:, :, previous], key_states], dim=-2)
+        local_v = torch.cat([self.values[:, :, previous], value_states], dim=-2)
         tail = min(count, window)
-        slots = torch.arange(first + count - tail, first + count, device=key_states.device) % window
+        slots = self._ring_slots(first + count - tail, first + count, key_states.device)
         self.keys[:, :, slots] = key_states[:, :, -tail:]
         self.values[:, :, slots] = value_states[:, :, -tail:]
         return local_k, local_v, first - keep
-
-    def _ring_in_order(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        slots = torch.arange(start, end, device=self.keys.device) % self.settings.config.n_local
-        return self.keys[:, :, slots], self.values[:, :, slots]
 
     def _full_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, first: int

@@ -103,7 +103,7 @@ def test_equals_unpatched_within_window(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize(
     "cache,top_k,distance_limit",
-    [("window", 0, None), ("full", 0, 6), ("full", 3, None), ("full", 2, 5)],
+    [("window", 0, None), ("window", 0, 5), ("full", 0, 6), ("full", 3, None), ("full", 2, 5)],
 )
 @torch.no_grad()
 def test_long_input_equals_naive_reference(arch: str, cache: str, top_k: int, distance_limit: int | None) -> None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any
 
@@ -192,6 +191,29 @@ class LambdaLayer(CacheLayerMixin):
         if self.middle_keys is not None:
             self.middle_keys = grown(self.middle_keys)
 
+    _TENSOR_NAMES = ("keys", "values", "sink_keys", "sink_values", "middle_keys")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's state; full-mode buffers are cut to the filled length (for saving and cloning)."""
+        out = {}
+        for name in self._TENSOR_NAMES:
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            if self.settings.config.cache == "full" and name in ("keys", "values", "middle_keys"):
+                tensor = tensor[:, :, : self.seen]
+            out[name] = tensor
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor], seen: int, top_k_from_position: int | None) -> None:
+        """Take over ``tensors`` (as returned by :meth:`tensors`, copied by the caller if shared)."""
+        for name in self._TENSOR_NAMES:
+            setattr(self, name, tensors.get(name))
+        keys = tensors["keys"]
+        self.dtype, self.device, self.batch_size = keys.dtype, keys.device, keys.shape[0]
+        self.seen, self.top_k_from_position = seen, top_k_from_position
+        self.is_initialized = True
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
@@ -237,4 +259,9 @@ class LambdaCache(Cache):
 
     def clone(self) -> LambdaCache:
         """An independent copy (a generation writes into the cache; the copy keeps the original untouched)."""
-        return copy.deepcopy(self)
+        twin = LambdaCache([layer.settings for layer in self.lambda_layers])
+        for mine, theirs in zip(self.lambda_layers, twin.lambda_layers, strict=True):
+            if mine.is_initialized:
+                copied = {name: t.clone() for name, t in mine.tensors().items()}
+                theirs.restore(copied, mine.seen, mine.top_k_from_position)
+        return twin

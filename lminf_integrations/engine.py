@@ -21,7 +21,9 @@ from .cache import LambdaCache
 from .config import LMInfiniteConfig
 from .models import load_model, model_name
 from .patch import new_cache, patch_model
+from .state import StateStore
 from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
+
 
 class _DropLengthReminder(logging.Filter):
     """transformers warns once a generation passes max_position_embeddings: that is the point of LM-Infinite."""
@@ -48,6 +50,9 @@ class DocumentState:
 
     token_ids: list[int]
     cache: LambdaCache
+
+    def copy(self) -> DocumentState:
+        return DocumentState(list(self.token_ids), self.cache.clone())
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ class Engine:
         config: LM-Infinite settings (default ``LMInfiniteConfig()``).
         dtype: ``"auto"`` (bf16 where the hardware has it, else fp32), ``"bf16"``, ``"fp32"``...
         model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
+        state_store: where encoded prompt prefixes are kept for reuse (default: a 2 GiB LRU of its own).
+        reuse_prefixes: ``False`` turns automatic prefix reuse off (explicit ``state=`` still works).
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         model: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        state_store: StateStore | None = None,
+        reuse_prefixes: bool = True,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -103,6 +112,8 @@ class Engine:
             getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
         )
         self._lock = _lock_for(model)
+        # Prompts sharing a long prefix (the same document, another question) reuse its encoded state.
+        self.state_store = state_store if state_store is not None else (StateStore() if reuse_prefixes else None)
 
     @property
     def model_name(self) -> str:
@@ -155,11 +166,15 @@ class Engine:
         cancelled: threading.Event | None = None,
         state: DocumentState | None = None,
         report_total: int | None = None,
+        remember: bool = False,
     ) -> DocumentState:
-        """Run ``token_ids`` through the model in chunks, filling a cache (continuing ``state`` if given).
+        """Run ``token_ids`` through the model in chunks, filling a cache (continuing ``state`` if given; the
+        given state itself is extended in place — pass ``state.copy()`` to keep it).
 
-        ``progress(done, total)`` is called before the first chunk and after each; ``report_total`` overrides
-        the total it reports (the engine reports whole prompts while encoding all but their last token).
+        Chunk boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length,
+        so encoding is the same computation however a text is split. ``progress(done, total)`` is called before
+        the first chunk and after each; ``report_total`` overrides the total it reports. With ``remember`` the
+        state at the last chunk boundary is kept in the engine's state store for later prompts that share it.
         """
         with self._lock:
             self._patched()
@@ -167,24 +182,31 @@ class Engine:
                 state = DocumentState([], new_cache(self.model))
             elif list(token_ids[: len(state.token_ids)]) != state.token_ids:
                 raise ValueError("token_ids do not start with the state's tokens")
-            todo = list(token_ids[len(state.token_ids) :])
             total = report_total or len(token_ids)
             self.check_memory(total)
-            device = self.model.device
             step = self.config.chunk_size
             if progress:
                 progress(len(state.token_ids), total)
+            decoder = self.model.get_decoder()
             with torch.inference_mode():
-                for start in range(0, len(todo), step):
+                while len(state.token_ids) < len(token_ids):
                     if cancelled is not None and cancelled.is_set():
                         break
-                    chunk = torch.tensor([todo[start : start + step]], device=device)
+                    done = len(state.token_ids)
+                    end = min(len(token_ids), (done // step + 1) * step)
+                    chunk = torch.tensor([list(token_ids[done:end])], device=self.model.device)
                     # The base model only: no logits for prefill positions (they would cost as much again).
-                    self.model.get_decoder()(input_ids=chunk, past_key_values=state.cache, use_cache=True)
-                    state.token_ids.extend(todo[start : start + step])
+                    decoder(input_ids=chunk, past_key_values=state.cache, use_cache=True)
+                    state.token_ids.extend(token_ids[done:end])
+                    if remember and self.state_store is not None and end % step == 0 and end + step > len(token_ids):
+                        self.state_store.put(state.copy())
                     if progress:
                         progress(len(state.token_ids), total)
             return state
+
+    def encode_document(self, text: str, progress: ProgressCallback | None = None) -> DocumentState:
+        """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question."""
+        return self.encode(self.tokenize(text), progress)
 
     # ---- generation ---------------------------------------------------------------------------------------
     def stream(
@@ -227,11 +249,13 @@ class Engine:
         state: DocumentState | None,
     ) -> StreamResult:
         with self._lock:
-            base = state.cache.clone() if state is not None else None
-            prefix = DocumentState(list(state.token_ids), base) if state is not None and base is not None else None
+            if state is None and self.state_store is not None:
+                state = self.state_store.lookup(ids[:-1])
+            # Generation writes into the cache: work on a copy so that a stored state never changes.
+            prefix = state.copy() if state is not None else None
             # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
             # middle attention (generation-time queries) starts exactly at the last prompt token.
-            encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids))
+            encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=True)
             if cancelled.is_set():
                 return StreamResult(len(ids), 0, "cancelled")
             encoded.cache.set_prompt_length(len(ids))

@@ -15,6 +15,7 @@ from lminf_integrations.cli import build_parser, main
 OPTIONS = [
     "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--stop", "--n-global",
     "--n-local", "--distance-limit", "--top-k", "--top-k-from-layer", "--cache", "--chunk-size", "--no-progress",
+    "--state",
 ]
 
 
@@ -71,20 +72,40 @@ def test_inconsistent_settings_are_refused(tmp_path: Path) -> None:
         main(["ask", str(path), "q", "--top-k", "4"])
 
 
-def test_streams_an_answer_with_progress(
+@pytest.fixture
+def tiny_model_dir(
     tmp_path: Path, tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase]
-) -> None:
+) -> Path:
     model, tokenizer = tiny_llama_with_real_tokenizer
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+SMALL = ["--max-new-tokens", "8", "--n-local", "512", "--chunk-size", "1024", "--dtype", "fp32"]
+
+
+def test_streams_an_answer_with_progress(tmp_path: Path, tiny_model_dir: Path) -> None:
     document = tmp_path / "doc.txt"
     document.write_text("The quick brown fox jumps over the lazy dog. " * 400)  # ~4K tokens
-    result = _run(
-        "ask", str(document), "What jumps?", "--model", str(model_dir), "--max-new-tokens", "8", "--n-local", "512",
-        "--chunk-size", "1024", "--dtype", "fp32",
-    )
+    result = _run("ask", str(document), "What jumps?", "--model", str(tiny_model_dir), *SMALL)
     assert result.returncode == 0, result.stderr
     assert "encoding" in result.stderr and "tok" in result.stderr  # the tqdm bar
     assert "generated" in result.stderr  # the closing summary
     assert result.stdout.strip()  # some answer text (random weights: its content is meaningless)
+
+
+def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("Alice met Bob at the station. " * 150)
+    state = tmp_path / "doc.lminf"
+    encoded = _run("encode", str(document), "-o", str(state), "--model", str(tiny_model_dir), *SMALL[2:])
+    assert encoded.returncode == 0, encoded.stderr
+    assert state.is_file()
+    direct = _run("ask", str(document), "Who?", "--model", str(tiny_model_dir), *SMALL)
+    from_state = _run("ask", "--state", str(state), "Who?", "--model", str(tiny_model_dir), *SMALL)
+    assert from_state.returncode == 0, from_state.stderr
+    assert from_state.stdout == direct.stdout and direct.stdout.strip()
+    mismatch = _run("ask", "--state", str(state), "Who?", "--model", str(tiny_model_dir), *SMALL, "--n-global", "2")
+    assert mismatch.returncode != 0 and "different model or settings" in mismatch.stderr

@@ -68,6 +68,12 @@ _DEFAULT_SETTINGS = GenerationSettings()
 # a local model; accepted and dropped so that generic code constructing models by these names still works.
 _IGNORED_PARAMS = ("api_key", "timeout", "max_retries")
 
+# Keyword arguments a call may pass (``model`` only names the model in traces: one instance, one local model).
+_CALL_OPTIONS = frozenset({"max_new_tokens", "max_tokens", "temperature", "top_p", "seed", "model"})
+
+# Field aliases: giving both spellings at once is ambiguous.
+_ALIASES = {"model": "model_id", "max_tokens": "max_new_tokens"}
+
 # Fields that make up the LMInfiniteConfig, by config attribute (``cache_mode`` because LangChain's models already
 # have a ``cache`` field, the response cache).
 _CONFIG_FIELDS = {
@@ -136,6 +142,9 @@ class _LMInfiniteParams(BaseModel):
     @classmethod
     def _drop_remote_params(cls, values: Any) -> Any:
         if isinstance(values, dict):
+            for alias, name in _ALIASES.items():
+                if alias in values and name in values:
+                    raise ValueError(f"pass {name} or {alias}, not both")
             values = {k: v for k, v in values.items() if k not in _IGNORED_PARAMS}
         return values
 
@@ -201,8 +210,18 @@ class _LMInfiniteParams(BaseModel):
         return Path(self.model_id).name if self.model_id.endswith(".gguf") else self.model_id
 
     # ---- settings -------------------------------------------------------------------------------------------
-    def _settings(self, overrides: dict[str, Any]) -> GenerationSettings:
-        """Generation settings for one call: the fields, overridden by the call's keyword arguments."""
+    def _settings(self, overrides: dict[str, Any], strict: bool = True) -> GenerationSettings:
+        """Generation settings for one call: the fields, overridden by the call's keyword arguments.
+
+        With ``strict``, other keyword arguments are refused: silently ignoring, say, ``tools=`` bound with
+        ``.bind()`` would make a reply look like the model had seen them.
+        """
+        unknown = sorted(set(overrides) - _CALL_OPTIONS)
+        if strict and unknown:
+            raise TypeError(
+                f"{type(self).__name__} does not support the call option(s) {', '.join(unknown)}; it accepts "
+                f"{', '.join(sorted(_CALL_OPTIONS))} (this local model has no tool calling or structured output)"
+            )
         max_new_tokens = overrides.get("max_new_tokens", overrides.get("max_tokens", self.max_new_tokens))
         return GenerationSettings(
             max_new_tokens=max_new_tokens,
@@ -224,7 +243,7 @@ class _LMInfiniteParams(BaseModel):
         }
 
     def _lminf_ls_params(self, model_type: Literal["chat", "llm"], stop: list[str] | None, **kwargs: Any) -> Any:
-        settings = self._settings(kwargs)
+        settings = self._settings(kwargs, strict=False)  # tracing metadata: the call itself reports bad options
         params = LangSmithParams(
             ls_provider="lminf",
             ls_model_name=kwargs["model"] if isinstance(kwargs.get("model"), str) else self.model_name,

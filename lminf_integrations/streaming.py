@@ -305,7 +305,7 @@ class TerminalProgress:
             return
         if self._bar is None:
             self._bar = tqdm(total=total, desc=self.desc, unit="tok", file=self.file, leave=False, dynamic_ncols=True)
-        if self._bar.total != total:  # the engine counts the last prompt token only once generation starts
+        if self._bar.total != total:  # a reporter may refine its total (say, counting a last token late)
             self._bar.total = total
         self._bar.update(done - self._bar.n)
         if done >= total:

@@ -72,8 +72,13 @@ def chat(engine: Engine, **kwargs: Any) -> ChatLMInfinite:
     return ChatLMInfinite(engine=engine, **{"max_new_tokens": 12, **kwargs})
 
 
+_prompt_serial = iter(range(1_000_000))
+
+
 def long_prompt(engine: Engine, n_tokens: int) -> str:
-    words = " ".join(f"word{i}" for i in range(n_tokens))
+    """About ``n_tokens`` tokens, starting differently each time: never a prefix the engine has encoded before,
+    so progress always starts from zero (engines may reuse encoded prefixes)."""
+    words = f"Document {next(_prompt_serial)}. " + " ".join(f"word{i}" for i in range(n_tokens))
     ids = engine.tokenize(words)[:n_tokens]
     return str(engine.tokenizer.decode(ids))
 
@@ -106,6 +111,13 @@ def test_bad_settings_fail_at_construction(kwargs: dict[str, Any], message: str)
 def test_remote_provider_params_are_accepted_and_ignored() -> None:
     model = ChatLMInfinite(api_key="x", timeout=5, max_retries=2)
     assert not hasattr(model, "api_key")
+
+
+def test_both_spellings_of_a_field_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_new_tokens or max_tokens"):
+        ChatLMInfinite(max_tokens=3, max_new_tokens=4)
+    with pytest.raises(ValueError, match="model_id or model"):
+        LMInfiniteLLM(model="a/b", model_id="a/b")
 
 
 def test_wrapping_an_engine(engine: Engine) -> None:
@@ -246,6 +258,18 @@ def test_chat_usage_and_response_metadata(engine: Engine) -> None:
 def test_per_call_settings_override_fields(engine: Engine) -> None:
     message = chat(engine, max_new_tokens=20).invoke(PROMPT, max_tokens=3)
     assert message.usage_metadata is not None and message.usage_metadata["output_tokens"] <= 3
+    assert len(engine.tokenize(llm(engine).invoke(PROMPT, max_new_tokens=2))) <= 3
+
+
+def test_unsupported_call_options_are_refused(engine: Engine) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    with pytest.raises(TypeError, match="tools"):
+        chat(engine).bind(tools=[tool]).invoke(PROMPT)
+    with pytest.raises(TypeError, match="response_format"):
+        list(chat(engine).stream(PROMPT, response_format={"type": "json_object"}))
+    with pytest.raises(TypeError, match="top_kk"):
+        llm(engine).invoke(PROMPT, top_kk=3)
+    assert chat(engine, max_new_tokens=2).invoke(PROMPT, model="trace-name").content is not None
 
 
 def _multi_token_stop(engine: Engine, text: str) -> str:
@@ -332,27 +356,30 @@ def _check_progress(events: list[dict[str, Any]], n_prompt: int) -> None:
 
 
 async def test_progress_reaches_callbacks_on_every_path(engine: Engine) -> None:
-    prompt = long_prompt(engine, 200)
-    n_prompt = engine.count_tokens(prompt)
-    n_chat = engine.count_tokens(engine.chat_prompt([{"role": "user", "content": prompt}]))
+    def n_llm(prompt: str) -> int:
+        return engine.count_tokens(prompt)
+
+    def n_chat(prompt: str) -> int:
+        return engine.count_tokens(engine.chat_prompt([{"role": "user", "content": prompt}]))
+
     runs = [
-        (lambda cfg: llm(engine, max_new_tokens=2).invoke(prompt, config=cfg), n_prompt),
-        (lambda cfg: list(llm(engine, max_new_tokens=2).stream(prompt, config=cfg)), n_prompt),
-        (lambda cfg: chat(engine, max_new_tokens=2).invoke(prompt, config=cfg), n_chat),
-        (lambda cfg: list(chat(engine, max_new_tokens=2).stream(prompt, config=cfg)), n_chat),
+        (lambda p, cfg: llm(engine, max_new_tokens=2).invoke(p, config=cfg), n_llm),
+        (lambda p, cfg: list(llm(engine, max_new_tokens=2).stream(p, config=cfg)), n_llm),
+        (lambda p, cfg: chat(engine, max_new_tokens=2).invoke(p, config=cfg), n_chat),
+        (lambda p, cfg: list(chat(engine, max_new_tokens=2).stream(p, config=cfg)), n_chat),
     ]
-    for run, n_tokens in runs:
-        recorder = Recorder()
-        run({"callbacks": [recorder]})
-        _check_progress(recorder.progress, n_tokens)
-    for make in (llm, chat):
-        recorder = Recorder()
+    for run, count in runs:
+        recorder, prompt = Recorder(), long_prompt(engine, 200)
+        run(prompt, {"callbacks": [recorder]})
+        _check_progress(recorder.progress, count(prompt))
+    for make, count in ((llm, n_llm), (chat, n_chat)):
+        recorder, prompt = Recorder(), long_prompt(engine, 200)
         await make(engine, max_new_tokens=2).ainvoke(prompt, config={"callbacks": [recorder]})
-        _check_progress(recorder.progress, n_prompt if make is llm else n_chat)
-        recorder = Recorder()
+        _check_progress(recorder.progress, count(prompt))
+        recorder, prompt = Recorder(), long_prompt(engine, 200)
         async for _ in make(engine, max_new_tokens=2).astream(prompt, config={"callbacks": [recorder]}):
             pass
-        _check_progress(recorder.progress, n_prompt if make is llm else n_chat)
+        _check_progress(recorder.progress, count(prompt))
 
 
 async def test_progress_in_astream_events(engine: Engine) -> None:
@@ -437,14 +464,15 @@ async def test_generation_errors_reach_the_caller(engine: Engine, monkeypatch: p
 
 
 def test_token_stream_events_and_iteration_agree(engine: Engine) -> None:
+    prompt, settings = long_prompt(engine, 100), GenerationSettings(max_new_tokens=5)
+    events = list(engine.stream(prompt, settings).events())
+    progress = [(e.done, e.total) for e in events if not isinstance(e, str)]
+    n = engine.count_tokens(prompt)
+    assert progress[0] == (0, n) and progress[-1] == (n, n) and progress == sorted(progress)
     seen: list[tuple[int, int]] = []
-    stream = engine.stream(
-        long_prompt(engine, 100), GenerationSettings(max_new_tokens=5), on_progress=lambda d, t: seen.append((d, t))
-    )
-    text = "".join(stream)
-    events = list(engine.stream(long_prompt(engine, 100), GenerationSettings(max_new_tokens=5)).events())
-    assert "".join(e for e in events if isinstance(e, str)) == text
-    assert [(e.done, e.total) for e in events if not isinstance(e, str)] == seen
+    stream = engine.stream(prompt, settings, on_progress=lambda d, t: seen.append((d, t)))
+    assert "".join(stream) == "".join(e for e in events if isinstance(e, str))
+    assert seen and seen[-1] == (n, n)  # on_progress gets what events() yields (a reused prefix may skip some)
     assert isinstance(stream, TokenStream) and stream.result is not None and stream.result.output_tokens == 5
 
 

@@ -76,7 +76,7 @@ class LambdaLayer(CacheLayerMixin):
             local_k, local_v, local_start = self._full_update(key_states, value_states, first)
         self.seen = first + count
         middle_k = middle_v = None
-        if self.middle_keys is not None:
+        if self.middle_keys is not None and self.values is not None:
             middle_k, middle_v = self.middle_keys[:, :, : self.seen], self.values[:, :, : self.seen]
         if self.top_k_from_position is None:
             # Used without the engine (plain ``generate``): the first forward is the whole prompt.
@@ -132,7 +132,7 @@ class LambdaLayer(CacheLayerMixin):
         if cfg.n_global:
             cos, sin = _sink_rotation(position - cfg.effective_distance_limit, self.settings.inv_freq)
             self.keys[:, :, : cfg.n_global] = rotate(self.sink_keys.float(), cos, sin)
-            self.values[:, :, : cfg.n_global] = self.sink_values
+            self.values[:, :, : cfg.n_global] = self.sink_values  # type: ignore[assignment]
         self.seen = position + 1
         hand_over(PreparedKeys(self.keys, self.values, local_start=-1, single_softmax=True))
         return self.keys, self.values

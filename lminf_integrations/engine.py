@@ -268,7 +268,7 @@ class Engine:
                     torch.manual_seed(settings.seed)
             input_ids = torch.tensor([ids], device=self.model.device)
             with torch.inference_mode():
-                output = self.model.generate(
+                output = self.model.generate(  # type: ignore[operator]
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     past_key_values=encoded.cache,

@@ -148,7 +148,7 @@ def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     model.requires_grad_(False)
     # Dequantised GGUF weights arrive as float32 regardless of the dtype asked for.
     if model.dtype != dtype:
-        model.to(dtype)
+        model.to(dtype)  # type: ignore[arg-type]
     model.lminf_source = source  # type: ignore[assignment]
     # Long inputs are the point: silence "sequence longer than the specified maximum" from the tokenizer.
     tokenizer.model_max_length = 10**9

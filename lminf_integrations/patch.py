@@ -66,7 +66,7 @@ def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) 
     config.check_against_model(
         getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
     )
-    inv_freq = decoder.rotary_emb.inv_freq  # type: ignore[union-attr]
+    inv_freq: torch.Tensor = decoder.rotary_emb.inv_freq  # type: ignore[union-attr, assignment]
     for index, layer in enumerate(decoder.layers):  # type: ignore[union-attr, arg-type]
         layer.self_attn.lminf_settings = LayerSettings(config, inv_freq, index)
     if not is_patched(model):

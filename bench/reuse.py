@@ -1,0 +1,93 @@
+"""Many questions about one document: with and without reuse of its encoded state.
+
+    python bench/reuse.py --tokens 32768 --questions 10                # 10 questions, reuse vs none
+    python bench/reuse.py --latency-only --tokens 16384 65536          # per-question latency after the first
+
+Without reuse every question re-reads the whole document; with reuse (the engine's automatic prefix reuse,
+as the LangChain/LlamaIndex classes use it) only the question and at most one prefill chunk are encoded.
+Writes ``bench/results/reuse.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import machine_line, token_ids, write_result
+
+from lminf_integrations import LMInfiniteConfig
+from lminf_integrations.engine import Engine, GenerationSettings
+from lminf_integrations.models import load_model
+
+QUESTIONS = [
+    "What does the assert statement do?",
+    "How are augmented assignments evaluated?",
+    "What is a coroutine?",
+    "How does attribute access work?",
+    "What are the bitwise operators?",
+    "What does break do inside a loop?",
+    "What is a callable type?",
+    "How are function calls evaluated?",
+    "How is a class definition executed?",
+    "How do comparisons chain?",
+]
+SETTINGS = GenerationSettings(max_new_tokens=16)
+
+
+def ask_all(engine: Engine, document: list[int], questions: list[str]) -> list[float]:
+    seconds = []
+    for question in questions:
+        ids = document + engine.tokenize("\n\nQuestion: " + question + "\nAnswer:")
+        started = time.perf_counter()
+        engine.generate(ids, SETTINGS)
+        seconds.append(time.perf_counter() - started)
+        print(f"  {seconds[-1]:.1f} s  {question}", flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32768])
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--latency-only", action="store_true", help="only the reuse run (per-question latency)")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--cache", default="window", choices=["window", "full"])
+    args = parser.parse_args()
+    model, tokenizer = load_model(None, args.dtype)
+    config = LMInfiniteConfig(n_local=4096, cache=args.cache)
+    lines = [
+        f"# Reusing an encoded document, SmolLM2-135M-Instruct, {args.dtype}, cache={args.cache}",
+        "",
+        f"{machine_line()}. Answers of 16 tokens. Command: `python bench/reuse.py --tokens "
+        f"{' '.join(map(str, args.tokens))} --questions {args.questions}"
+        f"{' --latency-only' if args.latency_only else ''} --dtype {args.dtype} --cache {args.cache}`",
+        "",
+        "| document tokens | questions | without reuse: total s | with reuse: total s | ratio | "
+        "with reuse: first question s | with reuse: median later question s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in args.tokens:
+        document = token_ids(tokenizer, n)
+        questions = (QUESTIONS * 10)[: args.questions]
+        print(f"{n} tokens, with reuse:", flush=True)
+        reused = ask_all(Engine(model=model, tokenizer=tokenizer, config=config), document, questions)
+        without_total = "–"
+        ratio = "–"
+        if not args.latency_only:
+            print(f"{n} tokens, without reuse:", flush=True)
+            plain = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False)
+            without = ask_all(plain, document, questions)
+            without_total = f"{sum(without):.1f}"
+            ratio = f"{sum(reused) / sum(without):.3f}"
+        later = statistics.median(reused[1:]) if len(reused) > 1 else float("nan")
+        lines.append(
+            f"| {n} | {len(questions)} | {without_total} | {sum(reused):.1f} | {ratio} | {reused[0]:.1f} | {later:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_result("reuse-latency.md" if args.latency_only else "reuse.md", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from .cache import LambdaCache
 from .config import LMInfiniteConfig
+from .models import load_model
 from .patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, patch_model, unpatch_model
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "LMInfiniteConfig",
     "LambdaCache",
     "is_patched",
+    "load_model",
     "new_cache",
     "patch_model",
     "unpatch_model",

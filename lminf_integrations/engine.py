@@ -248,42 +248,59 @@ class Engine:
         cancelled: threading.Event,
         state: DocumentState | None,
     ) -> StreamResult:
-        with self._lock:
-            if state is None and self.state_store is not None:
-                state = self.state_store.lookup(ids[:-1])
-            # Generation writes into the cache: work on a copy so that a stored state never changes.
-            prefix = state.copy() if state is not None else None
-            # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
-            # middle attention (generation-time queries) starts exactly at the last prompt token.
-            encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=True)
+        # Wait for the model (another generation may hold it) without missing a cancellation meanwhile.
+        while not self._lock.acquire(timeout=0.05):
             if cancelled.is_set():
                 return StreamResult(len(ids), 0, "cancelled")
-            encoded.cache.set_prompt_length(len(ids))
-            report(len(ids), len(ids))  # the last prompt token goes with the first generation step
-            streamer = DeltaStreamer(self.tokenizer, emit)
-            sampling: dict[str, Any] = {"do_sample": False}
-            if settings.temperature > 0:
-                sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-            input_ids = torch.tensor([ids], device=self.model.device)
-            with torch.inference_mode():
-                output = self.model.generate(  # type: ignore[operator]
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    past_key_values=encoded.cache,
-                    max_new_tokens=settings.max_new_tokens,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
-                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                    top_k=None,
-                    **sampling,
-                )
-            new_tokens = output[0, len(ids) :].tolist()
-            eos = self.model.generation_config.eos_token_id
-            eos_ids = set(eos if isinstance(eos, list) else [eos])
-            reason = "cancelled" if cancelled.is_set() else "length"
-            if new_tokens and new_tokens[-1] in eos_ids:
-                reason = "eos"
-            text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
-            return StreamResult(len(ids), len(new_tokens), reason, text)
+        try:
+            return self._generate_locked(ids, settings, emit, report, cancelled, state)
+        finally:
+            self._lock.release()
+
+    def _generate_locked(
+        self,
+        ids: list[int],
+        settings: GenerationSettings,
+        emit: Any,
+        report: ProgressCallback,
+        cancelled: threading.Event,
+        state: DocumentState | None,
+    ) -> StreamResult:
+        if state is None and self.state_store is not None:
+            state = self.state_store.lookup(ids[:-1])
+        # Generation writes into the cache: work on a copy so that a stored state never changes.
+        prefix = state.copy() if state is not None else None
+        # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
+        # middle attention (generation-time queries) starts exactly at the last prompt token.
+        encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=True)
+        if cancelled.is_set():
+            return StreamResult(len(ids), 0, "cancelled")
+        encoded.cache.set_prompt_length(len(ids))
+        report(len(ids), len(ids))  # the last prompt token goes with the first generation step
+        streamer = DeltaStreamer(self.tokenizer, emit)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if settings.temperature > 0:
+            sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=encoded.cache,
+                max_new_tokens=settings.max_new_tokens,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                top_k=None,
+                **sampling,
+            )
+        new_tokens = output[0, len(ids) :].tolist()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        reason = "cancelled" if cancelled.is_set() else "length"
+        if new_tokens and new_tokens[-1] in eos_ids:
+            reason = "eos"
+        text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
+        return StreamResult(len(ids), len(new_tokens), reason, text)

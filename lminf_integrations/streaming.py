@@ -64,7 +64,7 @@ class DeltaStreamer(BaseStreamer):
             self.prompt_skipped = True
             return
         self.token_ids.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
         if text.endswith("\ufffd"):
             return
         if len(text) > self.sent:
@@ -72,7 +72,7 @@ class DeltaStreamer(BaseStreamer):
             self.sent = len(text)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
         if len(text) > self.sent:
             self.emit(text[self.sent :])
             self.sent = len(text)
@@ -135,22 +135,46 @@ class TokenStream:
         self.result: StreamResult | None = None
         self._text: list[str] = []
         self._finished = False
+        # Set by an async consumer: the worker wakes it through its event loop, no thread parked per token.
+        self._wakeup: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._thread = threading.Thread(target=self._run, args=(work,), name="lminf-generate", daemon=True)
         self._thread.start()
 
     def _run(self, work: Callable[..., StreamResult]) -> None:
         try:
             result = work(self._push_delta, self._push_progress, self.cancelled)
-            self._events.put(("end", result))
+            self._put(("end", result))
         except BaseException as error:  # noqa: BLE001 - every failure must reach the consumer
-            self._events.put(("error", error))
+            self._put(("error", error))
+
+    def _put(self, event: tuple[str, Any]) -> None:
+        self._events.put(event)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            loop, ready = wakeup
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
+                pass
 
     def _push_delta(self, text: str) -> None:
         if text:
-            self._events.put(("delta", text))
+            self._put(("delta", text))
 
     def _push_progress(self, done: int, total: int) -> None:
-        self._events.put(("progress", Progress(done, total)))
+        self._put(("progress", Progress(done, total)))
+
+    async def _next_event(self) -> tuple[str, Any]:
+        """The next queued event, awaited on the event loop (the worker sets ``ready`` after each put)."""
+        if self._wakeup is None:
+            self._wakeup = (asyncio.get_running_loop(), asyncio.Event())
+        ready = self._wakeup[1]
+        while True:
+            ready.clear()
+            try:
+                return self._events.get_nowait()
+            except queue.Empty:
+                await ready.wait()
 
     def _handle(self, event: tuple[str, Any]) -> str | object | None:
         """Turn one queued event into text to yield, ``_END``, or None (progress goes to ``on_progress``)."""
@@ -216,14 +240,16 @@ class TokenStream:
             tail = self._trimmer.flush()
             if tail:
                 yield self._record(tail)
+            if self.result is not None:
+                self.result.text = self.text  # what the consumer got: special tokens and stop text excluded
         finally:
             self.close()
 
     async def aevents(self) -> AsyncGenerator[str | Progress, None]:
-        """Async :meth:`events`: each wait for the worker runs in a thread, so the event loop is never blocked."""
+        """Async :meth:`events`: waits on the event loop, which the worker wakes; the loop is never blocked."""
         try:
             while not self._finished:
-                item = self._take(await asyncio.to_thread(self._events.get))
+                item = self._take(await self._next_event())
                 if item is _END:
                     break
                 if item is not None:
@@ -231,6 +257,8 @@ class TokenStream:
             tail = self._trimmer.flush()
             if tail:
                 yield self._record(tail)
+            if self.result is not None:
+                self.result.text = self.text  # what the consumer got: special tokens and stop text excluded
         finally:
             # Joining the worker can take one token step; do it off the event loop.
             await asyncio.to_thread(self.close)

@@ -44,7 +44,7 @@ from llama_index.core.response_synthesizers import BaseSynthesizer, ResponseMode
 
 from .config import CacheMode, LMInfiniteConfig
 from .engine import Engine, GenerationSettings
-from .streaming import ProgressCallback, StreamResult, TokenStream
+from .streaming import ProgressCallback, StreamResult, TokenStream, merge_stop
 
 __all__ = ["DEFAULT_CONTEXT_WINDOW", "LMInfiniteLLM", "WholeDocumentSetup", "whole_document_setup"]
 
@@ -190,7 +190,7 @@ class LMInfiniteLLM(CustomLLM):
         if unknown:
             raise TypeError(f"unsupported keyword arguments {unknown}; per-call options are {list(_CALL_OVERRIDES)}")
         values = {name: overrides.get(name, getattr(self, name)) for name in _CALL_OVERRIDES if name != "stop"}
-        return _CallOptions(GenerationSettings(**values), _merge_stop(self.stop, overrides.get("stop")))
+        return _CallOptions(GenerationSettings(**values), merge_stop(self.stop, overrides.get("stop")))
 
     def _start(self, prompt: str, options: _CallOptions) -> TokenStream:
         return self._engine.stream(prompt, options.settings, stop=options.stop, on_progress=self._on_progress)
@@ -257,16 +257,6 @@ class LMInfiniteLLM(CustomLLM):
 class _CallOptions:
     settings: GenerationSettings
     stop: list[str]
-
-
-def _merge_stop(*groups: str | Sequence[str] | None) -> list[str]:
-    """Stop strings from the instance and the call, in order, without repeats or blanks."""
-    merged: list[str] = []
-    for group in groups:
-        for text in [group] if isinstance(group, str) else group or ():
-            if text and text not in merged:
-                merged.append(text)
-    return merged
 
 
 def _template_message(message: ChatMessage) -> dict[str, str]:

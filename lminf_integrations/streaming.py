@@ -290,11 +290,13 @@ class TokenStream:
         self.close()
 
 
-def merge_stop(*groups: Sequence[str] | None) -> list[str]:
-    """Stop strings from several sources (say an instance's and a call's): in order, without repeats or blanks."""
+def merge_stop(*groups: str | Sequence[str] | None) -> list[str]:
+    """Stop strings from several sources (say an instance's and a call's): in order, without repeats or blanks.
+
+    A lone string counts as one stop string, not as its characters."""
     merged: list[str] = []
     for group in groups:
-        for text in group or ():
+        for text in [group] if isinstance(group, str) else group or ():
             if text and text not in merged:
                 merged.append(text)
     return merged

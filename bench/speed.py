@@ -1,0 +1,167 @@
+"""Prefill and decode speed, and memory, vanilla vs LM-Infinite, same machine, same text, same dtype.
+
+Each measurement runs in a fresh subprocess so that its peak memory is its own.
+
+    python bench/speed.py                       # full grid (tens of minutes on 2 cores)
+    python bench/speed.py --vanilla 8192 --patched 8192 --decode-steps 8   # quick look
+
+Writes ``bench/results/speed.md`` and ``bench/results/speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, decode_steps: int) -> dict[str, float]:
+    """One measurement in this process: prefill n_tokens, then decode_steps single-token steps."""
+    import torch
+    from common import peak_rss, token_ids
+    from transformers import DynamicCache
+
+    from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
+    from lminf_integrations.models import load_model
+
+    model, tokenizer = load_model(None, dtype)
+    ids = token_ids(tokenizer, n_tokens)
+    decoder = model.get_decoder()
+    with torch.inference_mode():
+        if mode == "vanilla":
+            kv = DynamicCache(config=model.config)
+            warm = DynamicCache(config=model.config)
+        else:
+            patch_model(model, LMInfiniteConfig(n_local=n_local, cache=cache, chunk_size=2048))  # type: ignore[arg-type]
+            kv, warm = new_cache(model), new_cache(model)
+        decoder(input_ids=torch.tensor([ids[:256]]), past_key_values=warm)  # warm-up (kernels, allocator)
+        del warm
+        with peak_rss() as memory:
+            started = time.perf_counter()
+            if mode == "vanilla":
+                # Vanilla's fastest prefill: one forward, the fused causal kernel, no logits.
+                decoder(input_ids=torch.tensor([ids]), past_key_values=kv)
+            else:
+                for s in range(0, n_tokens, 2048):
+                    decoder(input_ids=torch.tensor([ids[s : s + 2048]]), past_key_values=kv)
+            prefill_s = time.perf_counter() - started
+            token = torch.tensor([[ids[-1]]])
+            model(input_ids=token, past_key_values=kv)  # first step outside the timing (allocations)
+            started = time.perf_counter()
+            for _ in range(decode_steps):
+                logits = model(input_ids=token, past_key_values=kv, logits_to_keep=1).logits
+                token = logits[:, -1:].argmax(-1)
+            decode_s = time.perf_counter() - started
+    return {
+        "prefill_tok_s": n_tokens / prefill_s,
+        "prefill_s": prefill_s,
+        "decode_tok_s": decode_steps / decode_s,
+        "peak_gib": memory["peak_gib"],
+    }
+
+
+def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, float] | None:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--one", mode, str(n_tokens), "--dtype", args.dtype,
+        "--n-local", str(args.n_local), "--cache", args.cache, "--decode-steps", str(args.decode_steps),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    if result.returncode != 0:
+        print(f"{mode} {n_tokens}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"{mode:8s} {n_tokens:7d}: {row}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vanilla", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--patched", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--n-local", type=int, default=4096)
+    parser.add_argument("--cache", default="window", choices=["window", "full"])
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        row = measure(args.one[0], int(args.one[1]), args.dtype, args.n_local, args.cache, args.decode_steps)
+        print(json.dumps(row))
+        return
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    for mode, sizes in (("vanilla", args.vanilla), ("lminf", args.patched)):
+        for n in sizes:
+            row = run_one(args, mode, n)
+            if row:
+                rows[(mode, n)] = row
+    write_report(rows, args)
+
+
+def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace) -> None:
+    from common import machine_line, write_result
+
+    sizes = sorted({n for _, n in rows})
+    head = (
+        f"# Prefill and decode speed, SmolLM2-135M-Instruct, {args.dtype}\n\n"
+        f"LM-Infinite: n_local={args.n_local}, n_global=10, cache={args.cache}, prefill chunk 2048. Vanilla: "
+        "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
+        f"prefill + decode (beyond the weights). {machine_line()}.\n"
+        f"Command: `python bench/speed.py --vanilla {' '.join(map(str, args.vanilla))} --patched "
+        f"{' '.join(map(str, args.patched))} --dtype {args.dtype} --decode-steps {args.decode_steps}`\n\n"
+        "| context | vanilla prefill tok/s | LM-Inf prefill tok/s | speed-up | vanilla decode tok/s | "
+        "LM-Inf decode tok/s | speed-up | vanilla mem GiB | LM-Inf mem GiB |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for n in sizes:
+        v, p = rows.get(("vanilla", n)), rows.get(("lminf", n))
+
+        def cell(row: dict[str, float] | None, key: str, fmt: str = "{:.0f}") -> str:
+            return fmt.format(row[key]) if row else "–"
+
+        def ratio(key: str) -> str:
+            return f"{p[key] / v[key]:.2f}×" if p and v else "–"
+
+        lines.append(
+            f"| {n // 1024}K | {cell(v, 'prefill_tok_s')} | {cell(p, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | "
+            f"{cell(v, 'decode_tok_s', '{:.1f}')} | {cell(p, 'decode_tok_s', '{:.1f}')} | {ratio('decode_tok_s')} | "
+            f"{cell(v, 'peak_gib', '{:.2f}')} | {cell(p, 'peak_gib', '{:.2f}')} |"
+        )
+    text = head + "\n".join(lines) + "\n"
+    print(text)
+    write_result("speed.md", text)
+    (HERE / "results" / "speed.json").write_text(
+        json.dumps({f"{m}-{n}": r for (m, n), r in rows.items()}, indent=1), encoding="utf-8"
+    )
+    plot(rows)
+
+
+def plot(rows: dict[tuple[str, int], dict[str, float]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, label in (("vanilla", "vanilla"), ("lminf", "LM-Infinite")):
+        points = sorted((n, r) for (m, n), r in rows.items() if m == mode)
+        xs = [n / 1024 for n, _ in points]
+        axes[0].plot(xs, [r["prefill_tok_s"] for _, r in points], marker="o", label=label)
+        axes[1].plot(xs, [r["decode_tok_s"] for _, r in points], marker="o", label=label)
+    for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (K tokens)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "results" / "speed.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

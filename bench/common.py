@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pydoc_data.topics
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import pydoc_data.topics
 from transformers import PreTrainedTokenizerBase
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -96,7 +96,8 @@ def main() -> None:
     columns["vanilla (full context)"] = vanilla + [math.nan] * (n_buckets - len(vanilla))
     print(f"vanilla done ({time.time() - started:.0f} s)", flush=True)
     for n_local in args.n_local:
-        columns[f"vanilla, last {n_local} tokens only (baseline)"] = windowed_baseline(model, ids, n_local, n_buckets, vanilla)
+        baseline = windowed_baseline(model, ids, n_local, n_buckets, vanilla)
+        columns[f"vanilla, last {n_local} tokens only (baseline)"] = baseline
         print(f"baseline {n_local} done ({time.time() - started:.0f} s)", flush=True)
         patch_model(model, LMInfiniteConfig(n_global=args.n_global, n_local=n_local, chunk_size=2048))
         columns[f"LM-Infinite n_local={n_local}"] = bucket_ppl(token_nll(model, ids, 2048, True), n_buckets)
@@ -125,7 +126,7 @@ def write_tables(columns: dict[str, list[float]], n_buckets: int, args: argparse
     for n_local in args.n_local:
         patched = columns[f"LM-Infinite n_local={n_local}"][first:]
         base = columns[f"vanilla, last {n_local} tokens only (baseline)"][first:]
-        ratios = [p / b for p, b in zip(patched, base)]
+        ratios = [p / b for p, b in zip(patched, base, strict=True)]
         mean_ratio = (sum(patched) / len(patched)) / (sum(base) / len(base)) if patched else math.nan
         lines.append(
             f"- n_local={n_local}: worst bucket ratio {max(ratios):.3f}, mean ratio {mean_ratio:.3f}"

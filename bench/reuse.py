@@ -81,9 +81,8 @@ def main() -> None:
             without_total = f"{sum(without):.1f}"
             ratio = f"{sum(reused) / sum(without):.3f}"
         later = statistics.median(reused[1:]) if len(reused) > 1 else float("nan")
-        lines.append(
-            f"| {n} | {len(questions)} | {without_total} | {sum(reused):.1f} | {ratio} | {reused[0]:.1f} | {later:.2f} |"
-        )
+        row = [str(n), str(len(questions)), without_total, f"{sum(reused):.1f}", ratio, f"{reused[0]:.1f}"]
+        lines.append("| " + " | ".join([*row, f"{later:.2f}"]) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     write_result("reuse-latency.md" if args.latency_only else "reuse.md", text)

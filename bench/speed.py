@@ -123,7 +123,7 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         def cell(row: dict[str, float] | None, key: str, fmt: str = "{:.0f}") -> str:
             return fmt.format(row[key]) if row else "–"
 
-        def ratio(key: str) -> str:
+        def ratio(key: str, p: dict[str, float] | None = p, v: dict[str, float] | None = v) -> str:
             return f"{p[key] / v[key]:.2f}×" if p and v else "–"
 
         lines.append(
@@ -154,7 +154,7 @@ def plot(rows: dict[tuple[str, int], dict[str, float]]) -> None:
         xs = [n / 1024 for n, _ in points]
         axes[0].plot(xs, [r["prefill_tok_s"] for _, r in points], marker="o", label=label)
         axes[1].plot(xs, [r["decode_tok_s"] for _, r in points], marker="o", label=label)
-    for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s")):
+    for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (K tokens)")
         ax.set_title(title)

@@ -9,9 +9,8 @@ Foundation License). Sorted by topic name, so the same Python version gives the 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import pydoc_data.topics
+from pathlib import Path
 
 
 def python_reference_text(max_chars: int) -> str:

@@ -80,7 +80,7 @@ def _chunked_logits(model: PreTrainedModel, ids: torch.Tensor, chunk: int, promp
     cache.set_prompt_length(prompt_length)
     pieces = []
     bounds = list(range(0, prompt_length - 1, chunk)) + [prompt_length - 1]
-    for start, end in zip(bounds, bounds[1:] + [prompt_length]):
+    for start, end in zip(bounds, bounds[1:] + [prompt_length], strict=True):
         pieces.append(model(ids[:, start:end], past_key_values=cache).logits)
     for position in range(prompt_length, ids.shape[1]):
         pieces.append(model(ids[:, position : position + 1], past_key_values=cache).logits)

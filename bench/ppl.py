@@ -4,7 +4,7 @@ For every bucket past the window we also score an *in-distribution baseline*: th
 same bucket with only the preceding ``n_local`` tokens as context. LM-Infinite should track that baseline,
 while vanilla with the full context blows up past its 8192-token training length.
 
-    python bench/ppl.py --tokens 32768 --n-local 4096 8192
+    python -m bench ppl --tokens 32768 --n-local 4096 8192
 
 Writes ``bench/results/ppl.md`` and ``bench/results/ppl.png``.
 """
@@ -16,9 +16,9 @@ import math
 import time
 
 import torch
-from common import machine_line, token_ids, write_result
 from transformers import PreTrainedModel
 
+from bench.common import machine_line, token_ids, write_result
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.models import load_model
 
@@ -76,14 +76,14 @@ def windowed_baseline(
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench ppl", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--n-local", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--n-global", type=int, default=10)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--vanilla-max", type=int, default=32768, help="longest input scored by vanilla")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model, tokenizer = load_model(None, args.dtype)
     ids = token_ids(tokenizer, args.tokens)
@@ -112,7 +112,7 @@ def write_tables(columns: dict[str, list[float]], n_buckets: int, args: argparse
         f"# Perplexity by position ({BUCKET}-token buckets), SmolLM2-135M-Instruct, {args.dtype}",
         "",
         f"Text: `pydoc_data.topics` (sorted topics), first {args.tokens} tokens. n_global={args.n_global}. "
-        f"{machine_line()}. Command: `python bench/ppl.py --tokens {args.tokens} --n-local "
+        f"{machine_line()}. Command: `python -m bench ppl --tokens {args.tokens} --n-local "
         f"{' '.join(map(str, args.n_local))} --dtype {args.dtype}`",
         "",
         "| tokens | " + " | ".join(names) + " |",
@@ -148,7 +148,7 @@ def plot(columns: dict[str, list[float]], n_buckets: int) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
-    from common import RESULTS
+    from bench.common import RESULTS
 
     x = [(b + 1) * BUCKET / 1024 for b in range(n_buckets)]
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -1,7 +1,7 @@
 """Many questions about one document: with and without reuse of its encoded state.
 
-    python bench/reuse.py --tokens 32768 --questions 10                # 10 questions, reuse vs none
-    python bench/reuse.py --latency-only --tokens 16384 65536          # per-question latency after the first
+    python -m bench reuse --tokens 32768 --questions 10                # 10 questions, reuse vs none
+    python -m bench reuse --latency-only --tokens 16384 65536          # per-question latency after the first
 
 Without reuse every question re-reads the whole document; with reuse (the engine's automatic prefix reuse,
 as the LangChain/LlamaIndex classes use it) only the question and at most one prefill chunk are encoded.
@@ -14,8 +14,7 @@ import argparse
 import statistics
 import time
 
-from common import machine_line, token_ids, write_result
-
+from bench.common import machine_line, token_ids, write_result
 from lminf_integrations import LMInfiniteConfig
 from lminf_integrations.engine import Engine, GenerationSettings
 from lminf_integrations.models import load_model
@@ -46,20 +45,20 @@ def ask_all(engine: Engine, document: list[int], questions: list[str]) -> list[f
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench reuse", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[32768])
     parser.add_argument("--questions", type=int, default=10)
     parser.add_argument("--latency-only", action="store_true", help="only the reuse run (per-question latency)")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--cache", default="window", choices=["window", "full"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model, tokenizer = load_model(None, args.dtype)
     config = LMInfiniteConfig(n_local=4096, cache=args.cache)
     lines = [
         f"# Reusing an encoded document, SmolLM2-135M-Instruct, {args.dtype}, cache={args.cache}",
         "",
-        f"{machine_line()}. Answers of 16 tokens. Command: `python bench/reuse.py --tokens "
+        f"{machine_line()}. Answers of 16 tokens. Command: `python -m bench reuse --tokens "
         f"{' '.join(map(str, args.tokens))} --questions {args.questions}"
         f"{' --latency-only' if args.latency_only else ''} --dtype {args.dtype} --cache {args.cache}`",
         "",

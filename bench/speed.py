@@ -2,8 +2,8 @@
 
 Each measurement runs in a fresh subprocess so that its peak memory is its own.
 
-    python bench/speed.py                       # full grid (tens of minutes on 2 cores)
-    python bench/speed.py --vanilla 8192 --patched 8192 --decode-steps 8   # quick look
+    python -m bench speed                       # full grid (tens of minutes on 2 cores)
+    python -m bench speed --vanilla 8192 --patched 8192 --decode-steps 8   # quick look
 
 Writes ``bench/results/speed.md`` and ``bench/results/speed.png``.
 """
@@ -23,9 +23,9 @@ HERE = Path(__file__).resolve().parent
 def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, decode_steps: int) -> dict[str, float]:
     """One measurement in this process: prefill n_tokens, then decode_steps single-token steps."""
     import torch
-    from common import peak_rss, token_ids
     from transformers import DynamicCache
 
+    from bench.common import peak_rss, token_ids
     from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
     from lminf_integrations.models import load_model
 
@@ -67,10 +67,10 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
 
 def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, float] | None:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--one", mode, str(n_tokens), "--dtype", args.dtype,
+        sys.executable, "-m", "bench", "speed", "--one", mode, str(n_tokens), "--dtype", args.dtype,
         "--n-local", str(args.n_local), "--cache", args.cache, "--decode-steps", str(args.decode_steps),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
     if result.returncode != 0:
         print(f"{mode} {n_tokens}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -79,8 +79,8 @@ def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, flo
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__.splitlines()[0])
     parser.add_argument("--vanilla", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--patched", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--dtype", default="bf16")
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--cache", default="window", choices=["window", "full"])
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         row = measure(args.one[0], int(args.one[1]), args.dtype, args.n_local, args.cache, args.decode_steps)
         print(json.dumps(row))
@@ -103,7 +103,7 @@ def main() -> None:
 
 
 def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace) -> None:
-    from common import machine_line, write_result
+    from bench.common import machine_line, write_result
 
     sizes = sorted({n for _, n in rows})
     head = (
@@ -111,7 +111,7 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         f"LM-Infinite: n_local={args.n_local}, n_global=10, cache={args.cache}, prefill chunk 2048. Vanilla: "
         "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
         f"prefill + decode (beyond the weights). {machine_line()}.\n"
-        f"Command: `python bench/speed.py --vanilla {' '.join(map(str, args.vanilla))} --patched "
+        f"Command: `python -m bench speed --vanilla {' '.join(map(str, args.vanilla))} --patched "
         f"{' '.join(map(str, args.patched))} --dtype {args.dtype} --decode-steps {args.decode_steps}`\n\n"
         "| context | vanilla prefill tok/s | LM-Inf prefill tok/s | speed-up | vanilla decode tok/s | "
         "LM-Inf decode tok/s | speed-up | vanilla mem GiB | LM-Inf mem GiB |\n|---|---|---|---|---|---|---|---|---|\n"

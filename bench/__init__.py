@@ -1,0 +1,1 @@
+"""Benchmarks and evaluations: ``python -m bench <command>`` from the repository root (see ``bench/__main__.py``)."""

@@ -1,0 +1,39 @@
+"""``python -m bench <command> [options]``: every benchmark writes a markdown table (and a PNG plot where it has
+one) to ``bench/results/`` and prints the table.
+
+Commands:
+    ppl          perplexity by position bucket, vanilla vs LM-Infinite, on any text file
+    passkey      passkey retrieval over lengths × depths, vanilla vs Λ-only vs Λ + top-k (heatmap)
+    rag-vs-full  the same questions answered by full context, vector RAG, BM25 RAG and truncated vanilla
+    speed        prefill/decode tokens/s and memory, vanilla vs LM-Infinite
+    reuse        many questions about one document, with and without reuse of its encoded state
+
+``python -m bench <command> --help`` lists each command's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "ppl": "bench.ppl",
+    "passkey": "bench.passkey",
+    "rag-vs-full": "bench.rag_vs_full",
+    "speed": "bench.speed",
+    "reuse": "bench.reuse",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        return
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -184,6 +184,9 @@ class Engine:
                 raise ValueError("token_ids do not start with the state's tokens")
             total = report_total or len(token_ids)
             self.check_memory(total)
+            # Every token encoded here is a prompt token: top-k middle attention (generation-time queries only)
+            # must not start inside the prefill; generation sets the real prompt length afterwards.
+            state.cache.set_prompt_length(len(token_ids) + 1)
             step = self.config.chunk_size
             if progress:
                 progress(len(state.token_ids), total)

@@ -234,3 +234,26 @@ def test_padded_batches_are_refused_clearly() -> None:
     # Equal-length batches are fine and match single runs.
     batch = model(torch.cat([_ids(20, 1), _ids(20, 2)])).logits
     assert (batch[1] - model(_ids(20, 2)).logits[0]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.inference_mode()  # the engine encodes under inference mode; its cache tensors must stay there
+def test_engine_prefill_keeps_top_k_for_generation_time_queries(arch: str) -> None:
+    """The engine encodes a prompt in chunks and generates from its last token: top-k must apply to that last
+    token only, never to the prefill queries (that would change every later key and cost O(n²))."""
+    from types import SimpleNamespace
+
+    from lminf_integrations.engine import Engine
+
+    model = _tiny(arch)
+    config = LMInfiniteConfig(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, cache="full", chunk_size=5)
+    engine = Engine(model=model, tokenizer=SimpleNamespace(), config=config, reuse_prefixes=False)  # type: ignore[arg-type]
+    prompt_length = 30
+    ids = _ids(prompt_length, seed=3)
+    state = engine.encode(ids[0, :-1].tolist())
+    state.cache.set_prompt_length(prompt_length)  # as Engine._generate does before generation
+    got = model(ids[:, -1:], past_key_values=state.cache).logits[:, -1]
+    expected = _reference_logits(model, ids, top_k_from=prompt_length - 1)[:, -1]
+    assert (got - expected).abs().max() < TOL
+    without_top_k = _reference_logits(model, ids, top_k_from=prompt_length)[:, -1]  # no query reaches it
+    assert (got - without_top_k).abs().max() > 10 * TOL  # top-k did change the last token

@@ -136,6 +136,7 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
         and cfg.top_k > 0
         and settings.layer_idx >= cfg.top_k_from_layer
         and last - cfg.n_local >= cfg.n_global
+        and (prepared.top_k_from_position is None or last >= prepared.top_k_from_position)
     )
     if needs_far or needs_top_k:
         # Queries moved to position `distance` and keys at position 0 give relative distance `distance`.
@@ -288,8 +289,20 @@ def _top_k_part(
     queries only (positions ``>= top_k_from_position``)."""
     assert prepared.middle_keys is not None and prepared.middle_values is not None
     n_queries = far_query.shape[-2] // rep
-    positions = torch.arange(first, first + n_queries, device=far_query.device).repeat(rep)
     start = prepared.top_k_from_position if prepared.top_k_from_position is not None else first + n_queries - 1
+    skip = min(max(0, start - first), n_queries)
+    if skip > 0:
+        # Only generation-time queries take part: score just those rows (a whole prompt in one forward would
+        # otherwise cost n × n logits), and give the others an empty part (lse = -inf).
+        b, kv, _, d = far_query.shape
+        rows = far_query.view(b, kv, rep, n_queries, d)[:, :, :, skip:].reshape(b, kv, rep * (n_queries - skip), d)
+        out, lse = _top_k_part(rows, prepared, cfg, first + skip, rep, scale)
+        full_out = out.new_zeros(b, kv, rep, n_queries, d)
+        full_lse = lse.new_full((b, kv, rep, n_queries), _NEG_INF)
+        full_out[:, :, :, skip:] = out.view(b, kv, rep, n_queries - skip, d)
+        full_lse[:, :, :, skip:] = lse.view(b, kv, rep, n_queries - skip)
+        return full_out.view(b, kv, rep * n_queries, d), full_lse.view(b, kv, rep * n_queries)
+    positions = torch.arange(first, first + n_queries, device=far_query.device).repeat(rep)
     middle_end = first + n_queries - cfg.n_local  # exclusive bound of any query's middle
     keys = prepared.middle_keys[:, :, cfg.n_global : middle_end]
     values = prepared.middle_values[:, :, cfg.n_global : middle_end]

@@ -124,10 +124,13 @@ def test_long_input_equals_naive_reference(arch: str, cache: str, top_k: int, di
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("top_k", [0, 2])
 @torch.no_grad()
-def test_whole_sequence_forward_without_cache_equals_reference(arch: str) -> None:
+def test_whole_sequence_forward_without_cache_equals_reference(arch: str, top_k: int) -> None:
+    """One forward over the whole sequence: with top-k, only its last query is a generation-time query."""
     model = _tiny(arch)
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8))
+    cache = "full" if top_k else "window"
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache=cache))
     ids = _ids(40, seed=2)
     assert (model(ids).logits - _reference_logits(model, ids, top_k_from=None)).abs().max() < TOL
 

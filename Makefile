@@ -26,6 +26,10 @@ demo: $(VENV)/.installed $(DOC)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests
 
+# `make bench ARGS="passkey --lengths 4096 16384"`: any `python -m bench` command, in the same virtualenv.
+bench: $(VENV)/.installed
+	$(PY) -m bench $(ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lminf_integrations tests bench examples
 	$(VENV)/bin/mypy

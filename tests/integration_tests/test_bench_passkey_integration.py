@@ -1,0 +1,28 @@
+"""A CPU-sized slice of ``python -m bench passkey`` on the real default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from bench.passkey import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_passkey_slice_within_the_window(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path
+) -> None:
+    """At 2K tokens (inside the training length and the window) SmolLM2 repeats the key, patched or not."""
+    main(["--lengths", "2048", "--depths", "0", "0.5", "1", "--dtype", "auto", "--results", str(tmp_path)])
+    rows = json.loads((tmp_path / "passkey.json").read_text(encoding="utf-8"))
+    assert {r["method"] for r in rows} == {"vanilla", "lambda", "lambda+topk"}
+    assert len(rows) == 9
+    for method in ("vanilla", "lambda"):
+        assert all(r["correct"] for r in rows if r["method"] == method), rows
+    table = (tmp_path / "passkey.md").read_text(encoding="utf-8")
+    assert "| vanilla | 100% |" in table and "| lambda | 100% |" in table
+    assert (tmp_path / "passkey.png").exists()

@@ -276,15 +276,16 @@ def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return False
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), squeeze=False, sharey=True)
+    for index, (ax, method) in enumerate(zip(axes[0], methods, strict=True)):
         grid = accuracy_grid(rows, method, lengths, depths)
         data = [[float("nan") if grid[(n, d)] is None else grid[(n, d)] for n in lengths] for d in depths]
         image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("prompt length")
-        ax.set_ylabel("key depth")
+        if index == 0:
+            ax.set_ylabel("key depth")
         ax.set_title(method)
         for y, row in enumerate(data):
             for x, value in enumerate(row):

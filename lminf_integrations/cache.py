@@ -180,7 +180,9 @@ class LambdaLayer(CacheLayerMixin):
         capacity = self.keys.shape[-2]
         if length <= capacity:
             return
-        new_capacity = max(length, 2 * capacity)
+        # Grow by a quarter (at least 1024 slots): amortised O(1) appends, but at most 25% unused memory on
+        # caches of hundreds of MB (doubling left up to half of a multi-GB cache empty).
+        new_capacity = max(length, capacity + max(capacity // 4, 1024))
 
         def grown(x: torch.Tensor) -> torch.Tensor:
             bigger = x.new_zeros(*x.shape[:-2], new_capacity, x.shape[-1])
@@ -192,6 +194,7 @@ class LambdaLayer(CacheLayerMixin):
             self.middle_keys = grown(self.middle_keys)
 
     _TENSOR_NAMES = ("keys", "values", "sink_keys", "sink_values", "middle_keys")
+    GROWING = ("keys", "values", "middle_keys")  # full mode: buffers indexed by position
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The layer's state; full-mode buffers are cut to the filled length (for saving and cloning)."""
@@ -200,7 +203,7 @@ class LambdaLayer(CacheLayerMixin):
             tensor = getattr(self, name)
             if tensor is None:
                 continue
-            if self.settings.config.cache == "full" and name in ("keys", "values", "middle_keys"):
+            if self.settings.config.cache == "full" and name in self.GROWING:
                 tensor = tensor[:, :, : self.seen]
             out[name] = tensor
         return out
@@ -262,6 +265,23 @@ class LambdaCache(Cache):
         twin = LambdaCache([layer.settings for layer in self.lambda_layers])
         for mine, theirs in zip(self.lambda_layers, twin.lambda_layers, strict=True):
             if mine.is_initialized:
-                copied = {name: t.clone() for name, t in mine.tensors().items()}
+                full = mine.settings.config.cache == "full"
+                copied = {
+                    name: _copy(t, mine.seen, full and name in LambdaLayer.GROWING)
+                    for name, t in mine.tensors().items()
+                }
                 theirs.restore(copied, mine.seen, mine.top_k_from_position)
         return twin
+
+
+# A clone usually continues with a question and an answer: leave room for them in full-mode buffers, so the first
+# new token does not reallocate (and transiently double) a cache that may be gigabytes.
+_CLONE_ROOM = 1024
+
+
+def _copy(tensor: torch.Tensor, seen: int, with_room: bool) -> torch.Tensor:
+    if not with_room:
+        return tensor.clone()
+    bigger = tensor.new_empty(*tensor.shape[:-2], seen + _CLONE_ROOM, tensor.shape[-1])
+    bigger[:, :, :seen] = tensor
+    return bigger

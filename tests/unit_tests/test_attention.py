@@ -174,9 +174,17 @@ def test_full_cache_grows_and_reports_size() -> None:
     kv = new_cache(model)
     model(_ids(300), past_key_values=kv)
     small = kv.nbytes()
-    model(_ids(700), past_key_values=kv)
+    model(_ids(2700), past_key_values=kv)
     assert kv.nbytes() > small
-    assert kv.get_seq_length() == 1000
+    assert kv.get_seq_length() == 3000
+    # Growth leaves at most a quarter (or 1024 slots) unused: bytes per slot × slots held.
+    per_slot = small / 1280  # the first allocation held 256 + 1024 slots
+    assert kv.nbytes() <= per_slot * (3000 + max(3000 // 4, 1024)) + 1
+    # A clone keeps room for a question and an answer, and shares nothing with the original.
+    twin = kv.clone()
+    assert twin.get_seq_length() == 3000 and twin.nbytes() <= per_slot * (3000 + 1024) + 1
+    model(_ids(5), past_key_values=twin)
+    assert twin.get_seq_length() == 3005 and kv.get_seq_length() == 3000
 
 
 @torch.no_grad()

@@ -31,3 +31,31 @@ def test_fact_at_the_end_of_a_long_document(default_model: tuple[PreTrainedModel
     answer = "".join(stream)
     assert "PINEAPPLE" in answer.upper()
     assert progress == sorted(progress) and progress[-1] == stream.result.input_tokens  # type: ignore[union-attr]
+
+
+def test_real_model_with_top_k_equals_the_naive_reference(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """The engine path (chunked prefill, then the last prompt token with top-k middle attention) on SmolLM2 itself
+    equals the dense reference of tests/unit_tests/reference.py, not only on tiny random models."""
+    import copy
+
+    import torch
+
+    from tests.unit_tests import reference
+
+    model = copy.deepcopy(default_model[0]).float()
+    tokenizer = default_model[1]
+    config = LMInfiniteConfig(n_global=4, n_local=128, top_k=5, top_k_from_layer=8, cache="full", chunk_size=128)
+    engine = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False)
+    text = "The pass key is 48213. Remember it. " + "The grass is green. The sky is blue. " * 60
+    ids = engine.tokenize(text[:2400])
+    assert len(ids) > 4 * config.n_local
+    with torch.inference_mode():
+        state = engine.encode(ids[:-1])
+        state.cache.set_prompt_length(len(ids))
+        got = model(torch.tensor([ids[-1:]]), past_key_values=state.cache).logits[0, -1]
+        reference.TOP_K_FROM_POSITION[0] = len(ids) - 1
+        model.set_attn_implementation(reference.REFERENCE_NAME)
+        expected = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+    assert (got - expected).abs().max() < 1e-3

@@ -123,7 +123,10 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
     n_kv = prepared.local_keys.shape[1]
     rep = n_heads // n_kv
     if prepared.single_softmax:
-        out, _ = _flash(_fold(query, n_kv), prepared.local_keys, prepared.local_values, 0.0, False, scale=scale)
+        # One query: the kernel's own grouped-query support splits the work over query heads, which balances
+        # better across threads than a few folded rows (decode attention 30% faster at a 4K window here).
+        q = query if n_queries == 1 else _fold(query, n_kv)
+        out, _ = _flash(q, prepared.local_keys, prepared.local_values, 0.0, False, scale=scale)
         return out.view(batch, n_heads, n_queries, head_dim).transpose(1, 2)
     last = prepared.local_start + prepared.local_keys.shape[-2] - 1
     first = last - n_queries + 1
@@ -156,6 +159,11 @@ def _fold(x: torch.Tensor, n_kv: int) -> torch.Tensor:
     return x.reshape(b, n_kv, (h // n_kv) * length, d)
 
 
+def _fold_output(out: torch.Tensor, lse: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel's (B, H, L, D) output and (B, H, L) log-sum-exp in the folded layout of :func:`_fold`."""
+    return _fold(out, n_kv), lse.reshape(lse.shape[0], n_kv, -1)
+
+
 def _local_band(
     query: torch.Tensor, prepared: PreparedKeys, window: int, first: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,11 +174,12 @@ def _local_band(
     if start > max(0, first - window + 1):
         raise RuntimeError(f"cache kept keys from position {start}, but a query at {first} needs the full window")
     if n_queries == 1:
-        # One query sees every key of its window, in any order: no mask at all.
+        # One query sees every key of its window, in any order: no mask at all (and no folding, as above).
         keep = min(keys.shape[-2], window)
         if keep < keys.shape[-2]:
             keys, values = keys[:, :, -keep:], values[:, :, -keep:]
-        return _flash(_fold(query, n_kv), keys, values, 0.0, False, scale=scale)
+        out, lse = _flash(query, keys, values, 0.0, False, scale=scale)
+        return _fold_output(out, lse, n_kv)
     if last - window + 1 <= start:  # even the last query sees every key: no band yet
         return _causal_no_band(query, keys, values, n_queries, scale)
     return _banded_blocks(query, keys, values, window, first - start, last - start, scale)
@@ -186,7 +195,7 @@ def _causal_no_band(
     square_k = keys[:, :, -n_queries:].repeat_interleave(rep, dim=1)
     square_v = values[:, :, -n_queries:].repeat_interleave(rep, dim=1)
     out, lse = _flash(query, square_k, square_v, 0.0, True, scale=scale)
-    out, lse = _fold(out, n_kv), lse.reshape(lse.shape[0], n_kv, -1)
+    out, lse = _fold_output(out, lse, n_kv)
     if keys.shape[-2] == n_queries:
         return out, lse
     prefix = _flash(_fold(query, n_kv), keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)
@@ -202,10 +211,13 @@ def _banded_blocks(
     last_index: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The band |i - j| < window, as one batched fused-kernel call over query blocks.
+    """The band |i - j| < window, as batched fused-kernel calls over query blocks.
 
     Indices are into ``keys``. The block starting at query index ``a`` needs keys ``[a - window + 1, a + BLOCK)``:
     ``window + BLOCK - 1`` of them, a fixed length, so the blocks' keys are strided views of one padded tensor.
+    Of those, the ``window - BLOCK + 1`` keys ``[a + BLOCK - window, a]`` are seen by every query of the block:
+    they go through the kernel without a mask (masked scores cost ~40% more per key), and only the two edge
+    triangles take a masked call; the two parts are merged by log-sum-exp.
     """
     batch, n_heads, n_queries, head_dim = query.shape
     n_kv = keys.shape[1]
@@ -216,28 +228,62 @@ def _banded_blocks(
     left_pad = max(0, window - 1 - first_index)
     needed = first_index - window + 1 + left_pad + (n_blocks - 1) * block + span  # padded length used
     right_pad = max(0, needed - left_pad - keys.shape[-2])
-    padded_k = torch.nn.functional.pad(keys, (0, 0, left_pad, right_pad))
-    padded_v = torch.nn.functional.pad(values, (0, 0, left_pad, right_pad))
+    padded_k, padded_v = _pad_rows(keys, left_pad, right_pad), _pad_rows(values, left_pad, right_pad)
     offset = first_index - window + 1 + left_pad
 
-    def blocks_of(x: torch.Tensor) -> torch.Tensor:
-        windows = x[:, :, offset:].unfold(2, span, block)[:, :, :n_blocks]  # (B, kv, nb, D, span)
-        return windows.permute(0, 2, 1, 4, 3).reshape(batch * n_blocks, n_kv, span, head_dim)
+    def blocks_of(x: torch.Tensor, column: int, length: int) -> torch.Tensor:
+        """Columns ``[column, column + length)`` of every block's span: a view when the batch is 1."""
+        windows = x[:, :, offset + column :].unfold(2, length, block)[:, :, :n_blocks]  # (B, kv, nb, D, length)
+        return windows.permute(0, 2, 1, 4, 3).reshape(batch * n_blocks, n_kv, length, head_dim)
 
     q = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * block - n_queries))
     q = q.view(batch, n_kv, rep, n_blocks, block, head_dim).permute(0, 3, 1, 2, 4, 5)
     q = q.reshape(batch * n_blocks, n_kv, rep * block, head_dim)
 
-    mask = _band_mask(block, span, window, n_blocks, offset - left_pad, last_index, rep, query.dtype, query.device)
-    if mask.shape[0] > 1 and batch > 1:
-        mask = mask.repeat(batch, 1, 1, 1)
-
-    out, lse = _flash(q, blocks_of(padded_k), blocks_of(padded_v), 0.0, False, attn_mask=mask, scale=scale)
+    mask_key = (block, span, window, n_blocks, offset - left_pad, last_index, rep, query.dtype, query.device)
+    if left_pad == 0 and window > block:  # every block's window is full: interior + edges
+        interior = _flash(
+            q,
+            blocks_of(padded_k, block - 1, window - block + 1),
+            blocks_of(padded_v, block - 1, window - block + 1),
+            0.0,
+            False,
+            scale=scale,
+        )
+        edge_k = torch.cat([blocks_of(padded_k, 0, block - 1), blocks_of(padded_k, window, block - 1)], dim=2)
+        edge_v = torch.cat([blocks_of(padded_v, 0, block - 1), blocks_of(padded_v, window, block - 1)], dim=2)
+        mask = _batched(_edge_mask(*mask_key), batch)
+        edges = _flash(q, edge_k, edge_v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = _merge_two(interior, edges)
+        out = out.to(query.dtype)
+    else:  # the start of a sequence (window not yet full): one call over the whole span
+        mask = _batched(_band_mask(*mask_key), batch)
+        whole_k, whole_v = blocks_of(padded_k, 0, span), blocks_of(padded_v, 0, span)
+        out, lse = _flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale)
     out = out.view(batch, n_blocks, n_kv, rep, block, head_dim).permute(0, 2, 3, 1, 4, 5)
     out = out.reshape(batch, n_kv, rep, n_blocks * block, head_dim)[:, :, :, :n_queries]
     lse = lse.view(batch, n_blocks, n_kv, rep, block).permute(0, 2, 3, 1, 4)
     lse = lse.reshape(batch, n_kv, rep, n_blocks * block)[..., :n_queries]
     return out.reshape(batch, n_kv, rep * n_queries, head_dim), lse.reshape(batch, n_kv, rep * n_queries)
+
+
+def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0, before, after)) if before or after else x
+
+
+def _batched(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-block masks (first dim n_blocks) repeated for each sequence of the batch (blocks are batch-major)."""
+    return mask.repeat(batch, 1, 1, 1) if mask.shape[0] > 1 and batch > 1 else mask
+
+
+def _merge_two(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_merge` for two parts, also returning the joint log-sum-exp (in float32)."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    return torch.lerp(out_b.float(), out_a.float(), weight_a), lse
 
 
 @functools.lru_cache(maxsize=2)
@@ -266,6 +312,13 @@ def _band_mask(
         visible = band[None]  # no block touches padding: one mask for all
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, _NEG_INF)
     return mask.repeat(1, rep, 1)[:, None]
+
+
+@functools.lru_cache(maxsize=2)
+def _edge_mask(block: int, span: int, window: int, *rest: Any) -> torch.Tensor:
+    """The band mask's edge columns: ``[0, block - 1)`` (keys leaving the window) and ``[window, span)`` (causal)."""
+    band = _band_mask(block, span, window, *rest)
+    return torch.cat([band[..., : block - 1], band[..., window:]], dim=-1)
 
 
 def _global_part(

@@ -23,7 +23,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
+from lminf_integrations import LMInfiniteConfig, attention, new_cache, patch_model, unpatch_model
 
 from . import reference
 
@@ -121,6 +121,24 @@ def test_long_input_equals_naive_reference(arch: str, cache: str, top_k: int, di
     for position in range(prompt_length, total):
         expected = _reference_logits(model, ids[:, : position + 1], top_k_from=prompt_length - 1)[:, -1]
         assert (got[:, position] - expected).abs().max() < TOL, position
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("cache,top_k", [("window", 0), ("full", 2)])
+@torch.no_grad()
+def test_many_band_blocks_equal_reference(arch: str, cache: str, top_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks split into several query blocks (the last one partial), whose keys are an unmasked interior plus
+    masked edges, with the window at the start not yet full, on a batch of two sequences."""
+    monkeypatch.setattr(attention, "BLOCK", 3)
+    model = _tiny(arch)
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache=cache))  # type: ignore[arg-type]
+    ids = torch.cat([_ids(40, seed=3), _ids(40, seed=4)])
+    expected = _reference_logits(model, ids, top_k_from=39)
+    cache_ = new_cache(model)
+    cache_.set_prompt_length(40)
+    got = torch.cat([model(ids[:, s : s + 13], past_key_values=cache_).logits for s in range(0, 39, 13)], dim=1)
+    assert (got - expected[:, :39]).abs().max() < TOL
+    assert (model(ids[:, 39:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

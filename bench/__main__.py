@@ -7,6 +7,7 @@ Commands:
     rag-vs-full  the same questions answered by full context, vector RAG, BM25 RAG and truncated vanilla
     speed        prefill/decode tokens/s and memory, vanilla vs LM-Infinite
     reuse        many questions about one document, with and without reuse of its encoded state
+    band         the Λ band's kernel time by query-block size (how attention.BLOCK was chosen)
 
 ``python -m bench <command> --help`` lists each command's options.
 """
@@ -22,6 +23,7 @@ COMMANDS = {
     "rag-vs-full": "bench.rag_vs_full",
     "speed": "bench.speed",
     "reuse": "bench.reuse",
+    "band": "bench.band",
 }
 
 

@@ -1,6 +1,6 @@
 """Prefill and decode speed, and memory, vanilla vs LM-Infinite, same machine, same text, same dtype.
 
-Each measurement runs in a fresh subprocess so that its peak memory is its own.
+Each measurement runs in fresh subprocesses: one for timings, one for peak memory (see ``MEMORY_ENV``).
 
     python -m bench speed                       # full grid (tens of minutes on 2 cores)
     python -m bench speed --vanilla 8192 --patched 8192 --decode-steps 8   # quick look
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,17 +66,37 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
     }
 
 
+# glibc keeps freed heap memory and raises its mmap threshold as big blocks come and go, so a process's RSS rise
+# depends on its allocation history (the same window-cache run read 0.13-0.20 GiB). With a fixed, low threshold
+# every large tensor is mapped on allocation and unmapped on free: RSS then follows live tensors (repeat runs
+# agree to 0.001 GiB). It also halves speed, so memory gets its own run.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEMORY_DECODE_STEPS = 4
+
+
 def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, float] | None:
+    """Timings from one fresh subprocess, memory from another (see ``MEMORY_ENV``)."""
+    timing = _subprocess_row(args, mode, n_tokens, args.decode_steps, {})
+    memory = _subprocess_row(args, mode, n_tokens, MEMORY_DECODE_STEPS, MEMORY_ENV) if timing else None
+    if timing is None or memory is None:
+        return None
+    row = {**timing, "peak_gib": memory["peak_gib"], "peak_gib_default_malloc": timing["peak_gib"]}
+    print(f"{mode:8s} {n_tokens:7d}: {row}", flush=True)
+    return row
+
+
+def _subprocess_row(
+    args: argparse.Namespace, mode: str, n_tokens: int, decode_steps: int, env: dict[str, str]
+) -> dict[str, float] | None:
     command = [
         sys.executable, "-m", "bench", "speed", "--one", mode, str(n_tokens), "--dtype", args.dtype,
-        "--n-local", str(args.n_local), "--cache", args.cache, "--decode-steps", str(args.decode_steps),
+        "--n-local", str(args.n_local), "--cache", args.cache, "--decode-steps", str(decode_steps),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, **env})
     if result.returncode != 0:
         print(f"{mode} {n_tokens}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
-    row = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"{mode:8s} {n_tokens:7d}: {row}", flush=True)
+    row: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
     return row
 
 
@@ -110,7 +131,9 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         f"# Prefill and decode speed, SmolLM2-135M-Instruct, {args.dtype}\n\n"
         f"LM-Infinite: n_local={args.n_local}, n_global=10, cache={args.cache}, prefill chunk 2048. Vanilla: "
         "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
-        f"prefill + decode (beyond the weights). {machine_line()}.\n"
+        f"prefill + {MEMORY_DECODE_STEPS} decode steps (beyond the weights), in a separate run with "
+        "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors. "
+        f"{machine_line()}.\n"
         f"Command: `python -m bench speed --vanilla {' '.join(map(str, args.vanilla))} --patched "
         f"{' '.join(map(str, args.patched))} --dtype {args.dtype} --decode-steps {args.decode_steps}`\n\n"
         "| context | vanilla prefill tok/s | LM-Inf prefill tok/s | speed-up | vanilla decode tok/s | "

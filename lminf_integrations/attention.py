@@ -28,7 +28,7 @@ from .config import LMInfiniteConfig
 from .rope import shift_positions
 
 ATTENTION_NAME = "lminf"
-BLOCK = 256  # query rows per band block: measured fastest on a 2-core AVX-512 CPU (bench/attention_kernels.py)
+BLOCK = 256  # query rows per band block: fastest on 2-core AVX-512 and AMX CPUs (python -m bench band)
 _NEG_INF = float("-inf")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -149,7 +149,10 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
             parts.append(_global_part(far_query, prepared, cfg, first, rep, scale))
         if needs_top_k:
             parts.append(_top_k_part(far_query, prepared, cfg, first, rep, scale))
-    out = parts[0][0] if len(parts) == 1 else _merge(parts).to(query.dtype)
+    if len(parts) == 1:
+        out = parts[0][0]
+    else:
+        out = (_merge_two(*parts)[0] if len(parts) == 2 else _merge(parts)).to(query.dtype)
     return out.view(batch, n_kv, rep, n_queries, head_dim).reshape(batch, n_heads, n_queries, head_dim).transpose(1, 2)
 
 
@@ -327,6 +330,11 @@ def _global_part(
     """Global tokens that are out of a query's window, seen at distance ``distance_limit``."""
     assert prepared.sink_keys is not None and prepared.sink_values is not None
     keys, values = prepared.sink_keys, prepared.sink_values
+    if first - (keys.shape[-2] - 1) >= cfg.n_local:
+        # Every query is past every global key's window (all of a chunk after the first n_local + n_global
+        # tokens): no mask, one fused call.
+        out, lse = _flash(far_query, keys, values, 0.0, False, scale=scale)
+        return out, lse
     n_queries = far_query.shape[-2] // rep
     positions = torch.arange(first, first + n_queries, device=far_query.device).repeat(rep)
     key_positions = torch.arange(keys.shape[-2], device=far_query.device)

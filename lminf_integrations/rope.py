@@ -28,6 +28,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos_half, sin_half = cos[..., :half], sin[..., :half]  # RoPE tables repeat: (angles, angles)
+    if torch.compiler.is_compiling():  # the compiler fuses the plain formula (and cannot trace ``out=`` views)
+        return torch.cat((x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half), dim=-1)
     shape = torch.broadcast_shapes(x.shape, cos.shape)
     out = torch.empty(shape, dtype=cos.dtype, device=x.device)
     low, high = out[..., :half], out[..., half:]

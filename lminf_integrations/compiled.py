@@ -1,0 +1,42 @@
+"""Compiled decoding steps (opt-in: ``Engine(compile_decode=True)``).
+
+transformers' ``generate`` compiles the model's forward for decoding steps when the cache says its shapes are fixed
+(``Cache.is_compileable``); a steady window cache does. This module holds the settings for that compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from transformers import CompileConfig
+
+# Inductor settings for CPU decoding: frozen weights are prepacked for the CPU GEMM kernels; autotuning picks AMX /
+# AVX-512 micro-kernels for the matrix-vector products of a step; q/k/v and gate/up projections become one GEMM
+# each. They are global inductor settings, applied around the call that compiles: passed as
+# ``torch.compile(options={"freezing": True})`` they do not freeze.
+INDUCTOR_SETTINGS: dict[str, Any] = {"freezing": True, "max_autotune": True, "cpp.enable_concat_linear": True}
+
+# One graph per model and settings (fixed shapes); a graph break would fall back to eager code, not fail.
+DECODE_COMPILE_CONFIG = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+# transformers compiles decoding steps only on accelerators unless the compile config says otherwise.
+DECODE_COMPILE_CONFIG._compile_all_devices = True  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def inductor_settings(enabled: bool = True) -> Iterator[None]:
+    """Apply :data:`INDUCTOR_SETTINGS` for the duration (a no-op when not ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(INDUCTOR_SETTINGS):
+        yield
+
+
+def generate_kwargs(enabled: bool) -> dict[str, Any]:
+    """``generate`` arguments that turn compiled decoding steps on or off (off also on GPUs, where transformers
+    would otherwise compile by default once the cache is steady)."""
+    return {"compile_config": DECODE_COMPILE_CONFIG, "disable_compile": not enabled}

@@ -1,0 +1,113 @@
+"""Compiled decoding (``Engine(compile_decode=True)``): the same tokens as eager decoding, really compiled, no graph
+breaks, and eager decoding wherever the cache is not steady."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
+from lminf_integrations.compiled import generate_kwargs, inductor_settings
+from lminf_integrations.engine import Engine, GenerationSettings
+
+CONFIG = LMInfiniteConfig(n_global=2, n_local=16, chunk_size=8)
+
+
+def _prompt(n: int) -> list[int]:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(100, 5000, (n,), generator=generator).tolist()
+
+
+@pytest.fixture
+def fresh_compiler() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def test_compiled_steps_give_the_eager_tokens(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase], fresh_compiler: None
+) -> None:
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    prompt, settings = _prompt(60), GenerationSettings(max_new_tokens=30)
+    eager = Engine(model=model, tokenizer=tokenizer, config=CONFIG, reuse_prefixes=False)
+    compiled = Engine(model=model, tokenizer=tokenizer, config=CONFIG, reuse_prefixes=False, compile_decode=True)
+    expected = eager.stream(prompt, settings)
+    expected_text = "".join(expected)
+    assert counters["stats"]["unique_graphs"] == 0
+    got = compiled.stream(prompt, settings)
+    assert "".join(got) == expected_text
+    assert got.result is not None and expected.result is not None
+    assert got.result.output_tokens == expected.result.output_tokens == 30
+    assert counters["stats"]["unique_graphs"] >= 1  # the steps really ran compiled
+    assert not counters["graph_break"]  # ... as whole graphs
+    # Another document of the same shape reuses the compiled step.
+    graphs = counters["stats"]["unique_graphs"]
+    other = _prompt(80)[20:]
+    assert "".join(compiled.stream(other, settings)) == "".join(eager.stream(other, settings))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@torch.no_grad()
+def test_compiled_steps_give_the_eager_logits(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase], fresh_compiler: None
+) -> None:
+    """Every step's logits, not just the chosen tokens (a wrong rotation of the global keys moves logits by ~1e-3,
+    which greedy tokens on a random model do not show)."""
+    model, _ = tiny_llama_with_real_tokenizer
+    patch_model(model, CONFIG)
+    ids = torch.tensor([_prompt(60)])
+
+    def scores(compiled: bool) -> torch.Tensor:
+        cache = new_cache(model)
+        model.model(ids[:, :-1], past_key_values=cache)
+        with inductor_settings(compiled):
+            out = model.generate(
+                ids, past_key_values=cache, max_new_tokens=12, do_sample=False, output_scores=True,
+                return_dict_in_generate=True, **generate_kwargs(compiled),
+            )
+        return torch.stack(out.scores)
+
+    eager = scores(False)
+    compiled = scores(True)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert (compiled - eager).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "config,prompt_length",
+    [(CONFIG, 12), (LMInfiniteConfig(n_global=2, n_local=16, cache="full"), 60)],
+    ids=["window-not-yet-full", "full-cache"],
+)
+def test_caches_that_change_shape_decode_eagerly(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    fresh_compiler: None,
+    config: LMInfiniteConfig,
+    prompt_length: int,
+) -> None:
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    settings = GenerationSettings(max_new_tokens=8)
+    eager = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False)
+    compiled = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False, compile_decode=True)
+    prompt = _prompt(prompt_length)
+    assert "".join(compiled.stream(prompt, settings)) == "".join(eager.stream(prompt, settings))
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+@torch.no_grad()
+def test_steady_cache_is_compileable_only_while_shapes_are_fixed(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    model, _ = tiny_llama_with_real_tokenizer
+    patch_model(model, CONFIG)
+    cache = new_cache(model)
+    ids = torch.tensor([_prompt(40)])
+    model.model(ids[:, :16], past_key_values=cache)
+    assert not cache.is_compileable  # the next query still sees the global tokens in its window
+    model.model(ids[:, 16:17], past_key_values=cache)
+    assert cache.is_compileable and cache.get_seq_length() == 17
+    model.model(ids[:, 17:18], past_key_values=cache)
+    model.model(ids[:, 18:25], past_key_values=cache)  # a chunk after steady steps: the general path again
+    assert cache.get_seq_length() == 25 and cache.is_compileable
+    assert cache.clone().is_compileable and cache.clone().get_seq_length() == 25

@@ -6,6 +6,7 @@ Commands:
     passkey      passkey retrieval over lengths × depths, vanilla vs Λ-only vs Λ + top-k (heatmap)
     rag-vs-full  the same questions answered by full context, vector RAG, BM25 RAG and truncated vanilla
     speed        prefill/decode tokens/s and memory, vanilla vs LM-Infinite
+    decode       decoding tokens/s through generate, eager vs compiled (compile_decode)
     reuse        many questions about one document, with and without reuse of its encoded state
     band         the Λ band's kernel time by query-block size (how attention.BLOCK was chosen)
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "passkey": "bench.passkey",
     "rag-vs-full": "bench.rag_vs_full",
     "speed": "bench.speed",
+    "decode": "bench.decode",
     "reuse": "bench.reuse",
     "band": "bench.band",
 }

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     ask.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     ask.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ask.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decoding step (about a minute, once; then ~2x faster decoding of long answers)",
+    )
     encode = commands.add_parser(
         "encode", parents=[common], help="encode a document once and save its state for many `ask --state`"
     )
@@ -125,7 +130,8 @@ def _engine(args: argparse.Namespace) -> Engine:
     config = _config(args)
     from .engine import Engine  # heavy imports only once the arguments are good
 
-    return Engine(args.model, config=config, dtype=args.dtype, reuse_prefixes=False)
+    compile_decode = getattr(args, "compile", False)  # `ask` only: `encode` does not generate
+    return Engine(args.model, config=config, dtype=args.dtype, reuse_prefixes=False, compile_decode=compile_decode)
 
 
 def _progress_bar(args: argparse.Namespace, description: str) -> tuple[tqdm, ProgressCallback]:

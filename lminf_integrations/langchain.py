@@ -120,6 +120,9 @@ class _LMInfiniteParams(BaseModel):
     """Prompt tokens per forward call while encoding; bounds activation memory."""
     dtype: str | None = None
     """``"auto"``/``None`` (bf16 where the CPU or GPU has it, else fp32), ``"bf16"``, ``"fp32"`` or ``"fp16"``."""
+    compile_decode: bool = False
+    """Compile the decoding step (``torch.compile``) for prompts longer than the window: ~2× faster answers on CPU
+    after a one-time compile of about a minute; see :class:`~lminf_integrations.engine.Engine`."""
     max_new_tokens: int = Field(default=_DEFAULT_SETTINGS.max_new_tokens, alias="max_tokens")
     """Most tokens to generate (``max_tokens`` is accepted too)."""
     temperature: float = _DEFAULT_SETTINGS.temperature
@@ -164,15 +167,18 @@ class _LMInfiniteParams(BaseModel):
         given = self.model_fields_set
         if {"model_id", "dtype"} & given:
             raise ValueError("pass either engine= or model_id=/dtype=, not both (the engine's model is already loaded)")
+        if "compile_decode" in given:
+            compile_decode = self.compile_decode
+        else:
+            compile_decode = self.compile_decode = engine.compile_decode
         if not set(_CONFIG_FIELDS.values()) & given:
             # Report the engine's real settings (identifying params, tracing) rather than the field defaults.
             for attribute, name in _CONFIG_FIELDS.items():
                 setattr(self, name, getattr(engine.config, attribute))
-            return engine
         config = self.lminf_config
-        if config == engine.config:
+        if config == engine.config and compile_decode == engine.compile_decode:
             return engine
-        return Engine(model=engine.model, tokenizer=engine.tokenizer, config=config)
+        return Engine(model=engine.model, tokenizer=engine.tokenizer, config=config, compile_decode=compile_decode)
 
     # ---- engine and names -----------------------------------------------------------------------------------
     @property
@@ -189,7 +195,7 @@ class _LMInfiniteParams(BaseModel):
             return self.engine
         with self._load_lock:
             if self._engine is None:
-                self._engine = Engine(self.model_id, self.lminf_config, self.dtype)
+                self._engine = Engine(self.model_id, self.lminf_config, self.dtype, compile_decode=self.compile_decode)
             return self._engine
 
     async def _aload(self) -> Engine:
@@ -235,6 +241,7 @@ class _LMInfiniteParams(BaseModel):
             "model_name": self.model_name,
             **self.lminf_config.to_dict(),
             "dtype": self.dtype,
+            "compile_decode": self.compile_decode,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -447,6 +454,9 @@ class LMInfiniteLLM(_LMInfiniteParams, LLM):
             An already-loaded `Engine` to wrap instead.
         dtype: str | None
             `"auto"`/`None`, `"bf16"`, `"fp32"` or `"fp16"`.
+        compile_decode: bool
+            Compile the decoding step for prompts longer than the window (~2× faster answers on CPU after a
+            one-time compile of about a minute). Default `False`.
 
     Key init args — LM-Infinite:
         n_global, n_local, distance_limit, top_k, top_k_from_layer, cache_mode, chunk_size
@@ -636,6 +646,9 @@ class ChatLMInfinite(_LMInfiniteParams, BaseChatModel):
             An already-loaded `Engine` to wrap instead.
         dtype: str | None
             `"auto"`/`None`, `"bf16"`, `"fp32"` or `"fp16"`.
+        compile_decode: bool
+            Compile the decoding step for prompts longer than the window (~2× faster answers on CPU after a
+            one-time compile of about a minute). Default `False`.
 
     Key init args — LM-Infinite:
         n_global, n_local, distance_limit, top_k, top_k_from_layer, cache_mode, chunk_size

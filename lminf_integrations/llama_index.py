@@ -53,7 +53,7 @@ __all__ = ["DEFAULT_CONTEXT_WINDOW", "LMInfiniteLLM", "WholeDocumentSetup", "who
 DEFAULT_CONTEXT_WINDOW = 1_000_000
 
 _CONFIG_FIELDS = ("n_global", "n_local", "distance_limit", "top_k", "top_k_from_layer", "cache", "chunk_size")
-_LOAD_FIELDS = ("model_id", "dtype")
+_LOAD_FIELDS = ("model_id", "dtype", "compile_decode")
 _CALL_OVERRIDES = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
 
 # Chat-template roles for LlamaIndex roles that templates do not know.
@@ -85,6 +85,11 @@ class LMInfiniteLLM(CustomLLM):
 
     model_id: str | None = Field(default=None, description="Model to load: None (embedded default), hub id, path.")
     dtype: str | None = Field(default=None, description="'auto' (default), 'bf16', 'fp32' or 'fp16'.")
+    compile_decode: bool = Field(
+        default=False,
+        description="Compile the decoding step for prompts longer than the window (~2x faster answers on CPU "
+        "after a one-time compile of about a minute).",
+    )
     n_global: int = Field(default=_DEFAULT_CONFIG.n_global, description="Leading tokens every query attends to.")
     n_local: int = Field(default=_DEFAULT_CONFIG.n_local, description="Local attention window.")
     distance_limit: int | None = Field(default=None, description="Distance used for global keys (None: n_local).")
@@ -117,8 +122,8 @@ class LMInfiniteLLM(CustomLLM):
         """Keyword arguments are the fields above plus LlamaIndex's (``system_prompt``, ``messages_to_prompt``...).
 
         Args:
-            engine: an existing engine to use; then ``model_id``, ``dtype`` and the LM-Infinite settings must not
-                be given (they are read from the engine).
+            engine: an existing engine to use; then ``model_id``, ``dtype``, ``compile_decode`` and the LM-Infinite
+                settings must not be given (they are read from the engine).
             on_progress: called as ``on_progress(done, total)`` while the prompt is encoded, in the consumer's
                 thread (useful for long documents, whose encoding takes a while on a CPU).
         """
@@ -129,7 +134,7 @@ class LMInfiniteLLM(CustomLLM):
             if clashing:
                 raise ValueError(f"pass either engine= or {', '.join(clashing)}, not both")
             # Mirror the engine's settings so the fields tell the truth.
-            kwargs.update(engine.config.to_dict())
+            kwargs.update(engine.config.to_dict(), compile_decode=engine.compile_decode)
         super().__init__(**kwargs)
         self._engine = engine if engine is not None else self._load_engine()
         self._on_progress = on_progress
@@ -137,7 +142,7 @@ class LMInfiniteLLM(CustomLLM):
     def _load_engine(self) -> Engine:
         # LMInfiniteConfig validates the values; load_model shares one copy per (model, dtype) per process.
         config = LMInfiniteConfig(**{name: getattr(self, name) for name in _CONFIG_FIELDS})
-        return Engine(self.model_id, config=config, dtype=self.dtype)
+        return Engine(self.model_id, config=config, dtype=self.dtype, compile_decode=self.compile_decode)
 
     @classmethod
     def class_name(cls) -> str:

@@ -15,7 +15,7 @@ from lminf_integrations.cli import build_parser, main
 OPTIONS = [
     "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--stop", "--n-global",
     "--n-local", "--distance-limit", "--top-k", "--top-k-from-layer", "--cache", "--chunk-size", "--no-progress",
-    "--state",
+    "--state", "--compile",
 ]
 
 
@@ -94,6 +94,16 @@ def test_streams_an_answer_with_progress(tmp_path: Path, tiny_model_dir: Path) -
     assert "encoding" in result.stderr and "tok" in result.stderr  # the tqdm bar
     assert "generated" in result.stderr  # the closing summary
     assert result.stdout.strip()  # some answer text (random weights: its content is meaningless)
+
+
+def test_compiled_decoding_gives_the_same_answer(tmp_path: Path, tiny_model_dir: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("The quick brown fox jumps over the lazy dog. " * 200)  # ~2K tokens: past the window
+    settings = [*SMALL, "--max-new-tokens", "12", "--no-progress"]
+    eager = _run("ask", str(document), "What jumps?", "--model", str(tiny_model_dir), *settings)
+    compiled = _run("ask", str(document), "What jumps?", "--model", str(tiny_model_dir), *settings, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.strip()
 
 
 def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -128,6 +128,11 @@ def test_wrapping_an_engine(engine: Engine) -> None:
     other = chat(engine, n_local=128)  # other settings: a new engine over the same loaded model
     assert other.load() is not engine and other.load().model is engine.model
     assert other.load().config == LMInfiniteConfig(n_global=10, n_local=128, chunk_size=2048)
+    assert not plain.compile_decode and not other.load().compile_decode
+    compiled = chat(engine, compile_decode=True)  # the engine's settings, decoding compiled
+    assert compiled.load() is not engine and compiled.load().model is engine.model
+    assert compiled.load().compile_decode and compiled.load().config == engine.config
+    assert compiled._identifying_params["compile_decode"] is True
     with pytest.raises(ValueError, match="either engine"):
         ChatLMInfinite(engine=engine, model_id="x/y")
 

@@ -117,9 +117,13 @@ def test_metadata(engine: Engine) -> None:
 def test_wrapped_engine_settings_are_mirrored_and_not_overridable(engine: Engine) -> None:
     llm = make_llm(engine)
     assert llm.engine is engine
-    assert (llm.n_local, llm.chunk_size, llm.cache) == (512, 1024, "window")
+    assert (llm.n_local, llm.chunk_size, llm.cache, llm.compile_decode) == (512, 1024, "window", False)
     with pytest.raises(ValueError, match="n_local"):
         LMInfiniteLLM(engine=engine, n_local=64)
+    with pytest.raises(ValueError, match="compile_decode"):
+        LMInfiniteLLM(engine=engine, compile_decode=True)
+    compiled = Engine(model=engine.model, tokenizer=engine.tokenizer, config=engine.config, compile_decode=True)
+    assert make_llm(compiled).compile_decode
 
 
 async def test_bad_call_options_fail_at_the_call_even_for_streams(engine: Engine) -> None:

@@ -1,0 +1,145 @@
+"""Decoding tokens/s through ``generate``, eager vs compiled (``Engine(compile_decode=True)``), same process.
+
+LM-Infinite with the window cache: each context is encoded once (the contexts share one growing encoded prefix),
+then the same prompt is continued by ``generate`` twice, eagerly and with the compiled decoding step, with EOS
+suppressed so that every run decodes the same number of tokens. Steps are timed by a streamer's timestamps, so the
+first step (the last prompt token) and the one-time compile stay out of the rate.
+
+    python -m bench decode                                  # 8K ... 128K
+    python -m bench decode --lengths 8192 --decode-steps 16  # quick look
+
+Writes ``bench/results/decode.md`` and ``bench/results/decode.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import psutil
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from bench.common import RESULTS, machine_line, token_ids, write_result
+
+
+class _Clock(BaseStreamer):
+    """Timestamps of every ``put``: the prompt first, then one per generated token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _decode(model: Any, ids: list[int], cache: Any, steps: int, compiled: bool) -> float:
+    """Tokens/s of ``steps`` decoding steps after the first one."""
+    from lminf_integrations.compiled import generate_kwargs, inductor_settings
+
+    clock = _Clock()
+    with torch.inference_mode(), inductor_settings(compiled):
+        model.generate(
+            torch.tensor([ids]),
+            past_key_values=cache,
+            max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1,
+            do_sample=False,
+            streamer=clock,
+            **generate_kwargs(compiled),
+        )
+    # times[0]: the prompt; times[1]: the first new token (the last prompt token's step).
+    return steps / (clock.times[-1] - clock.times[1])
+
+
+Rows = list[dict[str, float]]
+
+
+def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[Rows, dict[str, float]]:
+    from lminf_integrations import LMInfiniteConfig
+    from lminf_integrations.engine import Engine
+    from lminf_integrations.models import load_model
+
+    model, tokenizer = load_model(None, dtype)
+    engine = Engine(model=model, tokenizer=tokenizer, config=LMInfiniteConfig(n_local=n_local), reuse_prefixes=False)
+    ids = token_ids(tokenizer, max(lengths))
+    rows: Rows = []
+    setup: dict[str, float] = {}
+    state = None
+    for n in sorted(lengths):
+        state = engine.encode(ids[: n - 1], state=state)
+        if not state.cache.is_compileable:
+            raise SystemExit(f"{n} tokens do not fill the window of {n_local}: compiled decoding would not apply")
+        if not setup:  # warm-ups: the one-time compile, and its memory (the frozen weights are a second copy)
+            rss = psutil.Process().memory_info().rss
+            started = time.perf_counter()
+            _decode(model, ids[:n], state.cache.clone(), 2, compiled=True)
+            setup = {
+                "compile_s": time.perf_counter() - started,
+                "compile_rss_gib": (psutil.Process().memory_info().rss - rss) / 2**30,
+            }
+            _decode(model, ids[:n], state.cache.clone(), 2, compiled=False)
+        eager = _decode(model, ids[:n], state.cache.clone(), steps, compiled=False)
+        compiled = _decode(model, ids[:n], state.cache.clone(), steps, compiled=True)
+        row = {"context": n, "eager_tok_s": eager, "compiled_tok_s": compiled}
+        print(row, flush=True)
+        rows.append(row)
+    return rows, setup
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--n-local", type=int, default=4096)
+    parser.add_argument("--decode-steps", type=int, default=64)
+    args = parser.parse_args(argv)
+    rows, setup = measure(args.lengths, args.dtype, args.n_local, args.decode_steps)
+    text = (
+        f"# Decoding tokens/s, eager vs compiled, SmolLM2-135M-Instruct, {args.dtype}\n\n"
+        f"LM-Infinite: n_local={args.n_local}, n_global=10, window cache. `model.generate` (greedy, EOS suppressed) "
+        f"continues the same encoded prompt eagerly and with `compile_decode`'s settings; rate over "
+        f"{args.decode_steps} steps after the first. Text: pydoc_data.topics. {machine_line()}.\n"
+        f"One-time compile (first compiled generation, 2 tokens): {setup['compile_s']:.0f} s; resident memory grew "
+        f"by {setup['compile_rss_gib']:.2f} GiB (the frozen, prepacked weights).\n"
+        f"Command: `python -m bench decode --lengths {' '.join(map(str, args.lengths))} --dtype {args.dtype} "
+        f"--decode-steps {args.decode_steps}`\n\n"
+        "| context | eager tok/s | compiled tok/s | speed-up |\n|---|---|---|---|\n"
+        + "".join(
+            f"| {r['context'] // 1024}K | {r['eager_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | "
+            f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f}× |\n"
+            for r in rows
+        )
+    )
+    print(text)
+    write_result("decode.md", text)
+    plot(rows)
+
+
+def plot(rows: Rows) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = [r["context"] / 1024 for r in rows]
+    for key, label in (("eager_tok_s", "eager"), ("compiled_tok_s", "compiled")):
+        ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_title("LM-Infinite decode tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

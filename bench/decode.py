@@ -40,12 +40,13 @@ class _Clock(BaseStreamer):
 def _decode(model: Any, ids: list[int], cache: Any, steps: int, compiled: bool) -> float:
     """Tokens/s of ``steps`` decoding steps after the first one."""
     from lminf_integrations.compiled import generate_kwargs, inductor_settings
+    from lminf_integrations.patch import cache_kwargs
 
     clock = _Clock()
     with torch.inference_mode(), inductor_settings(compiled):
         model.generate(
             torch.tensor([ids]),
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=steps + 1,
             min_new_tokens=steps + 1,
             do_sample=False,

@@ -47,6 +47,7 @@ from bench.common import RESULTS, machine_line, write_result
 from lminf_integrations import LMInfiniteConfig, unpatch_model
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
 from lminf_integrations.models import load_model
+from lminf_integrations.patch import cache_kwargs
 
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -168,7 +169,7 @@ class VanillaRunner:
         while len(state.token_ids) < len(target):
             done = len(state.token_ids)
             piece = target[done : done + self.chunk]
-            decoder(input_ids=torch.tensor([piece]), past_key_values=state.cache, use_cache=True)
+            decoder(input_ids=torch.tensor([piece]), **cache_kwargs(state.cache), use_cache=True)
             state.token_ids.extend(piece)
         return state
 
@@ -180,7 +181,7 @@ class VanillaRunner:
         output = self.model.generate(  # type: ignore[operator]
             input_ids=torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=ANSWER_TOKENS,
             do_sample=False,
             top_k=None,

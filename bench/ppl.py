@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from bench.common import RESULTS, machine_line, token_ids, write_result
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.models import load_model
+from lminf_integrations.patch import cache_kwargs
 
 BUCKET = 2048
 
@@ -39,7 +40,7 @@ def token_nll(model: PreTrainedModel, ids: list[int], chunk: int, lambda_cache: 
         cache = new_cache(model)
         hidden = torch.cat(
             [
-                decoder(input_ids=torch.tensor([ids[s : s + chunk]]), past_key_values=cache).last_hidden_state[0]
+                decoder(input_ids=torch.tensor([ids[s : s + chunk]]), **cache_kwargs(cache)).last_hidden_state[0]
                 for s in range(0, len(ids), chunk)
             ]
         )

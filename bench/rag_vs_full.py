@@ -92,6 +92,7 @@ from bench.facts import FactDocument, Question, answer_line, codes_in, make_docu
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
 from lminf_integrations.models import load_model, model_name
+from lminf_integrations.patch import cache_kwargs
 from lminf_integrations.streaming import DeltaStreamer
 
 METHODS = ("full", "vector", "bm25", "vanilla")
@@ -193,7 +194,7 @@ def vanilla_answer(
     model.generate(  # type: ignore[operator]
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
+        **cache_kwargs(cache),
         max_new_tokens=settings.max_new_tokens,
         do_sample=False,
         top_k=None,
@@ -382,7 +383,7 @@ def run_vanilla(
         started = time.perf_counter()
         prefix = DynamicCache(config=model.config)
         model.get_decoder()(
-            input_ids=torch.tensor([doc_ids[:keep]], device=model.device), past_key_values=prefix, use_cache=True
+            input_ids=torch.tensor([doc_ids[:keep]], device=model.device), **cache_kwargs(prefix), use_cache=True
         )
         run = MethodRun(label, doc.n_tokens, time.perf_counter() - started)
         for question in doc.questions:

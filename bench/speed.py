@@ -29,6 +29,7 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
     from bench.common import peak_rss, token_ids
     from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
     from lminf_integrations.models import load_model
+    from lminf_integrations.patch import cache_kwargs
 
     model, tokenizer = load_model(None, dtype)
     ids = token_ids(tokenizer, n_tokens)
@@ -40,22 +41,22 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
         else:
             patch_model(model, LMInfiniteConfig(n_local=n_local, cache=cache, chunk_size=2048))  # type: ignore[arg-type]
             kv, warm = new_cache(model), new_cache(model)
-        decoder(input_ids=torch.tensor([ids[:256]]), past_key_values=warm)  # warm-up (kernels, allocator)
+        decoder(input_ids=torch.tensor([ids[:256]]), **cache_kwargs(warm))  # warm-up (kernels, allocator)
         del warm
         with peak_rss() as memory:
             started = time.perf_counter()
             if mode == "vanilla":
                 # Vanilla's fastest prefill: one forward, the fused causal kernel, no logits.
-                decoder(input_ids=torch.tensor([ids]), past_key_values=kv)
+                decoder(input_ids=torch.tensor([ids]), **cache_kwargs(kv))
             else:
                 for s in range(0, n_tokens, 2048):
-                    decoder(input_ids=torch.tensor([ids[s : s + 2048]]), past_key_values=kv)
+                    decoder(input_ids=torch.tensor([ids[s : s + 2048]]), **cache_kwargs(kv))
             prefill_s = time.perf_counter() - started
             token = torch.tensor([[ids[-1]]])
-            model(input_ids=token, past_key_values=kv)  # first step outside the timing (allocations)
+            model(input_ids=token, **cache_kwargs(kv))  # first step outside the timing (allocations)
             started = time.perf_counter()
             for _ in range(decode_steps):
-                logits = model(input_ids=token, past_key_values=kv, logits_to_keep=1).logits
+                logits = model(input_ids=token, **cache_kwargs(kv), logits_to_keep=1).logits
                 token = logits[:, -1:].argmax(-1)
             decode_s = time.perf_counter() - started
     return {

@@ -296,7 +296,7 @@ class LambdaCache(Cache):
     """KV cache for a model patched by :func:`~lminf_integrations.patch_model`.
 
     Create it with :func:`new_cache` (it reads the settings the patch attached to the model) and pass it to the
-    model's forward or ``generate`` as ``past_key_values``.
+    model's forward or ``generate`` as ``cache`` (``past_key_values`` before transformers 5.24).
     """
 
     def __init__(self, settings: list[LayerSettings]) -> None:

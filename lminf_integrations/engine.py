@@ -21,7 +21,7 @@ from .cache import LambdaCache
 from .compiled import generate_kwargs, inductor_settings
 from .config import LMInfiniteConfig
 from .models import load_model, model_name
-from .patch import new_cache, patch_model
+from .patch import cache_kwargs, new_cache, patch_model
 from .state import StateStore
 from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
 
@@ -212,7 +212,7 @@ class Engine:
                     end = min(len(token_ids), (done // step + 1) * step)
                     chunk = torch.tensor([list(token_ids[done:end])], device=self.model.device)
                     # The base model only: no logits for prefill positions (they would cost as much again).
-                    decoder(input_ids=chunk, past_key_values=state.cache, use_cache=True)
+                    decoder(input_ids=chunk, use_cache=True, **cache_kwargs(state.cache))
                     state.token_ids.extend(token_ids[done:end])
                     if remember and self.state_store is not None and end % step == 0 and end + step > len(token_ids):
                         self.state_store.put(state.copy())
@@ -315,7 +315,7 @@ class Engine:
             output = self.model.generate(  # type: ignore[operator]
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                past_key_values=encoded.cache,
+                **cache_kwargs(encoded.cache),
                 max_new_tokens=settings.max_new_tokens,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),

@@ -7,10 +7,11 @@ size n×n is ever materialised. Model code itself is untouched, which keeps the 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, LlamaModel, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, LayerSettings, lambda_attention
@@ -32,6 +33,15 @@ def _padding_only_mask(
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+# transformers 5.24 renamed the models' ``past_key_values`` argument to ``cache`` (the old name warns until 6.0).
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a model's forward or ``generate``, under this transformers version's name."""
+    return {CACHE_ARGUMENT: cache}
 
 
 AttentionInterface.register(ATTENTION_NAME, lambda_attention)
@@ -57,8 +67,8 @@ def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) 
     """Make ``model`` use Λ-attention with ``config`` (defaults: ``LMInfiniteConfig()``). Returns the model.
 
     Patching again replaces the settings. The model still works with ``model(...)`` and ``model.generate(...)``;
-    pass ``past_key_values=new_cache(model)`` for the bounded cache (transformers' default cache also works, but
-    keeps every key).
+    pass ``cache=new_cache(model)`` (``past_key_values=`` before transformers 5.24) for the bounded cache
+    (transformers' default cache also works, but keeps every key).
     """
     _check_supported(model)
     config = config or LMInfiniteConfig()

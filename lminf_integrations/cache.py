@@ -45,6 +45,7 @@ class LambdaLayer(CacheLayerMixin):
         # int that a compiled step would have to specialise on), and ``steady`` is the only flag it checks.
         self.steady = False
         self._position = torch.zeros((), dtype=torch.long)  # the next token's position, while steady
+        self.compiled_steps = False  # opt-in: see LambdaCache.allow_compiled_steps
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         self.middle_keys: torch.Tensor | None = None  # full mode, top-k layers: keys at position 0
@@ -57,8 +58,9 @@ class LambdaLayer(CacheLayerMixin):
 
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]
-        """transformers compiles decoding steps only for caches whose steps keep their shapes: here, steady ones."""
-        return self.steady
+        """transformers compiles decoding steps for caches whose steps keep their shapes (here: steady ones), when
+        they were allowed to (on GPUs it would otherwise compile them unasked)."""
+        return self.steady and self.compiled_steps
 
     @property
     def wants_middle(self) -> bool:
@@ -310,6 +312,16 @@ class LambdaCache(Cache):
         """Bytes held by keys and values (allocated capacity, not just the filled part)."""
         return sum(layer.nbytes() for layer in self.lambda_layers)
 
+    def allow_compiled_steps(self, allowed: bool = True) -> None:
+        """Let ``generate`` compile decoding steps once the cache is steady (``is_compileable``); off by default.
+
+        Steady means window mode with every global token out of the next query's window (more than
+        ``n_local + n_global`` tokens seen): each step then has the same shapes. Pass ``compile_config`` (and, on a
+        CPU, its ``_compile_all_devices``) to ``generate``, as :mod:`lminf_integrations.compiled` does.
+        """
+        for layer in self.lambda_layers:
+            layer.compiled_steps = allowed
+
     def set_prompt_length(self, prompt_length: int) -> None:
         """Top-k middle attention applies to queries from ``prompt_length - 1`` on (last prompt token onwards)."""
         for layer in self.lambda_layers:
@@ -319,6 +331,7 @@ class LambdaCache(Cache):
         """An independent copy (a generation writes into the cache; the copy keeps the original untouched)."""
         twin = LambdaCache([layer.settings for layer in self.lambda_layers])
         for mine, theirs in zip(self.lambda_layers, twin.lambda_layers, strict=True):
+            theirs.compiled_steps = mine.compiled_steps
             if mine.is_initialized:
                 full = mine.settings.config.cache == "full"
                 copied = {

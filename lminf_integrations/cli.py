@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decoding step: ~2.3x faster steps after ~70 s of compiling in every run, so it pays off "
+        help="compile the decoding step: ~2.2x faster steps after ~70 s of compiling in every run, so it pays off "
         "only for answers of ~2,000+ tokens (the Python API and framework classes compile once per process)",
     )
     encode = commands.add_parser(

@@ -257,7 +257,8 @@ class Engine:
 
     def _compiles(self, cache: LambdaCache) -> bool:
         """Whether this generation's decoding steps run compiled (transformers decides from the cache it gets)."""
-        if not (self.compile_decode and cache.is_compileable):
+        cache.allow_compiled_steps(self.compile_decode)
+        if not cache.is_compileable:
             return False
         announced = _announced_compiles.setdefault(self.model, set())
         if self.config not in announced:

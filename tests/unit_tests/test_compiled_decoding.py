@@ -61,6 +61,7 @@ def test_compiled_steps_give_the_eager_logits(
 
     def scores(compiled: bool) -> torch.Tensor:
         cache = new_cache(model)
+        cache.allow_compiled_steps(compiled)
         model.model(ids[:, :-1], past_key_values=cache)
         with inductor_settings(compiled):
             out = model.generate(
@@ -96,7 +97,7 @@ def test_caches_that_change_shape_decode_eagerly(
 
 
 @torch.no_grad()
-def test_steady_cache_is_compileable_only_while_shapes_are_fixed(
+def test_steady_cache_is_compileable_only_while_shapes_are_fixed_and_allowed(
     tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
     model, _ = tiny_llama_with_real_tokenizer
@@ -104,9 +105,13 @@ def test_steady_cache_is_compileable_only_while_shapes_are_fixed(
     cache = new_cache(model)
     ids = torch.tensor([_prompt(40)])
     model.model(ids[:, :16], past_key_values=cache)
+    cache.allow_compiled_steps()
     assert not cache.is_compileable  # the next query still sees the global tokens in its window
     model.model(ids[:, 16:17], past_key_values=cache)
     assert cache.is_compileable and cache.get_seq_length() == 17
+    cache.allow_compiled_steps(False)  # not unless allowed (on a GPU, transformers would compile unasked)
+    assert not cache.is_compileable
+    cache.allow_compiled_steps()
     model.model(ids[:, 17:18], past_key_values=cache)
     model.model(ids[:, 18:25], past_key_values=cache)  # a chunk after steady steps: the general path again
     assert cache.get_seq_length() == 25 and cache.is_compileable

@@ -5,7 +5,7 @@ then the same prompt is continued by ``generate`` twice, eagerly and with the co
 suppressed so that every run decodes the same number of tokens. Steps are timed by a streamer's timestamps, so the
 first step (the last prompt token) and the one-time compile stay out of the rate.
 
-    python -m bench decode                                  # 8K ... 128K
+    python -m bench decode                                  # 1K, 4K ... 128K
     python -m bench decode --lengths 8192 --decode-steps 16  # quick look
 
 Writes ``bench/results/decode.md`` and ``bench/results/decode.png``.
@@ -76,7 +76,7 @@ def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[R
         state = engine.encode(ids[: n - 1], state=state)
         state.cache.allow_compiled_steps()
         if not state.cache.is_compileable:
-            raise SystemExit(f"{n} tokens do not fill the window of {n_local}: compiled decoding would not apply")
+            raise SystemExit(f"compiled decoding does not apply to a {n}-token prompt")
         if not setup:  # warm-ups: the one-time compile, and its memory (the frozen weights are a second copy)
             rss = psutil.Process().memory_info().rss
             started = time.perf_counter()
@@ -96,7 +96,7 @@ def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[R
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--n-local", type=int, default=4096)
     parser.add_argument("--decode-steps", type=int, default=64)

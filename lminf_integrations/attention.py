@@ -59,8 +59,10 @@ class PreparedKeys:
     middle_keys: torch.Tensor | None = None
     middle_values: torch.Tensor | None = None
     top_k_from_position: int | None = None
-    # The keys already include every global key placed at the distance limit: one plain attention call.
+    # The keys already include every global key placed at the distance limit: one attention call, with ``mask``
+    # (additive, broadcast over heads) hiding the slots the query must not see, if given.
     single_softmax: bool = False
+    mask: torch.Tensor | None = None
 
 
 # The cache's ``update`` and the attention call happen back to back in one thread for one layer; the cache leaves
@@ -126,7 +128,7 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
         # One query: the kernel's own grouped-query support splits the work over query heads, which balances
         # better across threads than a few folded rows (decode attention 30% faster at a 4K window here).
         q = query if n_queries == 1 else _fold(query, n_kv)
-        out, _ = _flash(q, prepared.local_keys, prepared.local_values, 0.0, False, scale=scale)
+        out, _ = _flash(q, prepared.local_keys, prepared.local_values, 0.0, False, attn_mask=prepared.mask, scale=scale)
         return out.view(batch, n_heads, n_queries, head_dim).transpose(1, 2)
     last = prepared.local_start + prepared.local_keys.shape[-2] - 1
     first = last - n_queries + 1

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -40,9 +41,9 @@ class LambdaLayer(CacheLayerMixin):
         super().__init__()
         self.settings = settings
         self._seen = 0  # tokens written so far (absolute position of the next token), while not steady
-        # Window mode once every global key is out of the next query's window: a decoding step is then the same
-        # computation with the same shapes at every position, so it reads its position from a tensor (no Python
-        # int that a compiled step would have to specialise on), and ``steady`` is the only flag it checks.
+        # Window mode from ``_steady_from`` on: a decoding step is then the same computation with the same shapes
+        # at every position, so it reads its position from a tensor (no Python int that a compiled step would have
+        # to specialise on), and ``steady`` is the only flag it checks.
         self.steady = False
         self._position = torch.zeros((), dtype=torch.long)  # the next token's position, while steady
         self.compiled_steps = False  # opt-in: see LambdaCache.allow_compiled_steps
@@ -143,24 +144,42 @@ class LambdaLayer(CacheLayerMixin):
         cfg = self.settings.config
         return cfg.n_global + torch.arange(start, end, device=device) % cfg.n_local
 
+    @property
+    def _steady_from(self) -> int:
+        """First position whose decoding step takes the fixed-shape path. Eagerly: once every global token is out of
+        the query's window, when the step needs no mask (on a window not yet full the general path reads fewer
+        keys). With compiled steps allowed: as soon as every global token is kept, a mask hiding what the query
+        must not see yet (the kernel's single-query cost is the same with it), so prompts of any length compile."""
+        return self.settings.config.n_global if self.compiled_steps else self._all_sinks_far_from
+
     def _become_steady_when_ready(self) -> None:
-        """Enter the steady state once the next query (window mode) is past every global key's window."""
-        if self.settings.config.cache != "window" or self._seen < self._all_sinks_far_from:
+        """Enter the steady state (window mode) from :attr:`_steady_from` on."""
+        if not self.is_initialized or self.settings.config.cache != "window" or self._seen < self._steady_from:
             return
         assert self.values is not None and self.sink_values is not None
-        # The global keys' values never change; their keys are re-rotated at every step.
-        self.values[:, :, : self.settings.config.n_global] = self.sink_values
-        self._position.fill_(self._seen)
+        # Also called outside the inference mode the tensors were made in (allow_compiled_steps, restore).
+        with torch.inference_mode() if self.values.is_inference() else contextlib.nullcontext():
+            # The global keys' values never change; their keys are re-rotated at every step.
+            self.values[:, :, : self.settings.config.n_global] = self.sink_values
+            self._position = torch.full_like(self._position, self._seen)
         self.steady = True
+
+    def _set_compiled_steps(self, allowed: bool) -> None:
+        if self.steady:
+            self._seen, self.steady = int(self._position), False
+        self.compiled_steps = allowed
+        self._become_steady_when_ready()
 
     def _steady_decode_step(
         self, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query whose window is full and whose global tokens are all out of it: one plain attention call.
+        """One query over the whole buffer (global slots and ring) in one attention call.
 
         Global keys rotated to position ``position - distance_limit`` sit at relative distance ``distance_limit``
         from the query, so the query needs no rotation and all keys share one softmax in a single kernel call.
-        Only tensor operations on fixed shapes, so ``torch.compile`` traces it once for every position.
+        With compiled steps allowed, a mask hides global slots still inside the window and ring slots not yet
+        written (all visible once the window is full). Only tensor operations on fixed shapes, so
+        ``torch.compile`` traces it once for every position.
         """
         cfg = self.settings.config
         assert self.keys is not None and self.values is not None and self.sink_keys is not None
@@ -182,9 +201,21 @@ class LambdaLayer(CacheLayerMixin):
         # assignment, made the compiler copy the whole buffer first).
         self.keys.index_copy_(2, slot, new_keys)
         self.values.index_copy_(2, slot[-1:], value_states)
+        mask = self._visibility_mask(position) if self.compiled_steps else None
         position.add_(1)
-        hand_over(PreparedKeys(self.keys, self.values, local_start=-1, single_softmax=True))
+        hand_over(PreparedKeys(self.keys, self.values, local_start=-1, single_softmax=True, mask=mask))
         return self.keys, self.values
+
+    def _visibility_mask(self, position: torch.Tensor) -> torch.Tensor:
+        """Additive ``(1, 1, 1, n_global + n_local)`` mask for the query at ``position``: global slot ``g`` is seen
+        (at the distance limit) once ``position - g >= n_local``, before that it is a ring slot like any key; ring
+        slot ``s`` holds a key once ``s <= position``."""
+        cfg = self.settings.config
+        assert self.keys is not None
+        slots = torch.arange(cfg.n_global + cfg.n_local, device=position.device)
+        visible = torch.where(slots < cfg.n_global, slots <= position - cfg.n_local, slots - cfg.n_global <= position)
+        mask = torch.zeros(visible.shape, dtype=self.keys.dtype, device=position.device)
+        return mask.masked_fill(~visible, float("-inf")).view(1, 1, 1, -1)
 
     def _window_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, first: int
@@ -315,12 +346,12 @@ class LambdaCache(Cache):
     def allow_compiled_steps(self, allowed: bool = True) -> None:
         """Let ``generate`` compile decoding steps once the cache is steady (``is_compileable``); off by default.
 
-        Steady means window mode with every global token out of the next query's window (more than
-        ``n_local + n_global`` tokens seen): each step then has the same shapes. Pass ``compile_config`` (and, on a
+        With this allowed, steady means window mode with every global token seen (``n_global`` tokens): each step
+        then has the same shapes. Pass ``compile_config`` (and, on a
         CPU, its ``_compile_all_devices``) to ``generate``, as :mod:`lminf_integrations.compiled` does.
         """
         for layer in self.lambda_layers:
-            layer.compiled_steps = allowed
+            layer._set_compiled_steps(allowed)
 
     def set_prompt_length(self, prompt_length: int) -> None:
         """Top-k middle attention applies to queries from ``prompt_length - 1`` on (last prompt token onwards)."""

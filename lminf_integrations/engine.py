@@ -95,9 +95,10 @@ class Engine:
         model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
         state_store: where encoded prompt prefixes are kept for reuse (default: a 2 GiB LRU of its own).
         reuse_prefixes: ``False`` turns automatic prefix reuse off (explicit ``state=`` still works).
-        compile_decode: compile the decoding step with ``torch.compile`` (inductor) once the window cache is
-            steady, i.e. for prompts longer than ``n_local + n_global`` tokens with ``cache="window"``. The first
-            such generation per model and settings spends about a minute compiling (2 CPU cores), and the frozen
+        compile_decode: compile the decoding step with ``torch.compile`` (inductor), with ``cache="window"`` and
+            prompts of more than ``n_global`` tokens (every step then has the same shapes, a mask hiding what the
+            window does not show yet). The first such generation per model and settings spends about a minute
+            compiling (2 CPU cores), and the frozen
             weights take another copy of the weights' memory; later steps run ~2× faster on CPU. Off by default:
             worth it for many or long answers, not for one short one.
     """

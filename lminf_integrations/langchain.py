@@ -121,7 +121,7 @@ class _LMInfiniteParams(BaseModel):
     dtype: str | None = None
     """``"auto"``/``None`` (bf16 where the CPU or GPU has it, else fp32), ``"bf16"``, ``"fp32"`` or ``"fp16"``."""
     compile_decode: bool = False
-    """Compile the decoding step (``torch.compile``) for prompts longer than the window: ~2× faster answers on CPU
+    """Compile the decoding step (``torch.compile``, window cache): ~2× faster answers on CPU
     after a one-time compile of about a minute; see :class:`~lminf_integrations.engine.Engine`."""
     max_new_tokens: int = Field(default=_DEFAULT_SETTINGS.max_new_tokens, alias="max_tokens")
     """Most tokens to generate (``max_tokens`` is accepted too)."""
@@ -455,7 +455,7 @@ class LMInfiniteLLM(_LMInfiniteParams, LLM):
         dtype: str | None
             `"auto"`/`None`, `"bf16"`, `"fp32"` or `"fp16"`.
         compile_decode: bool
-            Compile the decoding step for prompts longer than the window (~2× faster answers on CPU after a
+            Compile the decoding step, window cache (~2× faster answers on CPU after a
             one-time compile of about a minute). Default `False`.
 
     Key init args — LM-Infinite:
@@ -647,7 +647,7 @@ class ChatLMInfinite(_LMInfiniteParams, BaseChatModel):
         dtype: str | None
             `"auto"`/`None`, `"bf16"`, `"fp32"` or `"fp16"`.
         compile_decode: bool
-            Compile the decoding step for prompts longer than the window (~2× faster answers on CPU after a
+            Compile the decoding step, window cache (~2× faster answers on CPU after a
             one-time compile of about a minute). Default `False`.
 
     Key init args — LM-Infinite:

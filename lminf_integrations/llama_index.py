@@ -87,7 +87,7 @@ class LMInfiniteLLM(CustomLLM):
     dtype: str | None = Field(default=None, description="'auto' (default), 'bf16', 'fp32' or 'fp16'.")
     compile_decode: bool = Field(
         default=False,
-        description="Compile the decoding step for prompts longer than the window (~2x faster answers on CPU "
+        description="Compile the decoding step, window cache (~2x faster answers on CPU "
         "after a one-time compile of about a minute).",
     )
     n_global: int = Field(default=_DEFAULT_CONFIG.n_global, description="Leading tokens every query attends to.")

@@ -49,15 +49,19 @@ def test_compiled_steps_give_the_eager_tokens(
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("prompt_length", [60, 8], ids=["window-full", "window-filling-up"])
 @torch.no_grad()
 def test_compiled_steps_give_the_eager_logits(
-    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase], fresh_compiler: None
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    fresh_compiler: None,
+    prompt_length: int,
 ) -> None:
     """Every step's logits, not just the chosen tokens (a wrong rotation of the global keys moves logits by ~1e-3,
-    which greedy tokens on a random model do not show)."""
+    which greedy tokens on a random model do not show). A short prompt's steps run masked while the window fills
+    and the global tokens leave it (positions 8 to 19 here, window 16), against the eager general path."""
     model, _ = tiny_llama_with_real_tokenizer
     patch_model(model, CONFIG)
-    ids = torch.tensor([_prompt(60)])
+    ids = torch.tensor([_prompt(prompt_length)])
 
     def scores(compiled: bool) -> torch.Tensor:
         cache = new_cache(model)
@@ -78,8 +82,8 @@ def test_compiled_steps_give_the_eager_logits(
 
 @pytest.mark.parametrize(
     "config,prompt_length",
-    [(CONFIG, 12), (LMInfiniteConfig(n_global=2, n_local=16, cache="full"), 60)],
-    ids=["window-not-yet-full", "full-cache"],
+    [(CONFIG, 2), (LMInfiniteConfig(n_global=2, n_local=16, cache="full"), 60)],
+    ids=["global-tokens-not-yet-seen", "full-cache"],
 )
 def test_caches_that_change_shape_decode_eagerly(
     tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
@@ -104,13 +108,16 @@ def test_steady_cache_is_compileable_only_while_shapes_are_fixed_and_allowed(
     patch_model(model, CONFIG)
     cache = new_cache(model)
     ids = torch.tensor([_prompt(40)])
-    model.model(ids[:, :16], past_key_values=cache)
+    model.model(ids[:, :1], past_key_values=cache)
     cache.allow_compiled_steps()
-    assert not cache.is_compileable  # the next query still sees the global tokens in its window
-    model.model(ids[:, 16:17], past_key_values=cache)
-    assert cache.is_compileable and cache.get_seq_length() == 17
+    assert not cache.is_compileable  # a global token still to come
+    model.model(ids[:, 1:2], past_key_values=cache)
+    assert cache.is_compileable and cache.get_seq_length() == 2  # masked fixed-shape steps from here on
+    model.model(ids[:, 2:16], past_key_values=cache)
     cache.allow_compiled_steps(False)  # not unless allowed (on a GPU, transformers would compile unasked)
-    assert not cache.is_compileable
+    assert not cache.is_compileable and cache.get_seq_length() == 16
+    model.model(ids[:, 16:17], past_key_values=cache)
+    assert not cache.is_compileable  # eager steps are steady too from here, but not compileable unless allowed
     cache.allow_compiled_steps()
     model.model(ids[:, 17:18], past_key_values=cache)
     model.model(ids[:, 18:25], past_key_values=cache)  # a chunk after steady steps: the general path again

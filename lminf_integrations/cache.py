@@ -165,7 +165,9 @@ class LambdaLayer(CacheLayerMixin):
         self.steady = True
 
     def _set_compiled_steps(self, allowed: bool) -> None:
-        if self.steady:
+        if allowed == self.compiled_steps:  # the engine sets it before every generation
+            return
+        if self.steady:  # the point where steadiness starts moves: leave, and enter again if past it
             self._seen, self.steady = int(self._position), False
         self.compiled_steps = allowed
         self._become_steady_when_ready()
@@ -347,8 +349,8 @@ class LambdaCache(Cache):
         """Let ``generate`` compile decoding steps once the cache is steady (``is_compileable``); off by default.
 
         With this allowed, steady means window mode with every global token seen (``n_global`` tokens): each step
-        then has the same shapes. Pass ``compile_config`` (and, on a
-        CPU, its ``_compile_all_devices``) to ``generate``, as :mod:`lminf_integrations.compiled` does.
+        then has the same shapes. Pass ``compile_config`` (and, on a CPU, its ``_compile_all_devices``) to
+        ``generate``, as :mod:`lminf_integrations.compiled` does.
         """
         for layer in self.lambda_layers:
             layer._set_compiled_steps(allowed)

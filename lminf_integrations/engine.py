@@ -98,9 +98,8 @@ class Engine:
         compile_decode: compile the decoding step with ``torch.compile`` (inductor), with ``cache="window"`` and
             prompts of more than ``n_global`` tokens (every step then has the same shapes, a mask hiding what the
             window does not show yet). The first such generation per model and settings spends about a minute
-            compiling (2 CPU cores), and the frozen
-            weights take another copy of the weights' memory; later steps run ~2× faster on CPU. Off by default:
-            worth it for many or long answers, not for one short one.
+            compiling (2 CPU cores), and the frozen weights take another copy of the weights' memory; later steps
+            run ~2× faster on CPU. Off by default: worth it for many or long answers, not for one short one.
     """
 
     def __init__(
@@ -257,7 +256,8 @@ class Engine:
         return "".join(stream)
 
     def _compiles(self, cache: LambdaCache) -> bool:
-        """Whether this generation's decoding steps run compiled (transformers decides from the cache it gets)."""
+        """Allow compiled steps on this generation's cache (or not, per ``compile_decode``) and say whether they will
+        run compiled: transformers decides from the cache it gets."""
         cache.allow_compiled_steps(self.compile_decode)
         if not cache.is_compileable:
             return False

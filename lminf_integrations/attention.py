@@ -11,8 +11,9 @@ log-sum-exp (one softmax over all of them):
 * **top-k middle** (optional) – for generation-time queries, the ``top_k`` middle keys with the highest logits,
   also at distance ``distance_limit``.
 
-Grouped-query attention is handled by folding the query heads of a group into the rows of one kv head, so keys
-and values are never repeated.
+Grouped-query attention is left to the kernel, which pairs each query head with its key/value head, so keys and
+values are never repeated; the partial attentions are combined in one pass that writes the ``(B, L, H, D)`` output
+the model reshapes without a copy.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import LMInfiniteConfig
-from .rope import shift_positions
+from .rope import rotate, rotation, shift_positions
 
 ATTENTION_NAME = "lminf"
 BLOCK = 256  # query rows per band block: fastest on 2-core AVX-512 and AMX CPUs (python -m bench band)
@@ -119,21 +120,21 @@ def lambda_attention(
 
 
 def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings, scale: float) -> torch.Tensor:
-    """All branches for queries at positions ``[last - Lq + 1, last]``; returns ``(B, Lq, H, D)``."""
+    """All branches for queries at positions ``[last - Lq + 1, last]``; returns ``(B, Lq, H, D)``, contiguous."""
     cfg = settings.config
-    batch, n_heads, n_queries, head_dim = query.shape
-    n_kv = prepared.local_keys.shape[1]
-    rep = n_heads // n_kv
+    n_queries = query.shape[-2]
     if prepared.single_softmax:
-        # One query: the kernel's own grouped-query support splits the work over query heads, which balances
-        # better across threads than a few folded rows (decode attention 30% faster at a 4K window here).
-        q = query if n_queries == 1 else _fold(query, n_kv)
-        out, _ = _flash(q, prepared.local_keys, prepared.local_values, 0.0, False, attn_mask=prepared.mask, scale=scale)
-        return out.view(batch, n_heads, n_queries, head_dim).transpose(1, 2)
+        # One query, every key (global ones already at the distance limit) in one call; the kernel's own
+        # grouped-query support splits the work over query heads.
+        out, _ = _flash(
+            query, prepared.local_keys, prepared.local_values, 0.0, False, attn_mask=prepared.mask, scale=scale
+        )
+        return out.transpose(1, 2)  # the kernel writes (B, Lq, H, D) memory: this view is contiguous
     last = prepared.local_start + prepared.local_keys.shape[-2] - 1
     first = last - n_queries + 1
 
-    parts = [_local_band(query, prepared, cfg.n_local, first, scale)]
+    parts = _local_band(query, prepared, cfg.n_local, first, scale)
+    scores: list[tuple[torch.Tensor, torch.Tensor]] = []
     distance = cfg.effective_distance_limit
     needs_far = prepared.sink_keys is not None and prepared.sink_keys.shape[-2] > 0 and last >= cfg.n_local
     needs_top_k = (
@@ -145,43 +146,71 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
     )
     if needs_far or needs_top_k:
         # Queries moved to position `distance` and keys at position 0 give relative distance `distance`.
-        positions = torch.arange(first, last + 1, device=query.device)
-        far_query = _fold(shift_positions(query, distance - positions, settings.inv_freq), n_kv)
+        cos, sin = _far_rotation(first, n_queries, distance, settings.inv_freq)
+        far_query = rotate(query, cos, sin)  # float32: the global logits are taken in float32
         if needs_far:
-            parts.append(_global_part(far_query, prepared, cfg, first, rep, scale))
+            scores.append(_global_scores(far_query, prepared, cfg, first, scale))
         if needs_top_k:
-            parts.append(_top_k_part(far_query, prepared, cfg, first, rep, scale))
-    out = parts[0][0] if len(parts) == 1 else _merge(parts)[0].to(query.dtype)
-    return out.view(batch, n_kv, rep, n_queries, head_dim).reshape(batch, n_heads, n_queries, head_dim).transpose(1, 2)
+            parts.append(_top_k_part(far_query, prepared, cfg, first, scale))
+    return _combine(parts, scores, query.dtype)
 
 
-def _fold(x: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """(B, H, L, D) → (B, kv_heads, rep·L, D): the query heads sharing a kv head become rows."""
-    b, h, length, d = x.shape
-    return x.reshape(b, n_kv, (h // n_kv) * length, d)
-
-
-def _fold_output(out: torch.Tensor, lse: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A kernel's (B, H, L, D) output and (B, H, L) log-sum-exp in the folded layout of :func:`_fold`."""
-    return _fold(out, n_kv), lse.reshape(lse.shape[0], n_kv, -1)
-
-
-def _local_band(
-    query: torch.Tensor, prepared: PreparedKeys, window: int, first: int, scale: float
+@functools.lru_cache(maxsize=4)
+def _far_rotation(
+    first: int, n_queries: int, distance: int, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ordinary attention to keys within ``window`` positions; returns folded output and its log-sum-exp."""
+    """float32 tables moving the queries at ``[first, first + n_queries)`` to position ``distance``: the same for
+    every layer of a forward, so computed once per chunk."""
+    positions = torch.arange(first, first + n_queries, device=inv_freq.device)
+    return rotation(distance - positions, inv_freq, torch.float32)
+
+
+# A partial attention: its output (B, H, Lq, D), in any memory layout, and its log-sum-exp (B, H, Lq).
+Part = tuple[torch.Tensor, torch.Tensor]
+
+
+def _combine(parts: list[Part], scores: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """One softmax over every part's keys, exactly; returns ``(B, Lq, H, D)`` in ``dtype``, contiguous.
+
+    ``parts`` are kernel outputs with their log-sum-exp; ``scores`` are explicit float32 logits ``(B, H, K, Lq)``
+    (``-inf`` where hidden) over ``K`` shared values ``(B, H, K, D)``, whose weights go straight into the sum.
+    Each part's output is read once; the first part must see a key in every row (the local band always does: its
+    own key), so the joint log-sum-exp is finite.
+    """
+    lse = parts[0][1]
+    for _, part_lse in parts[1:]:
+        lse = torch.logaddexp(lse, part_lse)
+    for logits, _ in scores:
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-2))
+    first_out = parts[0][0]
+    batch, heads, n_queries, head_dim = first_out.shape
+    if len(parts) == 1 and not scores:
+        return first_out.transpose(1, 2).to(dtype).contiguous()
+    out: torch.Tensor | None = None
+    for logits, values in scores:  # (B, H, K, Lq) → weights (B, H, Lq, K) @ values (B, H, K, D)
+        weighted = torch.matmul(torch.exp(logits - lse.unsqueeze(-2)).transpose(-1, -2), values)
+        out = weighted if out is None else out.add_(weighted)
+    for part_out, part_lse in parts:
+        weight = torch.exp(part_lse - lse).unsqueeze(-1)
+        out = part_out * weight if out is None else out.addcmul_(part_out, weight)
+    assert out is not None
+    result = torch.empty(batch, n_queries, heads, head_dim, dtype=dtype, device=first_out.device)
+    return result.copy_(out.transpose(1, 2))
+
+
+def _local_band(query: torch.Tensor, prepared: PreparedKeys, window: int, first: int, scale: float) -> list[Part]:
+    """Ordinary attention to keys within ``window`` positions, as partial attentions to merge."""
     keys, values, start = prepared.local_keys, prepared.local_values, prepared.local_start
-    n_kv, n_queries = keys.shape[1], query.shape[-2]
+    n_queries = query.shape[-2]
     last = start + keys.shape[-2] - 1
     if start > max(0, first - window + 1):
         raise RuntimeError(f"cache kept keys from position {start}, but a query at {first} needs the full window")
     if n_queries == 1:
-        # One query sees every key of its window, in any order: no mask at all (and no folding, as above).
+        # One query sees every key of its window, in any order: no mask at all.
         keep = min(keys.shape[-2], window)
         if keep < keys.shape[-2]:
             keys, values = keys[:, :, -keep:], values[:, :, -keep:]
-        out, lse = _flash(query, keys, values, 0.0, False, scale=scale)
-        return _fold_output(out, lse, n_kv)
+        return [_flash(query, keys, values, 0.0, False, scale=scale)]
     if last - window + 1 <= start:  # even the last query sees every key: no band yet
         return _causal_no_band(query, keys, values, n_queries, scale)
     return _banded_blocks(query, keys, values, window, first - start, last - start, scale)
@@ -189,20 +218,13 @@ def _local_band(
 
 def _causal_no_band(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_queries: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> list[Part]:
     """Every query sees all earlier keys (the window is not yet full): plain causal attention."""
-    n_kv = keys.shape[1]
-    rep = query.shape[1] // n_kv
     # The fused kernel's causal mask is top-left aligned, so it takes the square part; earlier keys are unmasked.
-    square_k = keys[:, :, -n_queries:].repeat_interleave(rep, dim=1)
-    square_v = values[:, :, -n_queries:].repeat_interleave(rep, dim=1)
-    out, lse = _flash(query, square_k, square_v, 0.0, True, scale=scale)
-    out, lse = _fold_output(out, lse, n_kv)
+    square = _flash(query, keys[:, :, -n_queries:], values[:, :, -n_queries:], 0.0, True, scale=scale)
     if keys.shape[-2] == n_queries:
-        return out, lse
-    prefix = _flash(_fold(query, n_kv), keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)
-    out, lse = _merge([(out, lse), prefix])
-    return out.to(query.dtype), lse
+        return [square]
+    return [square, _flash(query, keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)]
 
 
 def _banded_blocks(
@@ -213,18 +235,21 @@ def _banded_blocks(
     first_index: int,
     last_index: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> list[Part]:
     """The band |i - j| < window, as batched fused-kernel calls over query blocks.
 
     Indices are into ``keys``. The block starting at query index ``a`` needs keys ``[a - window + 1, a + BLOCK)``:
-    ``window + BLOCK - 1`` of them, a fixed length, so the blocks' keys are strided views of one padded tensor.
-    Of those, the ``window - BLOCK + 1`` keys ``[a + BLOCK - window, a]`` are seen by every query of the block:
-    they go through the kernel without a mask (masked scores cost ~40% more per key), and only the two edge
-    triangles take a masked call; the two parts are merged by log-sum-exp.
+    ``window + BLOCK - 1`` of them, a fixed length, so the blocks' keys are strided views of one padded tensor,
+    and the blocks' queries a view of ``query``. Of those keys, the ``window - BLOCK + 1`` keys ``[a + BLOCK -
+    window, a]`` are seen by every query of the block: they go through the kernel without a mask (masked scores
+    cost ~40% more per key), and only the two edge triangles take a masked call.
+
+    Queries keep their heads: the kernel pairs each query head with its key/value head itself, which ran faster
+    here than folding a group's heads into rows, and it writes its output as (block, row, head, dim) memory, which
+    is already the layout the model wants back.
     """
     batch, n_heads, n_queries, head_dim = query.shape
     n_kv = keys.shape[1]
-    rep = n_heads // n_kv
     block = min(BLOCK, n_queries)
     n_blocks = -(-n_queries // block)
     span = window + block - 1
@@ -239,11 +264,10 @@ def _banded_blocks(
         windows = x[:, :, offset + column :].unfold(2, length, block)[:, :, :n_blocks]  # (B, kv, nb, D, length)
         return windows.permute(0, 2, 1, 4, 3).reshape(batch * n_blocks, n_kv, length, head_dim)
 
-    q = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * block - n_queries))
-    q = q.view(batch, n_kv, rep, n_blocks, block, head_dim).permute(0, 3, 1, 2, 4, 5)
-    q = q.reshape(batch * n_blocks, n_kv, rep * block, head_dim)
+    q = _pad_rows(query, 0, n_blocks * block - n_queries).view(batch, n_heads, n_blocks, block, head_dim)
+    q = q.transpose(1, 2).reshape(batch * n_blocks, n_heads, block, head_dim)
 
-    mask_key = (block, span, window, n_blocks, offset - left_pad, last_index, rep, query.dtype, query.device)
+    mask_key = (block, span, window, n_blocks, offset - left_pad, last_index, query.dtype, query.device)
     if left_pad == 0 and window > block:  # every block's window is full: interior + edges
         interior = _flash(
             q,
@@ -257,17 +281,20 @@ def _banded_blocks(
         edge_v = torch.cat([blocks_of(padded_v, 0, block - 1), blocks_of(padded_v, window, block - 1)], dim=2)
         mask = _batched(_edge_mask(*mask_key), batch)
         edges = _flash(q, edge_k, edge_v, 0.0, False, attn_mask=mask, scale=scale)
-        out, lse = _merge([interior, edges])
-        out = out.to(query.dtype)
-    else:  # the start of a sequence (window not yet full): one call over the whole span
-        mask = _batched(_band_mask(*mask_key), batch)
-        whole_k, whole_v = blocks_of(padded_k, 0, span), blocks_of(padded_v, 0, span)
-        out, lse = _flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale)
-    out = out.view(batch, n_blocks, n_kv, rep, block, head_dim).permute(0, 2, 3, 1, 4, 5)
-    out = out.reshape(batch, n_kv, rep, n_blocks * block, head_dim)[:, :, :, :n_queries]
-    lse = lse.view(batch, n_blocks, n_kv, rep, block).permute(0, 2, 3, 1, 4)
-    lse = lse.reshape(batch, n_kv, rep, n_blocks * block)[..., :n_queries]
-    return out.reshape(batch, n_kv, rep * n_queries, head_dim), lse.reshape(batch, n_kv, rep * n_queries)
+        return [_unblock(*interior, batch, n_queries), _unblock(*edges, batch, n_queries)]
+    # The start of a sequence (window not yet full): one call over the whole span.
+    mask = _batched(_band_mask(*mask_key), batch)
+    whole_k, whole_v = blocks_of(padded_k, 0, span), blocks_of(padded_v, 0, span)
+    return [_unblock(*_flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale), batch, n_queries)]
+
+
+def _unblock(out: torch.Tensor, lse: torch.Tensor, batch: int, n_queries: int) -> Part:
+    """A per-block kernel result ``(B·nb, H, block, ·)`` as ``(B, H, Lq, ·)`` views (the kernel writes (block,
+    row, head) memory, so rows of consecutive blocks are already consecutive)."""
+    heads, head_dim = out.shape[1], out.shape[-1]
+    out = out.transpose(1, 2).reshape(batch, -1, heads, head_dim)[:, :n_queries].transpose(1, 2)
+    lse = lse.transpose(1, 2).reshape(batch, -1, heads)[:, :n_queries].transpose(1, 2)
+    return out, lse
 
 
 def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -279,18 +306,6 @@ def _batched(mask: torch.Tensor, batch: int) -> torch.Tensor:
     return mask.repeat(batch, 1, 1, 1) if mask.shape[0] > 1 and batch > 1 else mask
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine partial attentions over disjoint key sets into one softmax, exactly; returns the float32 output and
-    the joint log-sum-exp. The first part must see a key in every row (the local band always does: its own key), so
-    the running log-sum-exp stays finite and later parts may have rows with nothing visible (lse = -inf)."""
-    out, lse = parts[0]
-    for part_out, part_lse in parts[1:]:
-        joint = torch.logaddexp(lse, part_lse)
-        out = torch.lerp(part_out.float(), out.float(), torch.exp(lse - joint).unsqueeze(-1))
-        lse = joint
-    return out.float(), lse
-
-
 @functools.lru_cache(maxsize=2)
 def _band_mask(
     block: int,
@@ -299,11 +314,10 @@ def _band_mask(
     n_blocks: int,
     first_key_index: int,
     last_index: int,
-    rep: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    """Additive mask ``(n_blocks or 1, 1, rep·block, span)`` of the band; built once per forward, shared by layers.
+    """Additive mask ``(n_blocks or 1, 1, block, span)`` of the band; built once per forward, shared by layers.
 
     Row ``r`` is query ``a + r`` of a block, column ``c`` key ``a - window + 1 + c``: visible iff ``r <= c <=
     r + window - 1`` and the key index is real, not padding.
@@ -316,7 +330,7 @@ def _band_mask(
     if bool((visible == band).all()):
         visible = band[None]  # no block touches padding: one mask for all
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, _NEG_INF)
-    return mask.repeat(1, rep, 1)[:, None]
+    return mask[:, None]
 
 
 @functools.lru_cache(maxsize=2)
@@ -326,30 +340,52 @@ def _edge_mask(block: int, span: int, window: int, *rest: Any) -> torch.Tensor:
     return torch.cat([band[..., : block - 1], band[..., window:]], dim=-1)
 
 
-def _global_part(
-    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, rep: int, scale: float
+def _global_scores(
+    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global tokens that are out of a query's window, seen at distance ``distance_limit``."""
+    """Logits ``(B, H, n_global, Lq)`` of the global tokens that are out of a query's window, seen at distance
+    ``distance_limit``, with their values ``(B, H, n_global, D)``; float32.
+
+    A handful of keys: explicit logits merged straight into the output cost less than a kernel call (whose fixed
+    cost per block of rows dominates with so few keys) plus merging its normalised output.
+    """
     assert prepared.sink_keys is not None and prepared.sink_values is not None
-    keys, values = prepared.sink_keys, prepared.sink_values
-    if first - (keys.shape[-2] - 1) >= cfg.n_local:
-        # Every query is past every global key's window (all of a chunk after the first n_local + n_global
-        # tokens): no mask, one fused call.
-        out, lse = _flash(far_query, keys, values, 0.0, False, scale=scale)
-        return out, lse
-    n_queries = far_query.shape[-2] // rep
-    positions = torch.arange(first, first + n_queries, device=far_query.device).repeat(rep)
-    key_positions = torch.arange(keys.shape[-2], device=far_query.device)
-    visible = positions[:, None] - key_positions[None, :] >= cfg.n_local
-    logits = torch.matmul(far_query.float(), keys.float().transpose(-1, -2)) * scale
-    return _softmax_part(logits.masked_fill(~visible, _NEG_INF), values)
+    rep = far_query.shape[1] // prepared.sink_keys.shape[1]
+    keys = prepared.sink_keys.float().repeat_interleave(rep, dim=1)
+    values = prepared.sink_values.float().repeat_interleave(rep, dim=1)
+    logits = torch.matmul(keys, far_query.transpose(-1, -2)).mul_(scale)  # keys-major: reductions run along Lq
+    n_queries = far_query.shape[-2]
+    if first - (keys.shape[-2] - 1) < cfg.n_local:  # some queries still see a global key in their window
+        positions = torch.arange(first, first + n_queries, device=far_query.device)
+        key_positions = torch.arange(keys.shape[-2], device=far_query.device)
+        visible = positions[None, :] - key_positions[:, None] >= cfg.n_local
+        logits = logits.masked_fill_(~visible, _NEG_INF)
+    return logits, values
 
 
 def _top_k_part(
-    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, rep: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, scale: float
+) -> Part:
     """Each query head's ``top_k`` strongest middle keys (``n_global <= j <= i - n_local``), for generation-time
     queries only (positions ``>= top_k_from_position``)."""
+    assert prepared.middle_keys is not None and prepared.middle_values is not None
+    batch, heads, n_queries, head_dim = far_query.shape
+    n_kv = prepared.middle_keys.shape[1]
+    rep = heads // n_kv
+    out, lse = _top_k_folded(_fold(far_query, n_kv), prepared, cfg, first, rep, scale)
+    return out.view(batch, heads, n_queries, head_dim), lse.view(batch, heads, n_queries)
+
+
+def _fold(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(B, H, L, D) → (B, kv_heads, rep·L, D): the query heads sharing a kv head become rows."""
+    b, h, length, d = x.shape
+    return x.reshape(b, n_kv, (h // n_kv) * length, d)
+
+
+def _top_k_folded(
+    far_query: torch.Tensor, prepared: PreparedKeys, cfg: LMInfiniteConfig, first: int, rep: int, scale: float
+) -> Part:
+    """:func:`_top_k_part` on folded queries ``(B, kv_heads, rep·Lq, D)``; returns folded output and lse."""
     assert prepared.middle_keys is not None and prepared.middle_values is not None
     n_queries = far_query.shape[-2] // rep
     start = prepared.top_k_from_position if prepared.top_k_from_position is not None else first + n_queries - 1
@@ -359,7 +395,7 @@ def _top_k_part(
         # otherwise cost n × n logits), and give the others an empty part (lse = -inf).
         b, kv, _, d = far_query.shape
         rows = far_query.view(b, kv, rep, n_queries, d)[:, :, :, skip:].reshape(b, kv, rep * (n_queries - skip), d)
-        out, lse = _top_k_part(rows, prepared, cfg, first + skip, rep, scale)
+        out, lse = _top_k_folded(rows, prepared, cfg, first + skip, rep, scale)
         full_out = out.new_zeros(b, kv, rep, n_queries, d)
         full_lse = lse.new_full((b, kv, rep, n_queries), _NEG_INF)
         full_out[:, :, :, skip:] = out.view(b, kv, rep, n_queries - skip, d)
@@ -385,10 +421,3 @@ def _top_k_part(
     weights = torch.exp(top_logits - lse[..., None]).nan_to_num(0.0)
     out = torch.einsum("bhrk,bhrkd->bhrd", weights, chosen.float())
     return out, lse
-
-
-def _softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention from masked float32 logits; rows with nothing visible get lse = -inf and output 0."""
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
-    return torch.matmul(weights, values.float()), lse

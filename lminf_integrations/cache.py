@@ -140,9 +140,19 @@ class LambdaLayer(CacheLayerMixin):
         cfg = self.settings.config
         return cfg.n_local + cfg.n_global - 1
 
-    def _ring_slots(self, start: int, end: int, device: torch.device) -> torch.Tensor:
+    def _ring_ranges(self, start: int, end: int) -> list[slice]:
+        """Buffer slots of positions ``[start, end)`` (at most ``n_local`` of them), in position order: one or two
+        contiguous ranges of the ring, so they are read and written by slicing (no index tensors)."""
         cfg = self.settings.config
-        return cfg.n_global + torch.arange(start, end, device=device) % cfg.n_local
+        if end <= start:
+            return []
+        first_slot = start % cfg.n_local
+        length = end - start
+        head = min(length, cfg.n_local - first_slot)
+        ranges = [slice(cfg.n_global + first_slot, cfg.n_global + first_slot + head)]
+        if head < length:
+            ranges.append(slice(cfg.n_global, cfg.n_global + length - head))
+        return ranges
 
     @property
     def _steady_from(self) -> int:
@@ -234,13 +244,16 @@ class LambdaLayer(CacheLayerMixin):
             ring = slice(cfg.n_global, cfg.n_global + filled)
             return self.keys[:, :, ring], self.values[:, :, ring], max(0, first + 1 - window)
         keep = min(first, window - 1)  # earlier keys the first query of this chunk can see
-        previous = self._ring_slots(first - keep, first, key_states.device)
-        local_k = torch.cat([self.keys[:, :, previous], key_states], dim=-2)
-        local_v = torch.cat([self.values[:, :, previous], value_states], dim=-2)
+        previous = self._ring_ranges(first - keep, first)
+        local_k = torch.cat([*(self.keys[:, :, r] for r in previous), key_states], dim=-2)
+        local_v = torch.cat([*(self.values[:, :, r] for r in previous), value_states], dim=-2)
         tail = min(count, window)
-        slots = self._ring_slots(first + count - tail, first + count, key_states.device)
-        self.keys[:, :, slots] = key_states[:, :, -tail:]
-        self.values[:, :, slots] = value_states[:, :, -tail:]
+        written = 0
+        for r in self._ring_ranges(first + count - tail, first + count):
+            length = r.stop - r.start
+            self.keys[:, :, r] = key_states[:, :, count - tail + written : count - tail + written + length]
+            self.values[:, :, r] = value_states[:, :, count - tail + written : count - tail + written + length]
+            written += length
         return local_k, local_v, first - keep
 
     def _full_update(

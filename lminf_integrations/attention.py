@@ -281,16 +281,17 @@ def _banded_blocks(
         edge_v = torch.cat([blocks_of(padded_v, 0, block - 1), blocks_of(padded_v, window, block - 1)], dim=2)
         mask = _batched(_edge_mask(*mask_key), batch)
         edges = _flash(q, edge_k, edge_v, 0.0, False, attn_mask=mask, scale=scale)
-        return [_unblock(*interior, batch, n_queries), _unblock(*edges, batch, n_queries)]
+        return [_unblock(interior, batch, n_queries), _unblock(edges, batch, n_queries)]
     # The start of a sequence (window not yet full): one call over the whole span.
     mask = _batched(_band_mask(*mask_key), batch)
     whole_k, whole_v = blocks_of(padded_k, 0, span), blocks_of(padded_v, 0, span)
-    return [_unblock(*_flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale), batch, n_queries)]
+    return [_unblock(_flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale), batch, n_queries)]
 
 
-def _unblock(out: torch.Tensor, lse: torch.Tensor, batch: int, n_queries: int) -> Part:
+def _unblock(result: tuple[torch.Tensor, ...], batch: int, n_queries: int) -> Part:
     """A per-block kernel result ``(B·nb, H, block, ·)`` as ``(B, H, Lq, ·)`` views (the kernel writes (block,
     row, head) memory, so rows of consecutive blocks are already consecutive)."""
+    out, lse = result[0], result[1]
     heads, head_dim = out.shape[1], out.shape[-1]
     out = out.transpose(1, 2).reshape(batch, -1, heads, head_dim)[:, :n_queries].transpose(1, 2)
     lse = lse.transpose(1, 2).reshape(batch, -1, heads)[:, :n_queries].transpose(1, 2)

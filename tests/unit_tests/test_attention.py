@@ -141,6 +141,32 @@ def test_many_band_blocks_equal_reference(arch: str, cache: str, top_k: int, mon
     assert (model(ids[:, 39:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("cache,top_k", [("window", 0), ("full", 2)])
+@torch.no_grad()
+def test_chunks_shorter_than_the_window_split_into_core_and_inner_band_equal_reference(
+    arch: str, cache: str, top_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks well below the window (a prefill's usual case): the keys every query sees in one call, the rest as
+    a narrower band of several blocks (the last one partial), on a batch of two sequences."""
+    monkeypatch.setattr(attention, "BLOCK", 2)
+    split_calls = []
+    original = attention._core_and_inner_band
+    monkeypatch.setattr(
+        attention, "_core_and_inner_band", lambda *args: split_calls.append(args[0].shape[-2]) or original(*args)
+    )
+    model = _tiny(arch)
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=12, top_k=top_k, top_k_from_layer=1, cache=cache))  # type: ignore[arg-type]
+    ids = torch.cat([_ids(41, seed=6), _ids(41, seed=7)])
+    expected = _reference_logits(model, ids, top_k_from=40)
+    cache_ = new_cache(model)
+    cache_.set_prompt_length(41)
+    got = torch.cat([model(ids[:, s : min(s + 5, 40)], past_key_values=cache_).logits for s in range(0, 40, 5)], dim=1)
+    assert (got - expected[:, :40]).abs().max() < TOL
+    assert (model(ids[:, 40:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
+    assert 5 in split_calls  # the split path really ran (chunks from position 11 on)
+
+
 @pytest.mark.parametrize("cache", ["window", "full"])
 @torch.no_grad()
 def test_chunks_starting_anywhere_near_the_window_edge_equal_reference(cache: str) -> None:

@@ -8,7 +8,7 @@ Commands:
     speed        prefill/decode tokens/s and memory, vanilla vs LM-Infinite
     decode       decoding tokens/s through generate, eager vs compiled (compile_decode)
     reuse        many questions about one document, with and without reuse of its encoded state
-    band         the Λ band's kernel time by query-block size (how attention.BLOCK was chosen)
+    band         the Λ band's kernel time by layout and query-block size (how the layout was chosen)
 
 ``python -m bench <command> --help`` lists each command's options.
 """

@@ -1,4 +1,4 @@
-"""The Λ band's kernel time by layout and query-block size: the measurement behind ``attention``'s band layout.
+"""The Λ band's kernel time by layout, group and block size: the measurement behind ``attention``'s band layout.
 
     python -m bench band                       # SmolLM2's head shapes, 2048-query chunk, 4K window
     python -m bench band --dtype fp32 --window 8192
@@ -7,8 +7,8 @@ One layer's band attention for one prefill chunk (queries whose window is full),
 model's head layout (9 query heads, 3 key/value heads, head size 64, queries in the (token, head) memory layout the
 model hands over), each layout timed with the merge of its partial attentions into the output:
 
-* the layout the attention uses for such chunks: one unmasked call over the keys every query sees (the *core*),
-  plus a narrower blockwise band over the rest, for each block size;
+* the layout the attention uses for such chunks: queries in groups, one unmasked call over the keys every query of
+  a group sees (the *core*), plus a narrower blockwise band over the rest, for each group and block size;
 * the blockwise band over the whole window (every block's keys cut from the window), for each block size;
 * the same kernel with no mask over exactly ``window`` keys per query (2048 queries × 4096 keys: the same useful
   work, the floor a banded layout can approach).
@@ -29,20 +29,24 @@ from bench.common import machine_line, write_result
 from lminf_integrations import attention
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    """Best of ``repeats`` runs in ms (this machine's speed drifts; the minimum is the steadiest statistic)."""
-    fn()  # warm-up
-    times = []
+def _interleaved_best(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best time in ms of each run over ``repeats`` rounds, the runs taking turns within each round: this machine's
+    speed drifts by up to ~20% over minutes, so runs timed one after the other compare drift, not layouts."""
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times) * 1000
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(spent) * 1000 for name, spent in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench band", description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--groups", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--queries", type=int, default=2048)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -60,29 +64,39 @@ def main(argv: list[str] | None = None) -> None:
     first, last = n_keys - args.queries, n_keys - 1
 
     floor_k, floor_v = keys[:, :, : args.window].contiguous(), values[:, :, : args.window].contiguous()
-    floor_ms = _time(lambda: attention._flash(query, floor_k, floor_v, 0.0, False, scale=scale), args.repeats)
-    rows = [f"| no mask, {args.window} keys per query (floor) | {floor_ms:.1f} | 1.00× |"]
-    layouts = {
-        "core + inner band": lambda: attention._core_and_inner_band(query, keys, values, args.window, first, scale),
-        "blockwise band": lambda: attention._banded_blocks(query, keys, values, args.window, first, last, scale),
+    floor = f"no mask, {args.window} keys per query (floor)"
+    runs: dict[str, Callable[[], object]] = {
+        floor: lambda: attention._flash(query, floor_k, floor_v, 0.0, False, scale=scale)
     }
-    default = attention.BLOCK
-    try:
-        for name, parts in layouts.items():
-            for block in args.blocks:
-                attention.BLOCK = block
-                ms = _time(lambda parts=parts: attention._combine(parts(), [], dtype), args.repeats)
-                used = " (used)" if block == default and name == "core + inner band" else ""
-                rows.append(f"| {name}, block {block}{used} | {ms:.1f} | {ms / floor_ms:.2f}× |")
-                print(rows[-1], flush=True)
-    finally:
-        attention.BLOCK = default
+    default_block, default_group = attention.BLOCK, attention.CORE_GROUP
+
+    def configured(block: int, group: int, parts: Callable[[], list[attention.Part]]) -> Callable[[], object]:
+        def run() -> torch.Tensor:
+            attention.BLOCK, attention.CORE_GROUP = block, group
+            try:
+                return attention._combine(parts(), [], dtype)  # each layout with the merge the model pays
+            finally:
+                attention.BLOCK, attention.CORE_GROUP = default_block, default_group
+
+        return run
+
+    for block in args.blocks:
+        for group in args.groups:
+            used = " (used)" if (block, group) == (default_block, default_group) else ""
+            runs[f"core + inner band, groups of {group}, block {block}{used}"] = configured(
+                block, group, lambda: attention._core_and_inner_band(query, keys, values, args.window, first, scale)
+            )
+        runs[f"blockwise band, block {block}"] = configured(
+            block, default_group, lambda: attention._banded_blocks(query, keys, values, args.window, first, last, scale)
+        )
+    best = _interleaved_best(runs, args.repeats)
+    rows = [f"| {name} | {ms:.1f} | {ms / best[floor]:.2f}× |" for name, ms in best.items()]
     table = "\n".join(
         [
             f"# Λ band kernel time, one layer, {args.queries} queries, window {args.window}, {args.dtype}",
             "",
             f"{machine_line()}. Command: `{' '.join(['python -m bench band', *(argv or [])])}`.",
-            "Best of the repeats, each layout with the merge of its parts into the output.",
+            "Best of the repeats, all layouts taking turns in each round; each layout with the merge of its parts.",
             "",
             "| layout | ms | vs floor |",
             "|---|---|---|",

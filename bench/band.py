@@ -1,4 +1,4 @@
-"""The Λ band's kernel time by layout, group and block size: the measurement behind ``attention``'s band layout.
+"""The Λ band's kernel time by layout and query-block size: the measurement behind ``attention``'s band layout.
 
     python -m bench band                       # SmolLM2's head shapes, 2048-query chunk, 4K window
     python -m bench band --dtype fp32 --window 8192
@@ -7,8 +7,8 @@ One layer's band attention for one prefill chunk (queries whose window is full),
 model's head layout (9 query heads, 3 key/value heads, head size 64, queries in the (token, head) memory layout the
 model hands over), each layout timed with the merge of its partial attentions into the output:
 
-* the layout the attention uses for such chunks: queries in groups, one unmasked call over the keys every query of
-  a group sees (the *core*), plus a narrower blockwise band over the rest, for each group and block size;
+* the layout the attention uses for such chunks: one unmasked call over the keys every query sees (the *core*),
+  plus a narrower blockwise band over the rest, for each block size;
 * the blockwise band over the whole window (every block's keys cut from the window), for each block size;
 * the same kernel with no mask over exactly ``window`` keys per query (2048 queries × 4096 keys: the same useful
   work, the floor a banded layout can approach).
@@ -45,8 +45,7 @@ def _interleaved_best(runs: dict[str, Callable[[], object]], repeats: int) -> di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench band", description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--groups", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--queries", type=int, default=2048)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -68,26 +67,25 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, Callable[[], object]] = {
         floor: lambda: attention._flash(query, floor_k, floor_v, 0.0, False, scale=scale)
     }
-    default_block, default_group = attention.BLOCK, attention.CORE_GROUP
+    default_block = attention.BLOCK
 
-    def configured(block: int, group: int, parts: Callable[[], list[attention.Part]]) -> Callable[[], object]:
+    def configured(block: int, parts: Callable[[], list[attention.Part]]) -> Callable[[], object]:
         def run() -> torch.Tensor:
-            attention.BLOCK, attention.CORE_GROUP = block, group
+            attention.BLOCK = block
             try:
                 return attention._combine(parts(), [], dtype)  # each layout with the merge the model pays
             finally:
-                attention.BLOCK, attention.CORE_GROUP = default_block, default_group
+                attention.BLOCK = default_block
 
         return run
 
     for block in args.blocks:
-        for group in args.groups:
-            used = " (used)" if (block, group) == (default_block, default_group) else ""
-            runs[f"core + inner band, groups of {group}, block {block}{used}"] = configured(
-                block, group, lambda: attention._core_and_inner_band(query, keys, values, args.window, first, scale)
-            )
+        used = " (used)" if block == default_block else ""
+        runs[f"core + inner band, block {block}{used}"] = configured(
+            block, lambda: attention._core_and_inner_band(query, keys, values, args.window, first, scale)
+        )
         runs[f"blockwise band, block {block}"] = configured(
-            block, default_group, lambda: attention._banded_blocks(query, keys, values, args.window, first, last, scale)
+            block, lambda: attention._banded_blocks(query, keys, values, args.window, first, last, scale)
         )
     best = _interleaved_best(runs, args.repeats)
     rows = [f"| {name} | {ms:.1f} | {ms / best[floor]:.2f}× |" for name, ms in best.items()]

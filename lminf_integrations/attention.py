@@ -32,7 +32,6 @@ from .rope import rotate, rotation, shift_positions
 
 ATTENTION_NAME = "lminf"
 BLOCK = 256  # query rows per band block: fastest on 2-core AVX-512 and AMX CPUs (python -m bench band)
-CORE_GROUP = 512  # queries sharing one core of keys in a prefill chunk (python -m bench band)
 _NEG_INF = float("-inf")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -225,49 +224,25 @@ def _local_band(query: torch.Tensor, prepared: PreparedKeys, window: int, first:
 def _core_and_inner_band(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int, first_index: int, scale: float
 ) -> list[Part]:
-    """The band for queries whose windows are all full, in groups of ``g`` queries well below the window (a prefill
-    chunk: ``CORE_GROUP`` queries per group when they divide the chunk, else the whole chunk).
+    """The band for ``n`` queries whose windows are all full, ``n`` well below the window (a prefill chunk).
 
-    The ``window - g`` keys just before a group's first own key are seen by every query of the group: one unmasked
-    kernel call over all groups takes them (the *core*), as fast per key as plain attention. A group's other
-    ``2g - 1`` keys (the ``g - 1`` before its core and its own ``g``), put side by side, form a band of width ``g``:
-    query ``r`` sees entries ``[r, r + g - 1]``, which :func:`_banded_blocks` computes. The kernel's cost per key
-    grows with the number of blocks (8 blocks of 256 queries over the same 4,096 keys: 31 ms; one call over 2,048
-    queries: 24 ms): the blockwise band over the whole window was ~19% slower here, one group of 2,048 queries ~4%
-    slower than groups of 512 (a larger core, a narrower band; ``python -m bench band``).
+    The ``window - n`` keys just before the first query's own key are seen by every query: one unmasked kernel call
+    over all queries takes them (the *core*), as fast per key as plain attention. The remaining ``2n - 1`` keys (the
+    ``n - 1`` before the core and the chunk's own ``n``), put side by side, form a band of width ``n``: query ``r``
+    sees entries ``[r, r + n - 1]``, which :func:`_banded_blocks` computes. The kernel's cost per key grows with
+    the number of blocks (8 blocks of 256 queries over the same 4,096 keys: 31 ms; one call over 2,048 queries: 24
+    ms), so the blockwise band over the whole window was ~10% slower here (``python -m bench band``).
     """
-    batch, heads, n, head_dim = query.shape
-    group = CORE_GROUP if n % CORE_GROUP == 0 and window - CORE_GROUP >= BLOCK else n
-    n_groups, n_kv = n // group, keys.shape[1]
-
-    def per_group(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
-        """Keys ``[start + j·group, start + j·group + length)`` of every group ``j``: ``(B·groups, kv, length, D)``
-        (a view when the batch is 1)."""
-        windows = x[:, :, start:].unfold(2, length, group)[:, :, :n_groups]  # (B, kv, groups, D, length)
-        return windows.permute(0, 2, 1, 4, 3).reshape(batch * n_groups, n_kv, length, head_dim)
-
-    q = query.view(batch, heads, n_groups, group, head_dim).transpose(1, 2)
-    q = q.reshape(batch * n_groups, heads, group, head_dim)
+    n = query.shape[-2]
     span_start = first_index - window + 1  # the first query's oldest visible key
-    core_start = span_start + group - 1  # the group's last query's oldest visible key
-    core_length = window - group
+    core_start = span_start + n - 1  # the last query's oldest visible key
     core = _flash(
-        q, per_group(keys, core_start, core_length), per_group(values, core_start, core_length), 0.0, False, scale=scale
+        query, keys[:, :, core_start:first_index], values[:, :, core_start:first_index], 0.0, False, scale=scale
     )
-    inner_k = torch.cat([per_group(keys, span_start, group - 1), per_group(keys, first_index, group)], dim=-2)
-    inner_v = torch.cat([per_group(values, span_start, group - 1), per_group(values, first_index, group)], dim=-2)
-    parts = [core, *_banded_blocks(q, inner_k, inner_v, group, group - 1, 2 * group - 2, scale)]
-    return [_ungroup(part, batch) for part in parts]
-
-
-def _ungroup(part: Part, batch: int) -> Part:
-    """A per-group result ``(B·groups, H, g, ·)`` as ``(B, H, n, ·)`` (views: the kernel writes (group, row, head)
-    memory, and :func:`_unblock` keeps it)."""
-    out, lse = part
-    heads, head_dim = out.shape[1], out.shape[-1]
-    out = out.transpose(1, 2).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-    lse = lse.transpose(1, 2).reshape(batch, -1, heads).transpose(1, 2)
-    return out, lse
+    own = slice(first_index, first_index + n)
+    inner_k = torch.cat([keys[:, :, span_start:core_start], keys[:, :, own]], dim=-2)
+    inner_v = torch.cat([values[:, :, span_start:core_start], values[:, :, own]], dim=-2)
+    return [core, *_banded_blocks(query, inner_k, inner_v, n, n - 1, 2 * n - 2, scale)]
 
 
 def _causal_no_band(

@@ -143,16 +143,13 @@ def test_many_band_blocks_equal_reference(arch: str, cache: str, top_k: int, mon
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("cache,top_k", [("window", 0), ("full", 2)])
-@pytest.mark.parametrize("chunk,group", [(5, 512), (6, 3)])
 @torch.no_grad()
 def test_chunks_shorter_than_the_window_split_into_core_and_inner_band_equal_reference(
-    arch: str, cache: str, top_k: int, chunk: int, group: int, monkeypatch: pytest.MonkeyPatch
+    arch: str, cache: str, top_k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Chunks well below the window (a prefill's usual case): the keys every query of a group sees in one call, the
-    rest as a narrower band of several blocks (the last one partial), on a batch of two sequences; the chunk as one
-    group (5 queries, groups of 512 do not divide it) or as two groups of 3."""
+    """Chunks well below the window (a prefill's usual case): the keys every query sees in one call, the rest as
+    a narrower band of several blocks (the last one partial), on a batch of two sequences."""
     monkeypatch.setattr(attention, "BLOCK", 2)
-    monkeypatch.setattr(attention, "CORE_GROUP", group)
     split_calls = []
     original = attention._core_and_inner_band
     monkeypatch.setattr(
@@ -164,11 +161,10 @@ def test_chunks_shorter_than_the_window_split_into_core_and_inner_band_equal_ref
     expected = _reference_logits(model, ids, top_k_from=40)
     cache_ = new_cache(model)
     cache_.set_prompt_length(41)
-    pieces = [model(ids[:, s : min(s + chunk, 40)], past_key_values=cache_).logits for s in range(0, 40, chunk)]
-    got = torch.cat(pieces, dim=1)
+    got = torch.cat([model(ids[:, s : min(s + 5, 40)], past_key_values=cache_).logits for s in range(0, 40, 5)], dim=1)
     assert (got - expected[:, :40]).abs().max() < TOL
     assert (model(ids[:, 40:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
-    assert chunk in split_calls  # the split path really ran (full chunks from position 11 on)
+    assert 5 in split_calls  # the split path really ran (chunks from position 11 on)
 
 
 @pytest.mark.parametrize("cache", ["window", "full"])

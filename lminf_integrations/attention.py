@@ -179,15 +179,14 @@ def _combine(parts: list[Part], scores: list[tuple[torch.Tensor, torch.Tensor]],
     Each part's output is read once; the first part must see a key in every row (the local band always does: its
     own key), so the joint log-sum-exp is finite.
     """
-    lse = parts[0][1]
+    first_out, lse = parts[0]
+    if len(parts) == 1 and not scores:
+        return first_out.transpose(1, 2).to(dtype).contiguous()
     for _, part_lse in parts[1:]:
         lse = torch.logaddexp(lse, part_lse)
     for logits, _ in scores:
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-2))
-    first_out = parts[0][0]
     batch, heads, n_queries, head_dim = first_out.shape
-    if len(parts) == 1 and not scores:
-        return first_out.transpose(1, 2).to(dtype).contiguous()
     out: torch.Tensor | None = None
     for logits, values in scores:  # (B, H, K, Lq) → weights (B, H, Lq, K) @ values (B, H, K, D)
         weighted = torch.matmul(torch.exp(logits - lse.unsqueeze(-2)).transpose(-1, -2), values)

@@ -248,12 +248,12 @@ class LambdaLayer(CacheLayerMixin):
         local_k = torch.cat([*(self.keys[:, :, r] for r in previous), key_states], dim=-2)
         local_v = torch.cat([*(self.values[:, :, r] for r in previous), value_states], dim=-2)
         tail = min(count, window)
-        written = 0
+        source = count - tail  # the chunk's last `tail` keys fill the ring in position order
         for r in self._ring_ranges(first + count - tail, first + count):
             length = r.stop - r.start
-            self.keys[:, :, r] = key_states[:, :, count - tail + written : count - tail + written + length]
-            self.values[:, :, r] = value_states[:, :, count - tail + written : count - tail + written + length]
-            written += length
+            self.keys[:, :, r] = key_states[:, :, source : source + length]
+            self.values[:, :, r] = value_states[:, :, source : source + length]
+            source += length
         return local_k, local_v, first - keep
 
     def _full_update(

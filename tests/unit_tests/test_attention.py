@@ -134,11 +134,9 @@ def test_many_band_blocks_equal_reference(arch: str, cache: str, top_k: int, mon
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache=cache))  # type: ignore[arg-type]
     ids = torch.cat([_ids(40, seed=3), _ids(40, seed=4)])
     expected = _reference_logits(model, ids, top_k_from=39)
-    cache_ = new_cache(model)
-    cache_.set_prompt_length(40)
-    got = torch.cat([model(ids[:, s : s + 13], past_key_values=cache_).logits for s in range(0, 39, 13)], dim=1)
-    assert (got - expected[:, :39]).abs().max() < TOL
-    assert (model(ids[:, 39:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
+    got = _chunked_logits(model, ids, chunk=13, prompt_length=40)
+    assert (got[:, :39] - expected[:, :39]).abs().max() < TOL
+    assert (got[:, -1] - expected[:, -1]).abs().max() < TOL
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -159,11 +157,9 @@ def test_chunks_shorter_than_the_window_split_into_core_and_inner_band_equal_ref
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=12, top_k=top_k, top_k_from_layer=1, cache=cache))  # type: ignore[arg-type]
     ids = torch.cat([_ids(41, seed=6), _ids(41, seed=7)])
     expected = _reference_logits(model, ids, top_k_from=40)
-    cache_ = new_cache(model)
-    cache_.set_prompt_length(41)
-    got = torch.cat([model(ids[:, s : min(s + 5, 40)], past_key_values=cache_).logits for s in range(0, 40, 5)], dim=1)
-    assert (got - expected[:, :40]).abs().max() < TOL
-    assert (model(ids[:, 40:], past_key_values=cache_).logits[:, -1] - expected[:, -1]).abs().max() < TOL
+    got = _chunked_logits(model, ids, chunk=5, prompt_length=41)
+    assert (got[:, :40] - expected[:, :40]).abs().max() < TOL
+    assert (got[:, -1] - expected[:, -1]).abs().max() < TOL
     assert 5 in split_calls  # the split path really ran (chunks from position 11 on)
 
 

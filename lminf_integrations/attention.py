@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import decode_kernel
 from .config import LMInfiniteConfig
 from .rope import rotate, rotation, shift_positions
 
@@ -126,8 +127,11 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
     cfg = settings.config
     n_queries = query.shape[-2]
     if prepared.single_softmax:
-        # One query, every key (global ones already at the distance limit) in one call; the kernel's own
-        # grouped-query support splits the work over query heads.
+        # One query, every key (global ones already at the distance limit) in one call: our decoding kernel where
+        # it is built, else the flash kernel, whose own grouped-query support splits the work over query heads.
+        op = _decode_op(query, prepared.local_keys)
+        if op is not None:
+            return op(query, prepared.local_keys, prepared.local_values, prepared.mask, scale)
         out, _ = _flash(
             query, prepared.local_keys, prepared.local_values, 0.0, False, attn_mask=prepared.mask, scale=scale
         )
@@ -155,6 +159,16 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
         if needs_top_k:
             parts.append(_top_k_part(far_query, prepared, cfg, first, scale))
     return _combine(parts, scores, query.dtype)
+
+
+def _decode_op(query: torch.Tensor, keys: torch.Tensor) -> Any:
+    """The decoding kernel if it applies; built on first use, but never while ``torch.compile`` traces (the cache
+    builds it before allowing compiled steps)."""
+    if not decode_kernel.enabled() or not decode_kernel.applies(query, keys):
+        return None
+    if torch.compiler.is_compiling():
+        return decode_kernel.built_op()
+    return decode_kernel.decode_attention_op()
 
 
 @functools.lru_cache(maxsize=4)

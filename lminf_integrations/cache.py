@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import decode_kernel
 from .attention import LayerSettings, PreparedKeys, hand_over
 from .rope import rotate, rotation, shift_positions
 
@@ -367,6 +368,9 @@ class LambdaCache(Cache):
         """
         for layer in self.lambda_layers:
             layer._set_compiled_steps(allowed)
+        keys = self.lambda_layers[0].keys if self.lambda_layers else None
+        if allowed and decode_kernel.enabled() and (keys is None or keys.device.type == "cpu"):
+            decode_kernel.decode_attention_op()  # built now: a compiled step only uses it if it exists when traced
 
     def set_prompt_length(self, prompt_length: int) -> None:
         """Top-k middle attention applies to queries from ``prompt_length - 1`` on (last prompt token onwards)."""

@@ -23,7 +23,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lminf_integrations import LMInfiniteConfig, attention, new_cache, patch_model, unpatch_model
+from lminf_integrations import LMInfiniteConfig, attention, decode_kernel, new_cache, patch_model, unpatch_model
 
 from . import reference
 
@@ -192,8 +192,15 @@ def test_whole_sequence_forward_without_cache_equals_reference(arch: str, top_k:
 
 
 @pytest.mark.parametrize("cache", ["window", "full"])
+@pytest.mark.parametrize("kernel", ["decode kernel", "flash kernel"])
 @torch.no_grad()
-def test_decoding_with_cache_equals_recomputation(cache: str) -> None:
+def test_decoding_with_cache_equals_recomputation(cache: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Steady window steps go through the decoding kernel (decode_kernel.py) unless it is turned off.
+    calls = []
+    built = decode_kernel.decode_attention_op()
+    assert built is not None
+    monkeypatch.setattr(decode_kernel, "decode_attention_op", lambda: lambda *args: calls.append(1) or built(*args))
+    monkeypatch.setenv("LMINF_DECODE_KERNEL", "1" if kernel == "decode kernel" else "0")
     model = _tiny("llama")
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache=cache, chunk_size=4))  # type: ignore[arg-type]
     ids = _ids(20, seed=3)
@@ -206,6 +213,9 @@ def test_decoding_with_cache_equals_recomputation(cache: str) -> None:
         step = model(token, past_key_values=kv).logits[:, -1]
         recomputed = model(ids).logits[:, -1]  # no cache at all: the whole sequence again
         assert (step - recomputed).abs().max() < TOL
+    # 16 single-token steps (the last prompt token, then 15), 3 layers each
+    steady_window_steps = 16 * 3 if cache == "window" and kernel == "decode kernel" else 0
+    assert len(calls) == steady_window_steps
 
 
 @torch.no_grad()

@@ -1,0 +1,94 @@
+"""The decoding-attention kernel (``csrc/decode_attention.cpp``) against a float64 dense reference, and in the
+patched model against PyTorch's flash kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lminf_integrations import decode_kernel
+
+
+@pytest.fixture(scope="module")
+def op():  # type: ignore[no-untyped-def]
+    built = decode_kernel.decode_attention_op()
+    assert built is not None, "the decode-attention kernel did not build (C++ compiler and ninja needed)"
+    return built
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Dense attention in float64, query heads paired with key/value heads as in grouped-query attention."""
+    group = q.shape[1] // k.shape[1]
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    logits = q.double() @ k64.transpose(-1, -2) * scale
+    if mask is not None:
+        logits = logits + mask.double()
+    return (logits.softmax(-1) @ v64).transpose(1, 2)  # (B, 1, H, D)
+
+
+def _inputs(batch: int, heads: int, kv_heads: int, n_keys: int, dim: int, dtype: torch.dtype, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
+    # Keys and values as a slice of a larger buffer: strided along positions and heads, like a cache view.
+    k = (3 * torch.randn(batch, kv_heads, n_keys + 5, dim, generator=g)).to(dtype)[:, :, 2 : 2 + n_keys]
+    v = torch.randn(batch, kv_heads, n_keys + 5, dim, generator=g).to(dtype)[:, :, 2 : 2 + n_keys]
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("dim", [16, 64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("n_keys", [1, 255, 256, 1000])
+def test_kernel_equals_dense_reference(op, dtype, tol, dim, heads, kv_heads, n_keys) -> None:  # type: ignore[no-untyped-def]
+    q, k, v = _inputs(2, heads, kv_heads, n_keys, dim, dtype)
+    scale = dim**-0.5
+    got = op(q, k, v, None, scale)
+    assert got.shape == (2, 1, heads, dim) and got.dtype == dtype and got.is_contiguous()
+    assert (got.double() - _reference(q, k, v, None, scale)).abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+def test_kernel_applies_masks_per_sequence_and_skips_fully_masked_chunks(op, dtype, tol) -> None:  # type: ignore[no-untyped-def]
+    q, k, v = _inputs(2, 6, 2, 700, 64, dtype, seed=1)
+    hidden = torch.zeros(2, 700, dtype=torch.bool)
+    hidden[0, :300] = True  # the whole first chunk of 256 keys and part of the second
+    hidden[1, torch.randperm(700, generator=torch.Generator().manual_seed(2))[:500]] = True
+    mask = torch.zeros(2, 1, 1, 700, dtype=dtype).masked_fill(hidden.view(2, 1, 1, 700), float("-inf"))
+    expected = _reference(q, k, v, mask, 0.125)
+    assert (op(q, k, v, mask, 0.125).double() - expected).abs().max() < tol
+    # A mask shared by the batch broadcasts.
+    shared = mask[:1]
+    assert (op(q, k, v, shared, 0.125).double() - _reference(q, k, v, shared, 0.125)).abs().max() < tol
+    # Masked keys carry no weight: changing their values changes nothing.
+    v_changed = v.clone()
+    v_changed[0, :, :300] = 1e3
+    assert torch.equal(op(q, k, v_changed, mask, 0.125), op(q, k, v, mask, 0.125))
+
+
+def test_kernel_refuses_what_it_cannot_do(op) -> None:  # type: ignore[no-untyped-def]
+    q, k, v = _inputs(1, 4, 2, 10, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="one query per sequence"):
+        op(torch.cat([q, q], dim=2), k, v, None, 0.1)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(q, k.bfloat16(), v.bfloat16(), None, 0.1)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        op(q[:, :3], k, v, None, 0.1)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        op(q, k, v, torch.zeros(1, 1, 1, 9), 0.1)
+    q48, k48, v48 = _inputs(1, 4, 2, 10, 48, torch.float32)
+    assert not decode_kernel.applies(q48, k48)
+    with pytest.raises(RuntimeError, match="unsupported head size"):
+        op(q48, k48, v48, None, 0.1)
+
+
+def test_kernel_is_skipped_when_disabled_or_not_applicable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lminf_integrations import attention
+
+    q, k, _ = _inputs(1, 4, 2, 10, 64, torch.float32)
+    assert attention._decode_op(q, k) is not None
+    assert attention._decode_op(q.double(), k.double()) is None
+    monkeypatch.setenv("LMINF_DECODE_KERNEL", "0")
+    assert attention._decode_op(q, k) is None

@@ -1,8 +1,9 @@
 """Decoding tokens/s through ``generate``, eager vs compiled (``Engine(compile_decode=True)``), same process.
 
 LM-Infinite with the window cache: each context is encoded once (the contexts share one growing encoded prefix),
-then the same prompt is continued by ``generate`` twice, eagerly and with the compiled decoding step, with EOS
-suppressed so that every run decodes the same number of tokens. Steps are timed by a streamer's timestamps, so the
+then the same prompt is continued by ``generate``, eagerly and with the compiled decoding step, with the decoding
+kernel (``lminf_integrations/decode_kernel.py``) and with PyTorch's flash kernel in its place, with EOS suppressed
+so that every run decodes the same number of tokens. Steps are timed by a streamer's timestamps, so the
 first step (the last prompt token) and the one-time compile stay out of the rate.
 
     python -m bench decode                                  # 1K, 4K ... 128K
@@ -14,7 +15,10 @@ Writes ``bench/results/decode.md`` and ``bench/results/decode.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -62,6 +66,9 @@ Rows = list[dict[str, float]]
 
 
 def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[Rows, dict[str, float]]:
+    """Per context: eager and compiled decoding with the decoding kernel (``decode_kernel``), then compiled with
+    PyTorch's flash kernel instead (a second compile, after all lengths: a compiled step keeps the kernel it was
+    traced with); eager steps alternate between the two kernels."""
     from lminf_integrations import LMInfiniteConfig
     from lminf_integrations.engine import Engine
     from lminf_integrations.models import load_model
@@ -70,28 +77,59 @@ def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[R
     engine = Engine(model=model, tokenizer=tokenizer, config=LMInfiniteConfig(n_local=n_local), reuse_prefixes=False)
     ids = token_ids(tokenizer, max(lengths))
     rows: Rows = []
-    setup: dict[str, float] = {}
+    caches = {}
     state = None
     for n in sorted(lengths):
         state = engine.encode(ids[: n - 1], state=state)
         state.cache.allow_compiled_steps()
         if not state.cache.is_compileable:
             raise SystemExit(f"compiled decoding does not apply to a {n}-token prompt")
-        if not setup:  # warm-ups: the one-time compile, and its memory (the frozen weights are a second copy)
-            rss = psutil.Process().memory_info().rss
-            started = time.perf_counter()
-            _decode(model, ids[:n], state.cache.clone(), 2, compiled=True)
-            setup = {
-                "compile_s": time.perf_counter() - started,
-                "compile_rss_gib": (psutil.Process().memory_info().rss - rss) / 2**30,
-            }
-            _decode(model, ids[:n], state.cache.clone(), 2, compiled=False)
-        eager = _decode(model, ids[:n], state.cache.clone(), steps, compiled=False)
-        compiled = _decode(model, ids[:n], state.cache.clone(), steps, compiled=True)
-        row = {"context": n, "eager_tok_s": eager, "compiled_tok_s": compiled}
+        caches[n] = state.cache.clone()
+    setup = _warm_up(model, ids, caches[min(lengths)], kernel=True)
+    for n, cache in caches.items():
+        with _decode_kernel(True):
+            eager = _decode(model, ids[:n], cache.clone(), steps, compiled=False)
+            compiled = _decode(model, ids[:n], cache.clone(), steps, compiled=True)
+        with _decode_kernel(False):
+            eager_flash = _decode(model, ids[:n], cache.clone(), steps, compiled=False)
+        rows.append({"context": n, "eager_tok_s": eager, "compiled_tok_s": compiled, "eager_flash_tok_s": eager_flash})
+        print(rows[-1], flush=True)
+    torch._dynamo.reset()
+    setup["compile_flash_s"] = _warm_up(model, ids, caches[min(lengths)], kernel=False)["compile_s"]
+    for row in rows:
+        n = int(row["context"])
+        with _decode_kernel(False):
+            row["compiled_flash_tok_s"] = _decode(model, ids[:n], caches[n].clone(), steps, compiled=True)
         print(row, flush=True)
-        rows.append(row)
     return rows, setup
+
+
+@contextlib.contextmanager
+def _decode_kernel(enabled: bool) -> Iterator[None]:
+    previous = os.environ.get("LMINF_DECODE_KERNEL")
+    os.environ["LMINF_DECODE_KERNEL"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LMINF_DECODE_KERNEL"]
+        else:
+            os.environ["LMINF_DECODE_KERNEL"] = previous
+
+
+def _warm_up(model: Any, ids: list[int], cache: Any, kernel: bool) -> dict[str, float]:
+    """The one-time compile (and its memory: the frozen weights are a second copy), then one eager generation."""
+    n = cache.get_seq_length() + 1
+    with _decode_kernel(kernel):
+        rss = psutil.Process().memory_info().rss
+        started = time.perf_counter()
+        _decode(model, ids[:n], cache.clone(), 2, compiled=True)
+        setup = {
+            "compile_s": time.perf_counter() - started,
+            "compile_rss_gib": (psutil.Process().memory_info().rss - rss) / 2**30,
+        }
+        _decode(model, ids[:n], cache.clone(), 2, compiled=False)
+    return setup
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,12 +147,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.decode_steps} steps after the first. Text: pydoc_data.topics. {machine_line()}.\n"
         f"One-time compile (first compiled generation, 2 tokens): {setup['compile_s']:.0f} s; resident memory grew "
         f"by {setup['compile_rss_gib']:.2f} GiB (the frozen, prepacked weights).\n"
+        "Attention of a decoding step: our decoding kernel (`lminf_integrations/decode_kernel.py`), or PyTorch's "
+        "flash kernel (`LMINF_DECODE_KERNEL=0`; compiled after the kernel's columns, so a few minutes later).\n"
         f"Command: `python -m bench decode --lengths {' '.join(map(str, args.lengths))} --dtype {args.dtype} "
         f"--decode-steps {args.decode_steps}`\n\n"
-        "| context | eager tok/s | compiled tok/s | speed-up |\n|---|---|---|---|\n"
+        "| context | eager tok/s | compiled tok/s | speed-up | eager, flash kernel | compiled, flash kernel | "
+        "kernel vs flash, compiled |\n|---|---|---|---|---|---|---|\n"
         + "".join(
             f"| {r['context'] // 1024}K | {r['eager_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | "
-            f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f}× |\n"
+            f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f}× | {r['eager_flash_tok_s']:.1f} | "
+            f"{r['compiled_flash_tok_s']:.1f} | {r['compiled_tok_s'] / r['compiled_flash_tok_s']:.2f}× |\n"
             for r in rows
         )
     )
@@ -133,7 +175,11 @@ def plot(rows: Rows) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 4))
     xs = [r["context"] / 1024 for r in rows]
-    for key, label in (("eager_tok_s", "eager"), ("compiled_tok_s", "compiled")):
+    for key, label in (
+        ("eager_tok_s", "eager"),
+        ("compiled_tok_s", "compiled"),
+        ("compiled_flash_tok_s", "compiled, flash kernel"),
+    ):
         ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_ylim(bottom=0)

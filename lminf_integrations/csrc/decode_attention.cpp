@@ -20,6 +20,10 @@
 namespace {
 
 constexpr int64_t kChunk = 256;  // keys per work unit: 32 KB of bf16 keys and values at head size 64
+// The logit of a masked key. Built with -ffast-math, which assumes finite values, the kernel never holds -inf: a
+// chunk whose keys are all masked gets a maximum near this, so its weight in the merge, exp(its max - the overall
+// max), is 0 as long as any key is visible.
+constexpr float kMasked = -1e30f;
 
 // Sixteen floats: GCC/Clang vector extensions, lowered to AVX-512, AVX2 or SSE as the CPU has them.
 typedef float Vec __attribute__((vector_size(64)));
@@ -143,7 +147,9 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
         }
         Vec bias{};
         if (m) {
-          for (int64_t i = 0; i < kLanes; ++i) bias[i] = to_float(m[b * ms0 + (first + j + i) * ms3]);
+          for (int64_t i = 0; i < kLanes; ++i) {
+            bias[i] = std::max(to_float(m[b * ms0 + (first + j + i) * ms3]), kMasked);
+          }
         }
         for (int64_t g = 0; g < group; ++g) {
           const Vec sums = sum16(dots.data() + g * kLanes) + bias;
@@ -154,7 +160,7 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
         const T* kr = k + b * ks0 + h * ks1 + (first + j) * ks2;
         Vec row[kVecs];
         for (int64_t c = 0; c < kVecs; ++c) row[c] = load(kr + c * kLanes);
-        const float bias = m ? to_float(m[b * ms0 + (first + j) * ms3]) : 0.0f;
+        const float bias = m ? std::max(to_float(m[b * ms0 + (first + j) * ms3]), kMasked) : 0.0f;
         for (int64_t g = 0; g < group; ++g) {
           Vec dot = qv[g * kVecs] * row[0];
           for (int64_t c = 1; c < kVecs; ++c) dot += qv[g * kVecs + c] * row[c];
@@ -166,16 +172,12 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
       float* sums = part_sum.data() + unit * group;
       for (int64_t g = 0; g < group; ++g) {
         float* lg = logits.data() + g * kChunk;
-        float top = -std::numeric_limits<float>::infinity();
+        float top = std::numeric_limits<float>::lowest();
         for (int64_t j = 0; j < count; ++j) top = std::max(top, lg[j]);
         float total = 0.0f;
-        if (top == -std::numeric_limits<float>::infinity()) {  // every key of the chunk masked
-          for (int64_t j = 0; j < count; ++j) lg[j] = 0.0f;
-        } else {
-          for (int64_t j = 0; j < count; ++j) {
-            lg[j] = std::exp(lg[j] - top);
-            total += lg[j];
-          }
+        for (int64_t j = 0; j < count; ++j) {
+          lg[j] = std::exp(lg[j] - top);
+          total += lg[j];
         }
         maxima[g] = top;
         sums[g] = total;
@@ -201,13 +203,12 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
     for (int64_t head = 0; head < n_heads; ++head) {
       const int64_t h = head / group, g = head % group;
       const int64_t unit0 = (b * n_kv + h) * n_chunks;
-      float top = -std::numeric_limits<float>::infinity();
+      float top = std::numeric_limits<float>::lowest();
       for (int64_t c = 0; c < n_chunks; ++c) top = std::max(top, part_max[(unit0 + c) * group + g]);
       Vec merged[kVecs] = {};
       float total = 0.0f;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t at = (unit0 + c) * group + g;
-        if (part_max[at] == -std::numeric_limits<float>::infinity()) continue;
         const float factor = std::exp(part_max[at] - top);
         total += factor * part_sum[at];
         for (int64_t i = 0; i < kVecs; ++i) merged[i] += factor * part_acc[at * kVecs + i];

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DOC := examples/data/python_reference.txt
 QUESTION ?= What does the with statement do, and which methods does a context manager define?
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-avx2 lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(VENV)/.installed $(DOC)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests
+
+# The suite on the code an AVX2-only CPU runs (no AVX-512, no bf16), on any newer x86 CPU: PyTorch's AVX2 kernels,
+# oneDNN and MKL capped at AVX2, the decoding kernel built without AVX-512, dtype="auto" choosing float32.
+test-avx2: $(VENV)/.installed
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q -ra tests
 
 # `make bench ARGS="passkey --lengths 4096 16384"`: any `python -m bench` command, in the same virtualenv.
 bench: $(VENV)/.installed

@@ -41,21 +41,10 @@ def write_result(name: str, text: str, folder: Path = RESULTS) -> Path:
 
 
 def cpu_line() -> str:
-    """The CPU model and its bf16 matrix units: timings differ ~3x between CPUs with AMX and without."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    units = "AMX" if "amx_bf16" in flags else "AVX-512 BF16, no AMX" if "avx512_bf16" in flags else "no bf16 units"
-    return f"{name} ({units})"
+    """The CPU model and its class as PyTorch uses it (AMX, AVX-512 BF16, AVX2...): timings differ ~3x per class."""
+    from lminf_integrations.cpu import cpu_info
+
+    return cpu_info().describe()
 
 
 def machine_line() -> str:

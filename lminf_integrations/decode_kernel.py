@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu import cpu_info
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
@@ -33,6 +35,12 @@ HEAD_SIZES = (16, 32, 64, 80, 96, 128, 256)  # the ones the kernel is instantiat
 # at::parallel_for is OpenMP code inlined from ATen's headers; the library then uses the libgomp torch loaded.
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-mprefer-vector-width=512", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+
+
+def cflags() -> list[str]:
+    """The compiler flags for this machine: no AVX-512 where PyTorch itself runs without it (an AVX2-only CPU, or
+    ``ATEN_CPU_CAPABILITY=avx2`` on a newer one, so that the AVX2 build can be tested anywhere)."""
+    return _CFLAGS if cpu_info().avx512 else [*_CFLAGS, "-mno-avx512f"]
 
 _lock = threading.Lock()
 _state: dict[str, Callable[..., torch.Tensor] | None] = {}
@@ -69,19 +77,9 @@ def applies(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def _build_name() -> str:
-    cpu = _cpu_flags()
-    text = "\n".join([SOURCE.read_text(), " ".join(_CFLAGS), torch.__version__, platform.machine(), cpu])
+    cpu = " ".join(sorted(cpu_info().flags)) or platform.processor()
+    text = "\n".join([SOURCE.read_text(), " ".join(cflags()), torch.__version__, platform.machine(), cpu])
     return "lminf_decode_attention_" + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _build() -> Callable[..., torch.Tensor] | None:
@@ -97,7 +95,7 @@ def _build() -> Callable[..., torch.Tensor] | None:
         load(
             _build_name(),
             sources=[str(SOURCE)],
-            extra_cflags=_CFLAGS,
+            extra_cflags=cflags(),
             extra_ldflags=_LDFLAGS,
             is_python_module=False,
             verbose=False,

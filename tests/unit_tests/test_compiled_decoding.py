@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.compiled import generate_kwargs, inductor_settings
 from lminf_integrations.engine import Engine, GenerationSettings
+from tests.tolerances import assert_close, network_bound
 
 CONFIG = LMInfiniteConfig(n_global=2, n_local=16, chunk_size=8)
 
@@ -77,7 +78,9 @@ def test_compiled_steps_give_the_eager_logits(
     eager = scores(False)
     compiled = scores(True)
     assert counters["stats"]["unique_graphs"] >= 1
-    assert (compiled - eager).abs().max() < 1e-4
+    # inductor fuses and reorders the float32 sums: equal up to rounding over the model's longest reduction (MLP
+    # width 128) through its 2 layers and lm head (tests/tolerances.py); a wrong rotation moves logits by ~1e-3.
+    assert_close(compiled, eager, network_bound(eager, torch.float32, reduction=128, layers=3))
 
 
 @pytest.mark.parametrize(

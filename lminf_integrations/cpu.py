@@ -1,0 +1,66 @@
+"""What this CPU offers, as PyTorch will use it: the class that decides the default dtype and the kernel's build.
+
+Three classes of x86 CPU matter here, and their speeds differ by ~3x each step (README, "Speed by CPU"):
+AMX (bf16 tile multiplies), AVX-512 with BF16 dot products, and AVX2 only (no bf16 arithmetic at all).
+``ATEN_CPU_CAPABILITY=avx2`` makes PyTorch use its AVX2 kernels on any newer CPU; the class follows it, so a
+machine with AVX-512 can run exactly the code an AVX2-only machine runs (see ``make test-avx2``).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    name: str
+    flags: frozenset[str]
+    capability: str  # ATen's vector capability: "AVX512", "AVX2", "DEFAULT" (ATEN_CPU_CAPABILITY lowers it)
+
+    @property
+    def avx512(self) -> bool:
+        return self.capability == "AVX512" and "avx512f" in self.flags
+
+    @property
+    def bf16_units(self) -> bool:
+        """bf16 matrix instructions (AMX or AVX-512 BF16): where bf16 runs faster than float32."""
+        return self.avx512 and bool({"amx_bf16", "avx512_bf16"} & self.flags)
+
+    @property
+    def cpu_class(self) -> str:
+        if self.avx512 and "amx_bf16" in self.flags:
+            return "AMX"
+        if self.bf16_units:
+            return "AVX-512 BF16"
+        if self.avx512:
+            return "AVX-512"
+        if self.capability == "AVX2" or ("avx2" in self.flags and self.capability not in ("DEFAULT", "")):
+            return "AVX2"
+        return "baseline"
+
+    def describe(self) -> str:
+        limited = self.capability != "AVX512" and "avx512f" in self.flags
+        note = f", limited to {self.capability} by ATEN_CPU_CAPABILITY" if limited else ""
+        return f"{self.name} ({self.cpu_class}{note})"
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU (read once per process)."""
+    import torch
+
+    name, flags = platform.processor() or platform.machine(), frozenset[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = frozenset(value.split())
+                break
+    except OSError:
+        pass
+    return CpuInfo(name, flags, torch.backends.cpu.get_cpu_capability())

@@ -1,9 +1,30 @@
-"""LM-Infinite for Hugging Face transformers, with LangChain and LlamaIndex integrations."""
+"""LM-Infinite for Hugging Face transformers, with LangChain and LlamaIndex integrations.
 
-from .cache import LambdaCache
-from .config import LMInfiniteConfig
-from .models import load_model
-from .patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, patch_model, unpatch_model
+The names below are imported on first use: ``import lminf_integrations`` (and the ``lminf`` command's start) does
+not pay for torch and transformers until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cache import LambdaCache
+    from .config import LMInfiniteConfig
+    from .models import load_model
+    from .patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, patch_model, unpatch_model
+
+_HOMES = {
+    "SUPPORTED_ARCHITECTURES": "patch",
+    "LMInfiniteConfig": "config",
+    "LambdaCache": "cache",
+    "is_patched": "patch",
+    "load_model": "models",
+    "new_cache": "patch",
+    "patch_model": "patch",
+    "unpatch_model": "patch",
+}
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -15,3 +36,15 @@ __all__ = [
     "patch_model",
     "unpatch_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

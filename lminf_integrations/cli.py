@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from .config import LMInfiniteConfig
-from .streaming import ProgressCallback
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and transformers load only once the arguments are good
     from .engine import Engine
+    from .streaming import ProgressCallback
 
 DEFAULT_QUESTION_TEMPLATE = "{document}\n\nAnswer the question about the document above.\nQuestion: {question}"
 

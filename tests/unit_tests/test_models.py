@@ -88,3 +88,45 @@ def test_dtype_names() -> None:
     assert models.parse_dtype("auto") in (torch.bfloat16, torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         models.parse_dtype("int3")
+
+
+@pytest.mark.parametrize(
+    "flags,capability,expected",
+    [
+        ({"avx2", "avx512f", "amx_bf16", "avx512_bf16"}, "AVX512", "bfloat16"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "bfloat16"),
+        ({"avx2", "avx512f"}, "AVX512", "float32"),
+        ({"avx2", "fma"}, "AVX2", "float32"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", "float32"),  # ATEN_CPU_CAPABILITY=avx2 on a newer CPU
+    ],
+)
+def test_auto_dtype_follows_the_cpu_class_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flags: set[str], capability: str, expected: str
+) -> None:
+    import logging
+
+    import torch
+
+    from lminf_integrations.cpu import CpuInfo
+
+    monkeypatch.setattr(models, "cpu_info", lambda: CpuInfo("test CPU", frozenset(flags), capability))
+    models._announce_dtype.cache_clear()
+    with caplog.at_level(logging.INFO, logger="lminf_integrations.models"):
+        assert models.parse_dtype("auto") is getattr(torch, expected)
+        models.parse_dtype("auto")
+    assert sum(f"dtype='auto' chose {expected}" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_importing_the_package_or_the_cli_loads_no_torch() -> None:
+    """`lminf --help` and argument errors answer at once: torch and transformers load only when needed."""
+    code = (
+        "import sys, lminf_integrations, lminf_integrations.cli\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from lminf_integrations import LMInfiniteConfig\n"
+        "assert 'torch' not in sys.modules\n"
+        "from lminf_integrations import load_model\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

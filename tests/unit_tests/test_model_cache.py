@@ -1,0 +1,128 @@
+"""The converted-model cache (``model_cache.py``): built once, keyed by the source's checksum, written atomically,
+rebuilt when damaged; with the tiny random Llama standing in for a converted GGUF model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations import model_cache
+
+Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+class Builder:
+    """Counts how often the (slow) conversion runs."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair, self.calls = pair, 0
+
+    def __call__(self) -> Pair:
+        self.calls += 1
+        return self.pair
+
+
+def _load(folder: Path) -> Pair:
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF stand-in " * 1000)
+    return path
+
+
+@pytest.fixture
+def builder(tiny_llama_with_real_tokenizer: Pair) -> Builder:
+    return Builder(tiny_llama_with_real_tokenizer)
+
+
+def _same_weights(a: PreTrainedModel, b: PreTrainedModel) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def test_built_once_then_read(source: Path, builder: Builder, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    first = model_cache.load_through_cache(source, builder, _load, root)
+    second = model_cache.load_through_cache(source, builder, _load, root)
+    assert builder.calls == 1
+    assert first is not None and second is not None
+    assert _same_weights(second[0], builder.pair[0])
+    text = "Hello, world: caching converted models."
+    assert second[1](text)["input_ids"] == builder.pair[1](text)["input_ids"]
+    assert second[1].chat_template == builder.pair[1].chat_template
+    (folder,) = (root / "models").iterdir()
+    assert model_cache.check_folder(folder, model_cache.file_sha256(source, root)) is None
+    assert [p.name for p in (root / "models").iterdir()] == [folder.name]  # no staging folder left behind
+
+
+def test_a_changed_source_gets_its_own_folder(source: Path, builder: Builder, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    model_cache.load_through_cache(source, builder, _load, root)
+    source.write_bytes(b"another GGUF " * 1000)
+    model_cache.load_through_cache(source, builder, _load, root)
+    assert builder.calls == 2
+    assert len(list((root / "models").iterdir())) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "remove manifest", "remove tokenizer", "corrupt in place"])
+def test_a_damaged_folder_is_rebuilt(
+    source: Path, builder: Builder, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "cache"
+    model_cache.load_through_cache(source, builder, _load, root)
+    (folder,) = (root / "models").iterdir()
+    weights = folder / "model.safetensors"
+    if damage == "truncate weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "remove manifest":
+        (folder / model_cache.MANIFEST).unlink()
+    elif damage == "remove tokenizer":
+        (folder / "tokenizer.json").unlink()
+    else:  # same size, so only loading can tell: the safetensors header is garbage
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"\xff" * 32
+        weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="lminf_integrations.model_cache"):
+        loaded = model_cache.load_through_cache(source, builder, _load, root)
+    assert builder.calls == 2
+    assert loaded is not None and _same_weights(loaded[0], builder.pair[0])
+    assert "rebuilding" in caplog.text
+
+
+def test_the_checksum_is_remembered_until_the_file_changes(source: Path, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    real = model_cache.file_sha256(source, root)
+    (memo,) = (root / "checksums").iterdir()
+    remembered = json.loads(memo.read_text())
+    memo.write_text(json.dumps({**remembered, "sha256": "remembered"}))
+    assert model_cache.file_sha256(source, root) == "remembered"  # not read again
+    os.utime(source, ns=(remembered["mtime_ns"] + 10**9, remembered["mtime_ns"] + 10**9))
+    assert model_cache.file_sha256(source, root) == real
+
+
+def test_an_unwritable_cache_loads_directly_without_converting(source: Path, builder: Builder, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "models").write_text("a file where the cache wants a folder")  # unwritable even for root
+    assert model_cache.load_through_cache(source, builder, _load, root) is None
+    assert builder.calls == 0  # the slow conversion is not wasted: the caller loads the source itself
+
+
+@pytest.mark.parametrize("value,expected", [("off", None), ("", None), ("/somewhere", Path("/somewhere"))])
+def test_cache_root_follows_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: Path | None
+) -> None:
+    monkeypatch.setenv("LMINF_CACHE_DIR", value)
+    assert model_cache.cache_root() == expected
+    monkeypatch.delenv("LMINF_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert model_cache.cache_root() == Path("/xdg/lminf_integrations")

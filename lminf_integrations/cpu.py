@@ -8,10 +8,18 @@ machine with AVX-512 can run exactly the code an AVX2-only machine runs (see ``m
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import platform
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -64,3 +72,42 @@ def cpu_info() -> CpuInfo:
     except OSError:
         pass
     return CpuInfo(name, flags, torch.backends.cpu.get_cpu_capability())
+
+
+_onednn_lock = threading.Lock()
+_onednn_off_count = 0
+_onednn_was_enabled = True
+
+
+def decodes_faster_without_onednn(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether eager decoding steps should run with oneDNN off: bf16 on a CPU (``LMINF_DECODE_ONEDNN=1`` keeps it).
+
+    A decoding step multiplies one row by every weight matrix. oneDNN's bf16 matmul takes 2-2.6x longer for that
+    than PyTorch's own bf16 kernels (README, "Start-up and speed by CPU class"), while for prefill's many rows it
+    is the fast path; float32 matmuls go through MKL either way.
+    """
+    import torch
+
+    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("LMINF_DECODE_ONEDNN", "0") != "1"
+
+
+@contextlib.contextmanager
+def onednn_off() -> Iterator[None]:
+    """oneDNN off for the duration, process-wide (PyTorch's flag is global), counted so that overlapping users in
+    several threads restore it only when the last one leaves. Other threads' matmuls meanwhile run on PyTorch's
+    own kernels: the same results up to rounding, at their speed."""
+    global _onednn_off_count, _onednn_was_enabled
+    import torch
+
+    with _onednn_lock:
+        if _onednn_off_count == 0:
+            _onednn_was_enabled = bool(getattr(torch.backends.mkldnn, "enabled"))  # noqa: B009 (a property)
+            setattr(torch.backends.mkldnn, "enabled", False)  # noqa: B010
+        _onednn_off_count += 1
+    try:
+        yield
+    finally:
+        with _onednn_lock:
+            _onednn_off_count -= 1
+            if _onednn_off_count == 0:
+                setattr(torch.backends.mkldnn, "enabled", _onednn_was_enabled)  # noqa: B010

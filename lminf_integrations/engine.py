@@ -5,6 +5,7 @@ Framework-free; the LangChain and LlamaIndex classes, the CLI and the benchmarks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from .cache import LambdaCache
 from .compiled import generate_kwargs, inductor_settings
 from .config import LMInfiniteConfig
+from .cpu import decodes_faster_without_onednn, onednn_off
 from .models import load_model, model_name
 from .patch import cache_kwargs, new_cache, patch_model
 from .state import StateStore
@@ -313,7 +315,12 @@ class Engine:
                 torch.manual_seed(settings.seed)
         input_ids = torch.tensor([ids], device=self.model.device)
         compiled = self._compiles(encoded.cache)
-        with torch.inference_mode(), inductor_settings(compiled):
+        faster_without_onednn = not compiled and decodes_faster_without_onednn(self.model.dtype, self.model.device)
+        with (
+            torch.inference_mode(),
+            inductor_settings(compiled),
+            onednn_off() if faster_without_onednn else contextlib.nullcontext(),
+        ):
             output = self.model.generate(  # type: ignore[operator]
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),

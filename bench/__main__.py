@@ -9,6 +9,7 @@ Commands:
     decode       decoding tokens/s through generate, eager vs compiled (compile_decode)
     reuse        many questions about one document, with and without reuse of its encoded state
     band         the Λ band's kernel time by layout and query-block size (how the layout was chosen)
+    cpu          start-up, dtype choice and prefill ratio on this CPU class (AMX, AVX-512 BF16, AVX2)
 
 ``python -m bench <command> --help`` lists each command's options.
 """
@@ -26,6 +27,7 @@ COMMANDS = {
     "decode": "bench.decode",
     "reuse": "bench.reuse",
     "band": "bench.band",
+    "cpu": "bench.cpu",
 }
 
 

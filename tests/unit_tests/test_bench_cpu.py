@@ -1,0 +1,29 @@
+"""The CPU harness (``python -m bench cpu``): a small slice of its dtype comparison on the real default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.cpu import main
+
+
+def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> None:
+    from lminf_integrations.cpu import cpu_info
+
+    name = "cpu-" + cpu_info().cpu_class.lower().replace(" ", "-")
+    earlier = {"startup": {"import_s": 1.0, "first_load_s": 9.0, "load_s": 0.5, "ask_s": 3.0, "encode_s": 60.0,
+                           "ask_state_s": 4.0, "answer": "green"},
+               "measured": {"startup": "earlier, `python -m bench cpu --repeats 3`"}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(earlier))
+    main(["--skip", "startup", "ratio", "--dtype-tokens", "512", "--decode-steps", "2", "--results", str(tmp_path)])
+    table = (tmp_path / f"{name}.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| fp32")
+            or line.startswith("| bf16")}
+    assert set(rows) == {"fp32", "bf16", "fp32+int8"}
+    assert rows["fp32"].rstrip(" |").endswith("+0.00%")
+    assert "| 1.0 | 9.0 | 0.5 | 3.0 | 60.0 | 4.0 |" in table  # the skipped part, kept
+    assert "Measured earlier, `python -m bench cpu --repeats 3`" in table
+    assert "`python -m bench cpu --dtype-tokens 512 --decode-steps 2`" in table
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    assert all(row["ppl"] > 1 and row["prefill_tok_s"] > 0 for row in report["dtypes"].values())

@@ -90,7 +90,7 @@ from transformers import (
 from bench.common import RESULTS, machine_line, peak_rss
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
-from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
+from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
 from lminf_integrations.models import load_model, model_name
 from lminf_integrations.patch import cache_kwargs
 from lminf_integrations.streaming import DeltaStreamer
@@ -200,7 +200,7 @@ def vanilla_answer(
         top_k=None,
         streamer=DeltaStreamer(tokenizer, emit),
         stopping_criteria=StoppingCriteriaList([flag]),
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
     )
     return clock.result()
 

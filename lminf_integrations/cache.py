@@ -327,7 +327,7 @@ class LambdaLayer(CacheLayerMixin):
             return self._position  # type: ignore[return-value]
         return self.seen
 
-    def get_max_length(self) -> int:
+    def get_max_length(self) -> int:  # abstract in transformers' CacheLayerMixin; -1: no fixed maximum
         return -1
 
     def nbytes(self) -> int:
@@ -335,7 +335,17 @@ class LambdaLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def reset(self) -> None:
-        self.__init__(self.settings)  # type: ignore[misc]
+        """Empty the layer in place, as transformers' cache layers do: the same buffers, zeroed, at position 0
+        (a compiled step or a caller holding them keeps valid tensors)."""
+        if not self.is_initialized:
+            return
+        for tensor in (self.keys, self.values, self.middle_keys):
+            if tensor is not None:
+                tensor.zero_()
+        if self.sink_keys is not None and self.sink_values is not None:
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :0], self.sink_values[:, :, :0]
+        self._position.zero_()
+        self._seen, self.steady, self.top_k_from_position = 0, False, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported with the LM-Infinite cache")

@@ -79,6 +79,12 @@ class GenerationSettings:
             raise ValueError("top_p must be in (0, 1]")
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The tokenizer's pad id for ``generate``, EOS where it has none (a pad id of 0 is a real id)."""
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else int(pad)
+
+
 class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
@@ -328,7 +334,7 @@ class Engine:
                 max_new_tokens=settings.max_new_tokens,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                pad_token_id=pad_token_id(self.tokenizer),
                 top_k=None,
                 **generate_kwargs(compiled),
                 **sampling,

@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -39,7 +39,6 @@ class StreamResult:
     output_tokens: int = 0
     stop_reason: str = "length"  # "length", "eos", "stop", "cancelled"
     text: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _END = object()
@@ -175,15 +174,6 @@ class TokenStream:
                 return self._events.get_nowait()
             except queue.Empty:
                 await ready.wait()
-
-    def _handle(self, event: tuple[str, Any]) -> str | object | None:
-        """Turn one queued event into text to yield, ``_END``, or None (progress goes to ``on_progress``)."""
-        item = self._take(event)
-        if isinstance(item, Progress):
-            if self._on_progress is not None:
-                self._on_progress(item.done, item.total)
-            return None
-        return item
 
     def _take(self, event: tuple[str, Any]) -> str | Progress | object | None:
         """Turn one queued event into text to yield, a :class:`Progress`, ``_END``, or None."""

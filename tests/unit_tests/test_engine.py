@@ -1,0 +1,53 @@
+"""Engine and cache defects found in review, each pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
+from lminf_integrations.engine import Engine, GenerationSettings, pad_token_id
+
+Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+def test_a_pad_token_id_of_zero_is_kept(tiny_llama_with_real_tokenizer: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id != 0
+    assert pad_token_id(tokenizer) == 0
+    seen: dict[str, object] = {}
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: seen.update(kwargs) or generate(*args, **kwargs))
+    engine = Engine(model=model, tokenizer=tokenizer, config=LMInfiniteConfig(n_local=16), reuse_prefixes=False)
+    engine.generate("one two three", GenerationSettings(max_new_tokens=2))
+    assert seen["pad_token_id"] == 0
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id  # no pad token: EOS stands in, as before
+
+
+@pytest.mark.parametrize("cache_mode", ["window", "full"])
+@torch.no_grad()
+def test_reset_clears_the_cache_in_place(tiny_llama_with_real_tokenizer: Pair, cache_mode: str) -> None:
+    """Like transformers' cache layers: the same buffers, zeroed, and the cache then works as a new one."""
+    model, _ = tiny_llama_with_real_tokenizer
+    model = copy.deepcopy(model)
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache=cache_mode))  # type: ignore[arg-type]
+    ids = torch.randint(100, 5000, (1, 30), generator=torch.Generator().manual_seed(0))
+    cache = new_cache(model)
+    model(ids[:, :20], past_key_values=cache)
+    for token in range(20, 24):
+        model(ids[:, token : token + 1], past_key_values=cache)
+    layer = cache.lambda_layers[0]
+    buffers, position = (layer.keys.data_ptr(), layer.values.data_ptr()), layer._position
+    cache.reset()
+    assert (layer.keys.data_ptr(), layer.values.data_ptr()) == buffers and layer._position is position
+    assert not layer.keys.any() and not layer.values.any()
+    assert cache.get_seq_length() == 0
+    again = model(ids, past_key_values=cache).logits
+    fresh = model(ids, past_key_values=new_cache(model)).logits
+    assert torch.equal(again, fresh)

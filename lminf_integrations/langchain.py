@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from .config import LMInfiniteConfig
 from .engine import Engine, GenerationSettings
 from .models import DEFAULT_MODEL_NAME
+from .settings import refuse_unknown
 from .streaming import Progress, StreamResult, TerminalProgress, TokenStream, merge_stop
 
 __all__ = ["PROGRESS_EVENT", "ChatLMInfinite", "LMInfiniteLLM", "messages_to_chat"]
@@ -149,6 +150,7 @@ class _LMInfiniteParams(BaseModel):
                 if alias in values and name in values:
                     raise ValueError(f"pass {name} or {alias}, not both")
             values = {k: v for k, v in values.items() if k not in _IGNORED_PARAMS}
+            refuse_unknown(values, [*cls.model_fields, *_ALIASES], cls.__name__)
         return values
 
     @model_validator(mode="after")

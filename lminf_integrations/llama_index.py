@@ -44,6 +44,7 @@ from llama_index.core.response_synthesizers import BaseSynthesizer, ResponseMode
 
 from .config import CacheMode, LMInfiniteConfig
 from .engine import Engine, GenerationSettings
+from .settings import refuse_unknown
 from .streaming import ProgressCallback, StreamResult, TokenStream, merge_stop
 
 __all__ = ["DEFAULT_CONTEXT_WINDOW", "LMInfiniteLLM", "WholeDocumentSetup", "whole_document_setup"]
@@ -127,6 +128,7 @@ class LMInfiniteLLM(CustomLLM):
             on_progress: called as ``on_progress(done, total)`` while the prompt is encoded, in the consumer's
                 thread (useful for long documents, whose encoding takes a while on a CPU).
         """
+        refuse_unknown(kwargs, [*type(self).model_fields, "engine", "on_progress"], type(self).__name__)
         if isinstance(kwargs.get("model_id"), os.PathLike):
             kwargs["model_id"] = os.fspath(kwargs["model_id"])
         if engine is not None:

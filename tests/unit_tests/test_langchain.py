@@ -108,6 +108,14 @@ def test_bad_settings_fail_at_construction(kwargs: dict[str, Any], message: str)
             cls(**kwargs)
 
 
+def test_unknown_settings_name_the_known_ones() -> None:
+    for cls in (LMInfiniteLLM, ChatLMInfinite):
+        with pytest.raises(ValueError, match="n_locl") as error:
+            cls(n_locl=5)
+        assert "did you mean 'n_local'" in str(error.value) and "known settings:" in str(error.value)
+        assert "chunk_size" in str(error.value)
+
+
 def test_remote_provider_params_are_accepted_and_ignored() -> None:
     model = ChatLMInfinite(api_key="x", timeout=5, max_retries=2)
     assert not hasattr(model, "api_key")

@@ -126,6 +126,14 @@ def test_wrapped_engine_settings_are_mirrored_and_not_overridable(engine: Engine
     assert make_llm(compiled).compile_decode
 
 
+def test_unknown_settings_are_refused_with_the_known_names(engine: Engine) -> None:
+    for kwargs in ({"engine": engine}, {}):  # checked before any model is loaded
+        with pytest.raises(ValueError, match="n_locl") as error:
+            LMInfiniteLLM(n_locl=5, **kwargs)
+        assert "did you mean 'n_local'" in str(error.value) and "known settings:" in str(error.value)
+        assert "chunk_size" in str(error.value)
+
+
 async def test_bad_call_options_fail_at_the_call_even_for_streams(engine: Engine) -> None:
     llm = make_llm(engine)
     with pytest.raises(TypeError, match="max_tokens"):

@@ -58,9 +58,12 @@ class DocumentState:
 
     token_ids: list[int]
     cache: LambdaCache
+    # The text whose tokens these are, when it is known (``Engine.encode_document``): a prompt given as text that
+    # starts with it is tokenized after it only, so tokens never merge across the boundary.
+    text: str | None = None
 
     def copy(self) -> DocumentState:
-        return DocumentState(list(self.token_ids), self.cache.clone())
+        return DocumentState(list(self.token_ids), self.cache.clone(), self.text)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ class Engine:
                 state = DocumentState([], new_cache(self.model))
             elif list(token_ids[: len(state.token_ids)]) != state.token_ids:
                 raise ValueError("token_ids do not start with the state's tokens")
+            if len(token_ids) > len(state.token_ids):
+                state.text = None  # the state now holds more than its text
             total = report_total or len(token_ids)
             self.check_memory(total)
             # Every token encoded here is a prompt token: top-k middle attention (generation-time queries only)
@@ -229,8 +234,29 @@ class Engine:
             return state
 
     def encode_document(self, text: str, progress: ProgressCallback | None = None) -> DocumentState:
-        """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question."""
-        return self.encode(self.tokenize(text), progress)
+        """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question (tokenized
+        on its own, so the document's tokens are an exact prefix whatever the question starts with)."""
+        state = self.encode(self.tokenize(text), progress)
+        state.text = text
+        return state
+
+    def prompt_ids(self, prompt: str | Sequence[int], state: DocumentState | None = None) -> list[int]:
+        """The token ids of ``prompt``; with a ``state``, checked to start with the state's tokens."""
+        if isinstance(prompt, str) and state is not None and state.text is not None:
+            if not prompt.startswith(state.text):
+                raise ValueError(
+                    "the prompt does not start with the encoded document's text (state=); give the document's text "
+                    "followed by the question, or token ids"
+                )
+            ids = list(state.token_ids) + self.tokenize(prompt[len(state.text) :])
+        else:
+            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if state is not None and ids[: len(state.token_ids)] != state.token_ids:
+            raise ValueError(
+                "the prompt's tokens do not start with the state's tokens; pass token ids "
+                "(state.token_ids + engine.tokenize(question)) for a state without its text"
+            )
+        return ids
 
     # ---- generation ---------------------------------------------------------------------------------------
     def stream(
@@ -243,7 +269,7 @@ class Engine:
     ) -> TokenStream:
         """Start generating a continuation of ``prompt``; iterate the result for text deltas."""
         settings = settings or GenerationSettings()
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.prompt_ids(prompt, state)
         if not ids:
             raise ValueError("the prompt is empty")
 

@@ -51,3 +51,22 @@ def test_reset_clears_the_cache_in_place(tiny_llama_with_real_tokenizer: Pair, c
     again = model(ids, past_key_values=cache).logits
     fresh = model(ids, past_key_values=new_cache(model)).logits
     assert torch.equal(again, fresh)
+
+
+def test_stream_with_an_encoded_document_reads_only_the_rest(tiny_llama_with_real_tokenizer: Pair) -> None:
+    """``stream(text + question, state=encode_document(text))``, as documented, even where the tokenizer would merge
+    tokens across the boundary ("Bob" + "by" tokenizes differently from "Bobby")."""
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    engine = Engine(model=model, tokenizer=tokenizer, config=LMInfiniteConfig(n_local=16), reuse_prefixes=False)
+    text, question = "Alice met Bob", "by the sea?"
+    assert engine.tokenize(text + question)[: len(engine.tokenize(text))] != engine.tokenize(text)
+    state = engine.encode_document(text)
+    settings = GenerationSettings(max_new_tokens=4)
+    stream = engine.stream(text + question, settings, state=state)
+    answer = "".join(stream)
+    assert stream.result is not None
+    assert stream.result.input_tokens == len(engine.tokenize(text)) + len(engine.tokenize(question))
+    # The same as giving the token ids of both halves, without the state.
+    assert answer == "".join(engine.stream(engine.tokenize(text) + engine.tokenize(question), settings))
+    with pytest.raises(ValueError, match="does not start with the encoded document"):
+        engine.stream("Someone else entirely", settings, state=state)

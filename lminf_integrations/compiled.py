@@ -7,10 +7,14 @@ transformers' ``generate`` compiles the model's forward for decoding steps when 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from transformers import CompileConfig
+
+logger = logging.getLogger(__name__)
+_reported: set[str] = set()
 
 # Inductor settings for CPU decoding: frozen weights are prepacked for the CPU GEMM kernels; autotuning picks AMX /
 # AVX-512 micro-kernels for the matrix-vector products of a step; q/k/v and gate/up projections become one GEMM
@@ -24,7 +28,9 @@ INDUCTOR_SETTINGS: dict[str, Any] = {
     "cpp_wrapper": True,
 }
 
-# One graph per model and settings (fixed shapes); a graph break would fall back to eager code, not fail.
+# One graph per model and settings (fixed shapes). fullgraph=False: a graph break (an architecture whose code
+# dynamo cannot trace whole) runs that part eagerly instead of failing the answer; it is slower, so the engine
+# warns once (graph_breaks_reported). The supported architectures compile without any (tested).
 DECODE_COMPILE_CONFIG = CompileConfig(fullgraph=False, dynamic=False, mode="default")
 # transformers compiles decoding steps only on accelerators unless the compile config says otherwise.
 DECODE_COMPILE_CONFIG._compile_all_devices = True  # type: ignore[assignment]
@@ -46,3 +52,25 @@ def generate_kwargs(enabled: bool) -> dict[str, Any]:
     """``generate`` arguments that turn compiled decoding steps on or off (off also on GPUs, where transformers
     would otherwise compile by default once the cache is steady)."""
     return {"compile_config": DECODE_COMPILE_CONFIG, "disable_compile": not enabled}
+
+
+@contextlib.contextmanager
+def graph_breaks_reported(enabled: bool, model_name: str) -> Iterator[None]:
+    """Warn once per model when compiled decoding steps broke their graph during the block (they still ran, the
+    broken parts eagerly, and more slowly)."""
+    if not enabled:
+        yield
+        return
+    from torch._dynamo.utils import counters
+
+    before = sum(counters["graph_break"].values())
+    yield
+    if sum(counters["graph_break"].values()) > before and model_name not in _reported:
+        _reported.add(model_name)
+        reasons = "; ".join(list(counters["graph_break"])[:3])
+        logger.warning(
+            "compiled decoding of %s breaks its graph (%s): those parts run eagerly, so steps are slower than "
+            "they could be; compile_decode=False avoids the compile time",
+            model_name,
+            reasons,
+        )

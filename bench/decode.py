@@ -26,6 +26,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from bench.common import RESULTS, machine_line, token_ids, write_result
+from lminf_integrations.config import LMInfiniteConfig
 
 
 class _Clock(BaseStreamer):
@@ -69,7 +70,6 @@ def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[R
     """Per context: eager and compiled decoding with the decoding kernel (``decode_kernel``), then compiled with
     PyTorch's flash kernel instead (a second compile, after all lengths: a compiled step keeps the kernel it was
     traced with); eager steps alternate between the two kernels."""
-    from lminf_integrations import LMInfiniteConfig
     from lminf_integrations.engine import Engine
     from lminf_integrations.models import load_model
 
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, setup = measure(args.lengths, args.dtype, args.n_local, args.decode_steps)
     text = (
         f"# Decoding tokens/s, eager vs compiled, SmolLM2-135M-Instruct, {args.dtype}\n\n"
-        f"LM-Infinite: n_local={args.n_local}, n_global=10, window cache. `model.generate` (greedy, EOS suppressed) "
+        f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, window cache. "
+        "`model.generate` (greedy, EOS suppressed) "
         f"continues the same encoded prompt eagerly and with `compile_decode`'s settings; rate over "
         f"{args.decode_steps} steps after the first. Text: pydoc_data.topics. {machine_line()}.\n"
         f"One-time compile (first compiled generation, 2 tokens): {setup['compile_s']:.0f} s; resident memory grew "

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from lminf_integrations.config import LMInfiniteConfig
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -27,7 +29,7 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
     from transformers import DynamicCache
 
     from bench.common import peak_rss, token_ids
-    from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
+    from lminf_integrations import new_cache, patch_model
     from lminf_integrations.models import load_model
     from lminf_integrations.patch import cache_kwargs
 
@@ -130,7 +132,8 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
     sizes = sorted({n for _, n in rows})
     head = (
         f"# Prefill and decode speed, SmolLM2-135M-Instruct, {args.dtype}\n\n"
-        f"LM-Infinite: n_local={args.n_local}, n_global=10, cache={args.cache}, prefill chunk 2048. Vanilla: "
+        f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, cache={args.cache}, "
+        "prefill chunk 2048. Vanilla: "
         "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
         f"prefill + {MEMORY_DECODE_STEPS} decode steps (beyond the weights), in a separate run with "
         "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors. "

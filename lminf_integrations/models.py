@@ -139,6 +139,28 @@ def load_model(
         return loaded
 
 
+def load_tokenizer(model_id: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model_id`` (as :func:`load_model` names models) without loading any weights.
+
+    A GGUF model's tokenizer comes from its folder in the model cache (converting the file on first use).
+    """
+    source = resolve_model(model_id)
+    location: str | Path = source.location
+    kwargs: dict[str, object] = {}
+    root = model_cache.cache_root() if source.gguf_file else None
+    if source.gguf_file:
+        gguf = Path(source.location) / source.gguf_file
+        convert = lambda: _from_source(source, torch.float32)  # noqa: E731
+        folder = None if root is None else model_cache.cached_folder(gguf, convert, root)
+        if folder is not None:
+            location = folder
+        else:
+            kwargs["gguf_file"] = source.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenizer.model_max_length = 10**9
+    return tokenizer
+
+
 def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     loaded = _load_gguf_through_cache(source, dtype) if source.gguf_file else None
     model, tokenizer = loaded if loaded is not None else _from_source(source, dtype)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from lminf_integrations.models import load_model
+from lminf_integrations.models import load_model, load_tokenizer
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -18,11 +18,17 @@ def default_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 
 @pytest.fixture(scope="session")
+def default_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer and chat template alone: the unit tier needs no real weights."""
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_with_real_tokenizer(
-    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    default_tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A 2-layer random-weight Llama with SmolLM2's tokenizer and chat template: fast end-to-end plumbing."""
-    _, tokenizer = default_model
+    tokenizer = default_tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

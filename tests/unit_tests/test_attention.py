@@ -267,14 +267,32 @@ def test_full_cache_grows_and_reports_size() -> None:
 
 @torch.no_grad()
 def test_generate_works_with_both_caches_and_streamers() -> None:
-    from transformers import TextIteratorStreamer  # noqa: F401 - the import itself is part of the contract
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        """Every id generate() streams: the prompt first, then one new token per step."""
+
+        def __init__(self) -> None:
+            self.puts: list[list[int]] = []
+            self.ended = False
+
+        def put(self, value: torch.Tensor) -> None:
+            self.puts.append(value.flatten().tolist())
+
+        def end(self) -> None:
+            self.ended = True
 
     model = _tiny("llama")
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8))
     ids = _ids(30, seed=4)
     with_default_cache = model.generate(ids, max_new_tokens=12, do_sample=False)
-    with_lambda_cache = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=new_cache(model))
+    streamer = Collect()
+    with_lambda_cache = model.generate(
+        ids, max_new_tokens=12, do_sample=False, past_key_values=new_cache(model), streamer=streamer
+    )
     assert torch.equal(with_default_cache, with_lambda_cache)
+    assert streamer.ended and streamer.puts[0] == ids[0].tolist()
+    assert sum(streamer.puts[1:], []) == with_lambda_cache[0, 30:].tolist()  # each new token, streamed in order
     sampled = model.generate(
         ids, max_new_tokens=5, do_sample=True, top_p=0.9, past_key_values=new_cache(model), pad_token_id=0
     )

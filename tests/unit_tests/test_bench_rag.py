@@ -18,8 +18,8 @@ from lminf_integrations import is_patched
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
-    return default_model[1]
+def tokenizer(default_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")

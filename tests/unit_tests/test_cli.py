@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations.cli import build_parser, main
 
@@ -70,17 +69,6 @@ def test_inconsistent_settings_are_refused(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(SystemExit, match="cache='full'"):
         main(["ask", str(path), "q", "--top-k", "4"])
-
-
-@pytest.fixture
-def tiny_model_dir(
-    tmp_path: Path, tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase]
-) -> Path:
-    model, tokenizer = tiny_llama_with_real_tokenizer
-    model_dir = tmp_path / "tiny"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
 
 
 SMALL = ["--max-new-tokens", "8", "--n-local", "512", "--chunk-size", "1024", "--dtype", "fp32"]

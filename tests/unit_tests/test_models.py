@@ -64,6 +64,15 @@ def test_default_model_is_loaded_once(default_model: tuple[PreTrainedModel, PreT
     assert models.model_name(default_model[0]) == "SmolLM2-135M-Instruct"
 
 
+def test_the_tokenizer_loads_alone_and_is_the_models(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    tokenizer = models.load_tokenizer()
+    assert tokenizer is not default_model[1] and tokenizer.get_vocab() == default_model[1].get_vocab()
+    assert tokenizer.chat_template == default_model[1].chat_template
+    assert tokenizer.model_max_length == default_model[1].model_max_length
+
+
 @pytest.mark.parametrize("bad", ["a/b/c", "./missing-folder"])
 def test_nonsense_ids_are_refused(bad: str) -> None:
     with pytest.raises((ValueError, FileNotFoundError)):

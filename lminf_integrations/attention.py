@@ -243,8 +243,7 @@ def _core_and_inner_band(
     over all queries takes them (the *core*), as fast per key as plain attention. The remaining ``2n - 1`` keys (the
     ``n - 1`` before the core and the chunk's own ``n``), put side by side, form a band of width ``n``: query ``r``
     sees entries ``[r, r + n - 1]``, which :func:`_banded_blocks` computes. The kernel's cost per key grows with
-    the number of blocks (8 blocks of 256 queries over the same 4,096 keys: 31 ms; one call over 2,048 queries: 24
-    ms), so the blockwise band over the whole window was ~10% slower here (``python -m bench band``).
+    the number of blocks, so a blockwise band over the whole window was slower (``python -m bench band``; README).
     """
     n = query.shape[-2]
     span_start = first_index - window + 1  # the first query's oldest visible key

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decoding step: ~2.2x faster steps after ~70 s of compiling in every run, so it pays off "
-        "only for answers of ~2,000+ tokens (the Python API and framework classes compile once per process)",
+        help="compile the decoding step: faster steps after a compile that every run repeats, so it pays off only "
+        "for long answers (README: 'Decoding, eager vs compiled'; the Python API and framework classes compile "
+        "once per process)",
     )
     encode = commands.add_parser(
         "encode", parents=[common], help="encode a document once and save its state for many `ask --state`"

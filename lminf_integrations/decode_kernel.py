@@ -3,10 +3,10 @@
 A steady decoding step attends one query per sequence to the whole window buffer. PyTorch's CPU flash kernel does
 this with a one-row GEMM per block of keys and reads every key/value head once per query head; the kernel here
 reads each key and value row once for all query heads of its group and splits the keys across threads, in float32
-like the flash kernel (exact up to rounding; merged by each chunk's maximum and sum). On the 2-core AMX machine it
-takes about half the flash kernel's time, and compiled decoding runs 1.16–1.33× faster (``python -m bench decode``).
+like the flash kernel (exact up to rounding; merged by each chunk's maximum and sum). It takes less time than the
+flash kernel, and compiled decoding runs faster with it (``python -m bench decode``; README, "How it works").
 
-It is compiled once per machine with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; ~10 s) into
+It is compiled once per machine with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; seconds) into
 torch's extension cache. Where that fails, or with ``LMINF_DECODE_KERNEL=0``, decoding uses the flash kernel, with
 one warning saying why.
 """
@@ -91,7 +91,7 @@ def _build() -> Callable[..., torch.Tensor] | None:
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("Building the decode-attention kernel (once per machine, ~10 s)")
+        logger.info("Building the decode-attention kernel (once per machine, for its CPU flags)")
         load(
             _build_name(),
             sources=[str(SOURCE)],

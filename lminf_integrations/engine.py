@@ -108,9 +108,9 @@ class Engine:
         reuse_prefixes: ``False`` turns automatic prefix reuse off (explicit ``state=`` still works).
         compile_decode: compile the decoding step with ``torch.compile`` (inductor), with ``cache="window"`` and
             prompts of more than ``n_global`` tokens (every step then has the same shapes, a mask hiding what the
-            window does not show yet). The first such generation per model and settings spends about a minute
-            compiling (2 CPU cores), and the frozen weights take another copy of the weights' memory; later steps
-            run ~2× faster on CPU. Off by default: worth it for many or long answers, not for one short one.
+            window does not show yet). The first such generation per model and settings pauses to compile, and
+            the frozen weights take another copy of the weights' memory; later steps run faster on CPU (README,
+            "Decoding, eager vs compiled"). Off by default: worth it for many or long answers, not for one short one.
     """
 
     def __init__(

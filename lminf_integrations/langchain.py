@@ -122,8 +122,8 @@ class _LMInfiniteParams(BaseModel):
     dtype: str | None = None
     """``"auto"``/``None`` (bf16 where the CPU or GPU has it, else fp32), ``"bf16"``, ``"fp32"`` or ``"fp16"``."""
     compile_decode: bool = False
-    """Compile the decoding step (``torch.compile``, window cache): ~2× faster answers on CPU
-    after a one-time compile of about a minute; see :class:`~lminf_integrations.engine.Engine`."""
+    """Compile the decoding step (``torch.compile``, window cache): faster answers on CPU after a one-time
+    compile (README: "Decoding, eager vs compiled"); see :class:`~lminf_integrations.engine.Engine`."""
     max_new_tokens: int = Field(default=_DEFAULT_SETTINGS.max_new_tokens, alias="max_tokens")
     """Most tokens to generate (``max_tokens`` is accepted too)."""
     temperature: float = _DEFAULT_SETTINGS.temperature
@@ -457,8 +457,8 @@ class LMInfiniteLLM(_LMInfiniteParams, LLM):
         dtype: str | None
             `"auto"`/`None`, `"bf16"`, `"fp32"` or `"fp16"`.
         compile_decode: bool
-            Compile the decoding step, window cache (~2× faster answers on CPU after a
-            one-time compile of about a minute). Default `False`.
+            Compile the decoding step, window cache (faster answers on CPU after a one-time
+            compile; README: "Decoding, eager vs compiled"). Default `False`.
 
     Key init args — LM-Infinite:
         n_global, n_local, distance_limit, top_k, top_k_from_layer, cache_mode, chunk_size
@@ -649,8 +649,8 @@ class ChatLMInfinite(_LMInfiniteParams, BaseChatModel):
         dtype: str | None
             `"auto"`/`None`, `"bf16"`, `"fp32"` or `"fp16"`.
         compile_decode: bool
-            Compile the decoding step, window cache (~2× faster answers on CPU after a
-            one-time compile of about a minute). Default `False`.
+            Compile the decoding step, window cache (faster answers on CPU after a one-time
+            compile; README: "Decoding, eager vs compiled"). Default `False`.
 
     Key init args — LM-Infinite:
         n_global, n_local, distance_limit, top_k, top_k_from_layer, cache_mode, chunk_size

@@ -88,8 +88,8 @@ class LMInfiniteLLM(CustomLLM):
     dtype: str | None = Field(default=None, description="'auto' (default), 'bf16', 'fp32' or 'fp16'.")
     compile_decode: bool = Field(
         default=False,
-        description="Compile the decoding step, window cache (~2x faster answers on CPU "
-        "after a one-time compile of about a minute).",
+        description="Compile the decoding step, window cache: faster answers on CPU after a one-time compile "
+        "(README: 'Decoding, eager vs compiled').",
     )
     n_global: int = Field(default=_DEFAULT_CONFIG.n_global, description="Leading tokens every query attends to.")
     n_local: int = Field(default=_DEFAULT_CONFIG.n_local, description="Local attention window.")
@@ -161,8 +161,7 @@ class LMInfiniteLLM(CustomLLM):
             num_output=self.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=False,
-            # A model built in memory may have no name at all; LlamaIndex expects one.
-            model_name=self._engine.model_name or type(self._engine.model).__name__,
+            model_name=self._engine.model_name,  # never empty: model_name() falls back to the class name
         )
 
     # ---- prompt formatting --------------------------------------------------------------------------------

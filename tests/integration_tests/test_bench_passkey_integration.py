@@ -6,16 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.passkey import main
 
 pytestmark = pytest.mark.integration
 
 
-def test_passkey_slice_within_the_window(
-    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path
-) -> None:
+def test_passkey_slice_within_the_window(tmp_path: Path) -> None:
     """At 2K tokens (inside the training length and the window) SmolLM2 repeats a key from the first half of the
     filler, patched or not. (Keys at 75-100% depth it misses even unpatched: see README, passkey results.)"""
     main(["--lengths", "2048", "--depths", "0", "0.25", "0.5", "--dtype", "auto", "--results", str(tmp_path)])

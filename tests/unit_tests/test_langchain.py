@@ -145,7 +145,7 @@ def test_wrapping_an_engine(engine: Engine) -> None:
         ChatLMInfinite(engine=engine, model_id="x/y")
 
 
-def test_same_model_id_shares_one_loaded_copy(engine: Engine) -> None:
+def test_same_model_id_shares_one_loaded_copy() -> None:
     first, second = LMInfiniteLLM(n_local=1024), ChatLMInfinite(n_local=2048)
     assert first.load().model is second.load().model  # the embedded default, loaded once (from the model cache)
 

@@ -7,14 +7,10 @@ transformers' ``generate`` compiles the model's forward for decoding steps when 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 from transformers import CompileConfig
-
-logger = logging.getLogger(__name__)
-_reported: set[str] = set()
 
 # Inductor settings for CPU decoding: frozen weights are prepacked for the CPU GEMM kernels; autotuning picks AMX /
 # AVX-512 micro-kernels for the matrix-vector products of a step; q/k/v and gate/up projections become one GEMM
@@ -28,10 +24,11 @@ INDUCTOR_SETTINGS: dict[str, Any] = {
     "cpp_wrapper": True,
 }
 
-# One graph per model and settings (fixed shapes). fullgraph=False: a graph break (an architecture whose code
-# dynamo cannot trace whole) runs that part eagerly instead of failing the answer; it is slower, so the engine
-# warns once (graph_breaks_reported). The supported architectures compile without any (tested).
-DECODE_COMPILE_CONFIG = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+# One graph per model and settings (fixed shapes). fullgraph=True: a step that dynamo cannot trace whole fails at
+# its compile instead of running split around the break. Split steps were not shown to be exact (a forced break
+# gave other tokens on the AVX2 code path), so a break is an error naming the fix (compiled_step_errors); the
+# supported architectures compile without any (tested).
+DECODE_COMPILE_CONFIG = CompileConfig(fullgraph=True, dynamic=False, mode="default")
 # transformers compiles decoding steps only on accelerators unless the compile config says otherwise.
 DECODE_COMPILE_CONFIG._compile_all_devices = True  # type: ignore[assignment]
 
@@ -55,22 +52,19 @@ def generate_kwargs(enabled: bool) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def graph_breaks_reported(enabled: bool, model_name: str) -> Iterator[None]:
-    """Warn once per model when compiled decoding steps broke their graph during the block (they still ran, the
-    broken parts eagerly, and more slowly)."""
+def compiled_step_errors(enabled: bool, model_name: str) -> Iterator[None]:
+    """Turn a failure to compile the decoding step (a graph break, with ``fullgraph=True``) into an error that says
+    what happened and how to go on."""
     if not enabled:
         yield
         return
-    from torch._dynamo.utils import counters
+    from torch._dynamo.exc import TorchDynamoException
 
-    before = sum(counters["graph_break"].values())
-    yield
-    if sum(counters["graph_break"].values()) > before and model_name not in _reported:
-        _reported.add(model_name)
-        reasons = "; ".join(list(counters["graph_break"])[:3])
-        logger.warning(
-            "compiled decoding of %s breaks its graph (%s): those parts run eagerly, so steps are slower than "
-            "they could be; compile_decode=False avoids the compile time",
-            model_name,
-            reasons,
-        )
+    try:
+        yield
+    except TorchDynamoException as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RuntimeError(
+            f"compiled decoding cannot compile {model_name}'s decoding step as one graph ({first_line}); "
+            "use compile_decode=False (eager decoding gives the same answers)"
+        ) from error

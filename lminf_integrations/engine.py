@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .cache import LambdaCache
-from .compiled import generate_kwargs, graph_breaks_reported, inductor_settings
+from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
 from .config import LMInfiniteConfig
 from .cpu import decodes_faster_without_onednn, onednn_off
 from .models import load_model, model_name
@@ -351,7 +351,7 @@ class Engine:
         with (
             torch.inference_mode(),
             inductor_settings(compiled),
-            graph_breaks_reported(compiled, self.model_name),
+            compiled_step_errors(compiled, self.model_name),
             onednn_off() if faster_without_onednn else contextlib.nullcontext(),
         ):
             output = self.model.generate(  # type: ignore[operator]

@@ -145,18 +145,15 @@ def load_tokenizer(model_id: str | os.PathLike[str] | None = None) -> PreTrained
     A GGUF model's tokenizer comes from its folder in the model cache (converting the file on first use).
     """
     source = resolve_model(model_id)
-    location: str | Path = source.location
-    kwargs: dict[str, object] = {}
     root = model_cache.cache_root() if source.gguf_file else None
-    if source.gguf_file:
-        gguf = Path(source.location) / source.gguf_file
-        convert = lambda: _from_source(source, torch.float32)  # noqa: E731
-        folder = None if root is None else model_cache.cached_folder(gguf, convert, root)
-        if folder is not None:
-            location = folder
-        else:
-            kwargs["gguf_file"] = source.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenizer = None
+    if root is not None:  # the same cache entry as the model's, rebuilt the same way if damaged
+        tokenizer = model_cache.load_through_cache(
+            _gguf_path(source), _converter(source), AutoTokenizer.from_pretrained, root
+        )
+    if tokenizer is None:
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     tokenizer.model_max_length = 10**9
     return tokenizer
 
@@ -182,15 +179,20 @@ def _load_gguf_through_cache(
     root = model_cache.cache_root()
     if root is None:
         return None
-    gguf = Path(source.location) / str(source.gguf_file)
 
     def from_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
-    def convert() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return _from_source(source, torch.float32)
+    return model_cache.load_through_cache(_gguf_path(source), _converter(source), from_folder, root)
 
-    return model_cache.load_through_cache(gguf, convert, from_folder, root)
+
+def _gguf_path(source: ModelSource) -> Path:
+    return Path(source.location) / str(source.gguf_file)
+
+
+def _converter(source: ModelSource) -> model_cache.Builder:
+    """The slow conversion the model cache runs once: the GGUF file read by transformers, in float32."""
+    return lambda: _from_source(source, torch.float32)
 
 
 def _from_source(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

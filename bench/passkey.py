@@ -125,7 +125,7 @@ class LambdaRunner:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LMInfiniteConfig):
         plain = LMInfiniteConfig(
-            n_global=config.n_global, n_local=config.n_local, distance_limit=config.distance_limit, cache="full"
+            n_global=config.n_global, n_local=config.n_local, distance_limit=config.distance_limit, cache_mode="full"
         )
         # The encoder's cache must keep middle keys for the top-k layers; the Λ-only engine ignores them.
         self.encoder = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = PromptParts.of(tokenizer)
     config = LMInfiniteConfig(
         n_global=args.n_global, n_local=args.n_local, top_k=args.top_k, top_k_from_layer=args.top_k_from_layer,
-        cache="full",
+        cache_mode="full",
     )
     started = time.time()
     rows: list[dict[str, object]] = []

@@ -118,7 +118,7 @@ def parse_config(text: str, n_local: int) -> tuple[str, LMInfiniteConfig]:
         return f"full, LM-Infinite Λ (n_local={n_local})", LMInfiniteConfig(n_local=n_local)
     if parts[0] == "topk" and len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]):
         k, layer = int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
-        config = LMInfiniteConfig(n_local=n_local, top_k=k, top_k_from_layer=layer, cache="full")
+        config = LMInfiniteConfig(n_local=n_local, top_k=k, top_k_from_layer=layer, cache_mode="full")
         return f"full, LM-Infinite Λ + top-{k} from layer {layer} (n_local={n_local})", config
     raise ValueError(f"config {text!r}: use 'lambda', 'topk:K' or 'topk:K:FROM_LAYER'")
 

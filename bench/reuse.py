@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions", type=int, default=10)
     parser.add_argument("--latency-only", action="store_true", help="only the reuse run (per-question latency)")
     parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--cache", default="window", choices=["window", "full"])
+    parser.add_argument("--cache-mode", default="window", choices=["window", "full"])
     args = parser.parse_args(argv)
     model, tokenizer = load_model(None, args.dtype)
-    config = LMInfiniteConfig(n_local=4096, cache=args.cache)
+    config = LMInfiniteConfig(n_local=4096, cache_mode=args.cache_mode)
     lines = [
-        f"# Reusing an encoded document, SmolLM2-135M-Instruct, {args.dtype}, cache={args.cache}",
+        f"# Reusing an encoded document, SmolLM2-135M-Instruct, {args.dtype}, cache_mode={args.cache_mode}",
         "",
         f"{machine_line()}. Answers of 16 tokens. Command: `python -m bench reuse --tokens "
         f"{' '.join(map(str, args.tokens))} --questions {args.questions}"
-        f"{' --latency-only' if args.latency_only else ''} --dtype {args.dtype} --cache {args.cache}`",
+        f"{' --latency-only' if args.latency_only else ''} --dtype {args.dtype} --cache-mode {args.cache_mode}`",
         "",
         "| document tokens | questions | without reuse: total s | with reuse: total s | ratio | "
         "with reuse: first question s | with reuse: median later question s |",

@@ -41,7 +41,7 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
             kv = DynamicCache(config=model.config)
             warm = DynamicCache(config=model.config)
         else:
-            patch_model(model, LMInfiniteConfig(n_local=n_local, cache=cache, chunk_size=2048))  # type: ignore[arg-type]
+            patch_model(model, LMInfiniteConfig(n_local=n_local, cache_mode=cache, chunk_size=2048))  # type: ignore[arg-type]
             kv, warm = new_cache(model), new_cache(model)
         decoder(input_ids=torch.tensor([ids[:256]]), **cache_kwargs(warm))  # warm-up (kernels, allocator)
         del warm
@@ -93,7 +93,7 @@ def _subprocess_row(
 ) -> dict[str, float] | None:
     command = [
         sys.executable, "-m", "bench", "speed", "--one", mode, str(n_tokens), "--dtype", args.dtype,
-        "--n-local", str(args.n_local), "--cache", args.cache, "--decode-steps", str(decode_steps),
+        "--n-local", str(args.n_local), "--cache-mode", args.cache_mode, "--decode-steps", str(decode_steps),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, **env})
     if result.returncode != 0:
@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patched", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--n-local", type=int, default=4096)
-    parser.add_argument("--cache", default="window", choices=["window", "full"])
+    parser.add_argument("--cache-mode", default="window", choices=["window", "full"])
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        row = measure(args.one[0], int(args.one[1]), args.dtype, args.n_local, args.cache, args.decode_steps)
+        row = measure(args.one[0], int(args.one[1]), args.dtype, args.n_local, args.cache_mode, args.decode_steps)
         print(json.dumps(row))
         return
     rows: dict[tuple[str, int], dict[str, float]] = {}
@@ -132,7 +132,7 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
     sizes = sorted({n for _, n in rows})
     head = (
         f"# Prefill and decode speed, SmolLM2-135M-Instruct, {args.dtype}\n\n"
-        f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, cache={args.cache}, "
+        f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, cache_mode={args.cache_mode}, "
         "prefill chunk 2048. Vanilla: "
         "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
         f"prefill + {MEMORY_DECODE_STEPS} decode steps (beyond the weights), in a separate run with "

@@ -81,7 +81,7 @@ def main() -> None:
     progress = ProgressLine()
     llm = LMInfiniteLLM(model_id=args.model, max_new_tokens=args.max_new_tokens, on_progress=progress)
     setup = whole_document_setup(llm)
-    print(f"{name}: {len(text):,} characters, {llm.engine.count_tokens(text):,} tokens", file=sys.stderr)
+    print(f"{name}: {len(text):,} characters, {llm.load().count_tokens(text):,} tokens", file=sys.stderr)
 
     index = SummaryIndex.from_documents([Document(text=text)], transformations=setup.transformations)
     query_engine = setup.query_engine(index, response_mode="compact", streaming=True)

@@ -69,21 +69,39 @@ class PreparedKeys:
     mask: torch.Tensor | None = None
 
 
-# The cache's ``update`` and the attention call happen back to back in one thread for one layer; the cache leaves
-# its prepared keys here, and the attention function only uses them if the key tensor it receives is theirs.
+# The cache's ``update`` and the attention call happen back to back in one thread for one layer: the cache leaves
+# its prepared keys here, and the attention function takes them, and must have received those very keys. No
+# hand-off means no LambdaCache (no cache, or transformers' DynamicCache): the keys are then the whole history.
 _handoff = threading.local()
 
 
 def hand_over(prepared: PreparedKeys) -> None:
+    """Leave ``prepared`` for the attention call that follows the cache update (same thread, same layer)."""
     _handoff.prepared = prepared
 
 
-def _take_prepared(key: torch.Tensor) -> PreparedKeys | None:
-    prepared = getattr(_handoff, "prepared", None)
+def discard_hand_over() -> None:
+    """Drop a pending hand-off: every forward of a patched model starts with none (``patch_model`` registers this
+    as a forward pre-hook), so one left by a forward that failed between update and attention cannot reach the
+    next forward's attention, which would then take it for its own."""
     _handoff.prepared = None
-    if prepared is not None and prepared.local_keys is key:
-        return prepared
-    return None
+
+
+def _take_prepared(key: torch.Tensor, settings: LayerSettings) -> PreparedKeys | None:
+    """The pending hand-off (``None``: no LambdaCache), which must be for ``key``."""
+    prepared: PreparedKeys | None = getattr(_handoff, "prepared", None)
+    if prepared is None:
+        return None
+    _handoff.prepared = None
+    if prepared.local_keys is not key:
+        # Never taken by compiled steps (dynamo decides ``is`` while tracing and traces the branch taken only).
+        raise RuntimeError(
+            f"layer {settings.layer_idx}: the LM-Infinite cache handed keys to the attention function that it did "
+            "not get; something between the cache update and the attention call changed them (an architecture "
+            "whose attention code this patch does not support?). Deriving the keys as if there were no cache "
+            "would give wrong results"
+        )
+    return prepared
 
 
 def _from_full_history(key: torch.Tensor, value: torch.Tensor, settings: LayerSettings) -> PreparedKeys:
@@ -112,11 +130,13 @@ def lambda_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention-interface entry point: ``query (B, H, Lq, D)`` → ``(B, Lq, H, D)``."""
     settings: LayerSettings = module.lminf_settings  # type: ignore[assignment]
+    prepared = _take_prepared(key, settings)  # first: an error below must not leave the hand-off pending
     if attention_mask is not None:
         raise ValueError(
             "LM-Infinite attention does not support padded batches; pass one sequence, or sequences of equal length"
         )
-    prepared = _take_prepared(key) or _from_full_history(key, value, settings)
+    if prepared is None:
+        prepared = _from_full_history(key, value, settings)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(query, prepared, settings, scale)
     return out, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ class LambdaLayer(CacheLayerMixin):
         cfg = self.settings.config
         # Window mode: n_global leading slots (distance-limited global keys, rewritten each decoding step) and a
         # ring of n_local slots, in one buffer, so a decoding step is one attention call over one tensor.
-        capacity = cfg.n_global + cfg.n_local if cfg.cache == "window" else 256
+        capacity = cfg.n_global + cfg.n_local if cfg.cache_mode == "window" else 256
         self.keys = key_states.new_zeros(batch, heads, capacity, dim)
         self.values = value_states.new_zeros(batch, heads, capacity, dim)
         self.sink_keys = key_states.new_zeros(batch, heads, 0, dim)
@@ -98,7 +99,7 @@ class LambdaLayer(CacheLayerMixin):
             self._seen, self.steady = int(self._position), False  # a chunk: back to the general path
         first = self._seen
         self._keep_sinks(key_states, value_states, first)
-        if self.settings.config.cache == "window":
+        if self.settings.config.cache_mode == "window":
             local_k, local_v, local_start = self._window_update(key_states, value_states, first)
         else:
             local_k, local_v, local_start = self._full_update(key_states, value_states, first)
@@ -165,7 +166,7 @@ class LambdaLayer(CacheLayerMixin):
 
     def _become_steady_when_ready(self) -> None:
         """Enter the steady state (window mode) from :attr:`_steady_from` on."""
-        if not self.is_initialized or self.settings.config.cache != "window" or self._seen < self._steady_from:
+        if not self.is_initialized or self.settings.config.cache_mode != "window" or self._seen < self._steady_from:
             return
         assert self.values is not None and self.sink_values is not None
         # Also called outside the inference mode the tensors were made in (allow_compiled_steps, restore).
@@ -299,7 +300,7 @@ class LambdaLayer(CacheLayerMixin):
             tensor = getattr(self, name)
             if tensor is None:
                 continue
-            if self.settings.config.cache == "full" and name in self.GROWING:
+            if self.settings.config.cache_mode == "full" and name in self.GROWING:
                 tensor = tensor[:, :, : self.seen]
             out[name] = tensor
         return out
@@ -387,13 +388,47 @@ class LambdaCache(Cache):
         for layer in self.lambda_layers:
             layer.top_k_from_position = prompt_length - 1
 
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], list[dict[str, int | None]]]:
+        """What the cache holds, for saving: its tensors, named ``layer.{index}.{name}``, and each layer's positions
+        (``{"seen": tokens written, "top_k_from_position": ...}``); :meth:`load_state_tensors` takes them back.
+
+        The tensors are the cache's own memory (views; full-mode buffers cut to their filled length), not copies.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        layers: list[dict[str, int | None]] = []
+        for index, layer in enumerate(self.lambda_layers):
+            layers.append({"seen": layer.seen, "top_k_from_position": layer.top_k_from_position})
+            for name, tensor in layer.tensors().items():
+                tensors[f"layer.{index}.{name}"] = tensor
+        return tensors, layers
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], layers: Sequence[Mapping[str, int | None]]) -> None:
+        """Fill this empty cache with what :meth:`state_tensors` returned (of a cache with the same settings).
+
+        The tensors are taken over, not copied: pass copies of tensors that another cache still uses.
+        """
+        if len(layers) != len(self.lambda_layers):
+            raise ValueError(f"the state has {len(layers)} layers; this cache has {len(self.lambda_layers)}")
+        if any(layer.is_initialized for layer in self.lambda_layers):
+            raise ValueError("load_state_tensors fills an empty cache; this one already holds keys")
+        for index, (layer, info) in enumerate(zip(self.lambda_layers, layers, strict=True)):
+            prefix = f"layer.{index}."
+            own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+            seen, top_k_from_position = info["seen"], info["top_k_from_position"]
+            if not own and not seen:  # a layer that never saw a token: it stays empty
+                layer.top_k_from_position = top_k_from_position
+                continue
+            if not isinstance(seen, int) or "keys" not in own:
+                raise ValueError(f"the state's layer {index} is incomplete: it has no keys or no length")
+            layer.restore(own, seen, top_k_from_position)
+
     def clone(self) -> LambdaCache:
         """An independent copy (a generation writes into the cache; the copy keeps the original untouched)."""
         twin = LambdaCache([layer.settings for layer in self.lambda_layers])
         for mine, theirs in zip(self.lambda_layers, twin.lambda_layers, strict=True):
             theirs.compiled_steps = mine.compiled_steps
             if mine.is_initialized:
-                full = mine.settings.config.cache == "full"
+                full = mine.settings.config.cache_mode == "full"
                 copied = {
                     name: _copy(t, mine.seen, full and name in LambdaLayer.GROWING)
                     for name, t in mine.tensors().items()

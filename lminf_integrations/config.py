@@ -1,11 +1,51 @@
-"""LM-Infinite settings, validated once at construction."""
+"""The engine's settings, each declared once with its default, its help text and any alias.
+
+Three frozen dataclasses, validated at construction: :class:`EngineOptions` (which model, how it runs),
+:class:`LMInfiniteConfig` (the attention) and :class:`GenerationSettings` (one answer). Their fields are the single
+declaration of every setting: :mod:`lminf_integrations.settings` builds the LangChain and LlamaIndex fields and the
+``lminf`` options from them, so a setting is added, renamed or re-defaulted here and nowhere else. This module
+imports nothing heavy, so the CLI can build its parser before torch loads.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 CacheMode = Literal["window", "full"]
+
+#: Names ``dtype=`` accepts (``"auto"``: bf16 where the hardware computes it fast, else fp32).
+DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")
+
+
+def setting(default: Any, help: str, *, aliases: Sequence[str] = (), group: str | None = None) -> Any:
+    """A dataclass field that is also a user-facing setting: ``help`` is its one description everywhere,
+    ``aliases`` other accepted names (never shown as the name), ``group`` overrides the class's group."""
+    return field(default=default, metadata={"help": help, "aliases": tuple(aliases), "group": group})
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which model the engine loads and how it runs it (fixed once an engine is built)."""
+
+    model_id: str | None = setting(
+        None,
+        "None for the embedded default (SmolLM2-135M-Instruct), a .gguf file, a model folder or a hub id",
+        aliases=("model",),
+    )
+    dtype: str = setting("auto", "auto (bf16 where the CPU/GPU computes it fast, else fp32), bf16, fp32 or fp16")
+    compile_decode: bool = setting(
+        False,
+        "compile the decoding step with torch.compile (window cache): faster steps after a one-time compile, "
+        "worth it for long or many answers (README: 'Decoding, eager vs compiled')",
+        group="decoding",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.model_id is None or isinstance(self.model_id, str), "model_id must be None or a string")
+        _require(self.dtype in DTYPE_NAMES, f"dtype must be one of {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
+        _require(isinstance(self.compile_decode, bool), "compile_decode must be True or False")
 
 
 @dataclass(frozen=True)
@@ -20,44 +60,39 @@ class LMInfiniteConfig:
       also attend, in layers ``>= top_k_from_layer``, to the ``top_k`` middle keys with the highest logits
       (computed at distance ``distance_limit``).
 
-    Args:
-        n_global: Number of leading tokens every query may attend to.
-        n_local: Local window size; keep it at or below the model's training length.
-        distance_limit: Relative distance used for the global (and top-k) keys. ``None`` means ``n_local``.
-        top_k: Middle keys each query head attends to at generation time (0 turns this off).
-        top_k_from_layer: First layer (0-based) that uses top-k middle attention.
-        cache: ``"window"`` keeps ``n_global + n_local`` keys per layer (constant memory);
-            ``"full"`` keeps every key (needed for ``top_k``).
-        chunk_size: Tokens per forward call during prefill; bounds activation memory.
+    Each field's ``help`` (``dataclasses.fields(LMInfiniteConfig)[i].metadata["help"]``) describes it.
     """
 
-    n_global: int = 10
-    n_local: int = 4096
-    distance_limit: int | None = None
-    top_k: int = 0
-    top_k_from_layer: int = 0
-    cache: CacheMode = "window"
-    chunk_size: int = 2048
+    n_global: int = setting(10, "leading (global) tokens every query may attend to")
+    n_local: int = setting(4096, "local attention window; at most the model's training length")
+    distance_limit: int | None = setting(
+        None, "relative distance at which global (and top-k) keys are seen; None means n_local"
+    )
+    top_k: int = setting(0, "middle keys each query head attends to at generation time (0: off; needs full cache)")
+    top_k_from_layer: int = setting(0, "first layer (0-based) using top-k middle attention")
+    cache_mode: CacheMode = setting(
+        "window", "key/value cache: 'window' keeps n_global + n_local keys (constant memory), 'full' keeps all"
+    )
+    chunk_size: int = setting(2048, "prompt tokens per forward call while encoding; bounds activation memory")
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.n_global, int) and self.n_global >= 0, "n_global must be an int >= 0")
-        _require(isinstance(self.n_local, int) and self.n_local >= 1, "n_local must be an int >= 1")
+        _require(_is_int(self.n_global) and self.n_global >= 0, "n_global must be an int >= 0")
+        _require(_is_int(self.n_local) and self.n_local >= 1, "n_local must be an int >= 1")
         if self.distance_limit is not None:
             _require(
-                isinstance(self.distance_limit, int) and self.distance_limit >= 1,
+                _is_int(self.distance_limit) and self.distance_limit >= 1,
                 "distance_limit must be None or an int >= 1",
             )
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an int >= 0")
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k must be an int >= 0")
+        _require(_is_int(self.top_k_from_layer) and self.top_k_from_layer >= 0, "top_k_from_layer must be an int >= 0")
         _require(
-            isinstance(self.top_k_from_layer, int) and self.top_k_from_layer >= 0,
-            "top_k_from_layer must be an int >= 0",
+            self.cache_mode in ("window", "full"), f"cache_mode must be 'window' or 'full', got {self.cache_mode!r}"
         )
-        _require(self.cache in ("window", "full"), f"cache must be 'window' or 'full', got {self.cache!r}")
         _require(
-            not (self.top_k > 0 and self.cache != "full"),
-            "top_k > 0 needs cache='full' (the middle keys must be kept)",
+            not (self.top_k > 0 and self.cache_mode != "full"),
+            "top_k > 0 needs cache_mode='full' (the middle keys must be kept)",
         )
-        _require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size must be an int >= 1")
+        _require(_is_int(self.chunk_size) and self.chunk_size >= 1, "chunk_size must be an int >= 1")
 
     @property
     def effective_distance_limit(self) -> int:
@@ -83,6 +118,44 @@ class LMInfiniteConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How one answer is generated; every field may also be given per call."""
+
+    max_new_tokens: int = setting(256, "most tokens to generate", aliases=("max_tokens",))
+    temperature: float = setting(0.0, "0 for greedy decoding, else the sampling temperature")
+    top_p: float = setting(1.0, "nucleus sampling mass (when temperature > 0)")
+    seed: int | None = setting(None, "random seed for repeatable sampling")
+    stop: tuple[str, ...] = setting(
+        (), "stop strings of any length: the answer ends before the first (a call's are added to these)"
+    )
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an int >= 1")
+        _require(isinstance(self.temperature, int | float) and self.temperature >= 0, "temperature must be >= 0")
+        _require(isinstance(self.top_p, int | float) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        _require(self.seed is None or _is_int(self.seed), "seed must be None or an int")
+        if isinstance(self.stop, str) or not all(isinstance(text, str) for text in self.stop):
+            raise ValueError("stop must be a list of strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+def merge_stop(*groups: str | Sequence[str] | None) -> list[str]:
+    """Stop strings from several sources (say an instance's and a call's): in order, without repeats or blanks.
+
+    A lone string counts as one stop string, not as its characters."""
+    merged: list[str] = []
+    for group in groups:
+        for text in [group] if isinstance(group, str) else group or ():
+            if text and text not in merged:
+                merged.append(text)
+    return merged
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(condition: bool, message: str) -> None:

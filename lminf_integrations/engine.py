@@ -11,20 +11,21 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .cache import LambdaCache
 from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
-from .config import LMInfiniteConfig
+from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, merge_stop
 from .cpu import decodes_faster_without_onednn, onednn_off
-from .models import load_model, model_name
+from .models import dtype_name, load_model, model_name
 from .patch import cache_kwargs, new_cache, patch_model
-from .state import StateStore
+from .state import DocumentState, StateStore, read_state, state_identity, write_state
 from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
 
 
@@ -52,36 +53,6 @@ logger = logging.getLogger(__name__)
 _announced_compiles: weakref.WeakKeyDictionary[PreTrainedModel, set[LMInfiniteConfig]] = weakref.WeakKeyDictionary()
 
 
-@dataclass
-class DocumentState:
-    """A prefix encoded into an LM-Infinite cache (all tokens of ``token_ids`` are in ``cache``)."""
-
-    token_ids: list[int]
-    cache: LambdaCache
-    # The text whose tokens these are, when it is known (``Engine.encode_document``): a prompt given as text that
-    # starts with it is tokenized after it only, so tokens never merge across the boundary.
-    text: str | None = None
-
-    def copy(self) -> DocumentState:
-        return DocumentState(list(self.token_ids), self.cache.clone(), self.text)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 → greedy
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-
-
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The tokenizer's pad id for ``generate``, EOS where it has none (a pad id of 0 is a real id)."""
     pad = tokenizer.pad_token_id
@@ -106,7 +77,7 @@ class Engine:
         model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
         state_store: where encoded prompt prefixes are kept for reuse (default: a 2 GiB LRU of its own).
         reuse_prefixes: ``False`` turns automatic prefix reuse off (explicit ``state=`` still works).
-        compile_decode: compile the decoding step with ``torch.compile`` (inductor), with ``cache="window"`` and
+        compile_decode: compile the decoding step with ``torch.compile`` (inductor), with ``cache_mode="window"`` and
             prompts of more than ``n_global`` tokens (every step then has the same shapes, a mask hiding what the
             window does not show yet). The first such generation per model and settings pauses to compile, and
             the frozen weights take another copy of the weights' memory; later steps run faster on CPU (README,
@@ -122,7 +93,7 @@ class Engine:
         tokenizer: PreTrainedTokenizerBase | None = None,
         state_store: StateStore | None = None,
         reuse_prefixes: bool = True,
-        compile_decode: bool = False,
+        compile_decode: bool = EngineOptions.compile_decode,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -130,6 +101,8 @@ class Engine:
             model, tokenizer = load_model(model_id, dtype)
         assert tokenizer is not None
         self.model, self.tokenizer = model, tokenizer
+        # What loaded it, when it was loaded here (reported by the adapters; None for a model passed in).
+        self.model_id = None if model_id is None else os.fspath(model_id)
         self.config = config or LMInfiniteConfig()
         self.config.check_against_model(
             getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
@@ -143,6 +116,11 @@ class Engine:
     def model_name(self) -> str:
         return model_name(self.model)
 
+    @property
+    def options(self) -> EngineOptions:
+        """The :class:`~lminf_integrations.config.EngineOptions` this engine runs with (dtype named as loaded)."""
+        return EngineOptions(self.model_id, dtype_name(self.model.dtype), self.compile_decode)
+
     # ---- text helpers -------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -154,7 +132,13 @@ class Engine:
         """The model's chat template applied to ``[{"role": ..., "content": ...}]``, ready for the answer."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_name} has no chat template; use plain-text prompts instead")
-        prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:  # e.g. "roles must alternate": the template's own rules
+            roles = ", ".join(message["role"] for message in messages)
+            raise ValueError(
+                f"the chat template of {self.model_name} rejected these messages ({roles}): {error}"
+            ) from error
         return str(prompt)
 
     # ---- encoding -----------------------------------------------------------------------------------------
@@ -164,7 +148,7 @@ class Engine:
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         per_token = 2 * mc.num_key_value_heads * head_dim * self.model.dtype.itemsize
         layers = mc.num_hidden_layers
-        if cfg.cache == "window":
+        if cfg.cache_mode == "window":
             return layers * per_token * (cfg.n_local + cfg.n_global)
         middle_layers = max(0, layers - cfg.top_k_from_layer) if cfg.top_k > 0 else 0
         return (layers * per_token + middle_layers * per_token // 2) * (n_tokens + cfg.n_global)
@@ -174,9 +158,9 @@ class Engine:
         available = psutil.virtual_memory().available
         if needed > 0.8 * available:
             raise MemoryError(
-                f"encoding {n_tokens} tokens with cache={self.config.cache!r} needs about {needed / 2**30:.1f} GiB "
-                f"for keys/values but only {available / 2**30:.1f} GiB is available; use cache='window', a smaller "
-                "document, or a machine with more memory"
+                f"encoding {n_tokens} tokens with cache_mode={self.config.cache_mode!r} needs about "
+                f"{needed / 2**30:.1f} GiB for keys/values but only {available / 2**30:.1f} GiB is available; use "
+                "cache_mode='window', a smaller document, or a machine with more memory"
             )
 
     def _patched(self) -> None:
@@ -186,7 +170,7 @@ class Engine:
     def encode(
         self,
         token_ids: Sequence[int],
-        progress: ProgressCallback | None = None,
+        on_progress: ProgressCallback | None = None,
         cancelled: threading.Event | None = None,
         state: DocumentState | None = None,
         report_total: int | None = None,
@@ -196,7 +180,7 @@ class Engine:
         given state itself is extended in place — pass ``state.copy()`` to keep it).
 
         Chunk boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length,
-        so encoding is the same computation however a text is split. ``progress(done, total)`` is called before
+        so encoding is the same computation however a text is split. ``on_progress(done, total)`` is called before
         the first chunk and after each; ``report_total`` overrides the total it reports. With ``remember`` the
         state at the last chunk boundary is kept in the engine's state store for later prompts that share it.
         """
@@ -214,8 +198,8 @@ class Engine:
             # must not start inside the prefill; generation sets the real prompt length afterwards.
             state.cache.set_prompt_length(len(token_ids) + 1)
             step = self.config.chunk_size
-            if progress:
-                progress(len(state.token_ids), total)
+            if on_progress:
+                on_progress(len(state.token_ids), total)
             decoder = self.model.get_decoder()
             with torch.inference_mode():
                 while len(state.token_ids) < len(token_ids):
@@ -229,14 +213,14 @@ class Engine:
                     state.token_ids.extend(token_ids[done:end])
                     if remember and self.state_store is not None and end % step == 0 and end + step > len(token_ids):
                         self.state_store.put(state.copy())
-                    if progress:
-                        progress(len(state.token_ids), total)
+                    if on_progress:
+                        on_progress(len(state.token_ids), total)
             return state
 
-    def encode_document(self, text: str, progress: ProgressCallback | None = None) -> DocumentState:
+    def encode_document(self, text: str, on_progress: ProgressCallback | None = None) -> DocumentState:
         """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question (tokenized
         on its own, so the document's tokens are an exact prefix whatever the question starts with)."""
-        state = self.encode(self.tokenize(text), progress)
+        state = self.encode(self.tokenize(text), on_progress)
         state.text = text
         return state
 
@@ -272,6 +256,7 @@ class Engine:
         ids = self.prompt_ids(prompt, state)
         if not ids:
             raise ValueError("the prompt is empty")
+        stop = merge_stop(settings.stop, stop)
 
         def work(emit: Any, report: ProgressCallback, cancelled: threading.Event) -> StreamResult:
             return self._generate(ids, settings, emit, report, cancelled, state)
@@ -374,3 +359,17 @@ class Engine:
             reason = "eos"
         text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
         return StreamResult(len(ids), len(new_tokens), reason, text)
+
+    # ---- saved states -------------------------------------------------------------------------------------
+    def save_state(self, state: DocumentState, path: str | os.PathLike[str]) -> Path:
+        """Write ``state`` to ``path`` (safetensors; the header names the model, tokenizer, settings and
+        checksums, so :meth:`load_state` can refuse a file that does not fit this engine). Returns the path."""
+        return write_state(path, state, state_identity(self.model_name, self.model, self.tokenizer, self.config))
+
+    def load_state(self, path: str | os.PathLike[str]) -> DocumentState:
+        """Read a state written by :meth:`save_state` with the same model, tokenizer and settings; refuses other
+        ones, files of another format and damaged files (``ValueError``)."""
+        with self._lock:
+            self._patched()
+            cache = new_cache(self.model)
+        return read_state(path, state_identity(self.model_name, self.model, self.tokenizer, self.config), cache)

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import model_cache
+from .config import DTYPE_NAMES
 from .cpu import cpu_info
 
 logger = logging.getLogger(__name__)
@@ -105,16 +106,23 @@ def _announce_dtype(dtype: torch.dtype, reason: str) -> None:
     logger.info("dtype='auto' chose %s for %s", str(dtype).removeprefix("torch."), reason)
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return default_dtype()
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-             "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
-    return names[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name ``dtype=`` takes for ``dtype`` (``"bf16"``...), or its torch name for others."""
+    return next((name for name, known in _DTYPES.items() if known == dtype), str(dtype).removeprefix("torch."))
 
 
 def load_model(

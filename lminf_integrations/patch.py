@@ -14,7 +14,7 @@ import torch
 from transformers import AttentionInterface, LlamaModel, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import ATTENTION_NAME, LayerSettings, lambda_attention
+from .attention import ATTENTION_NAME, LayerSettings, discard_hand_over, lambda_attention
 from .cache import LambdaCache
 from .config import LMInfiniteConfig
 
@@ -55,6 +55,11 @@ def _decoder(model: PreTrainedModel) -> torch.nn.Module:
     return decoder
 
 
+def _no_pending_hand_over(module: torch.nn.Module, args: Any) -> None:
+    """Forward pre-hook of a patched decoder: the forward starts with no cache hand-off pending."""
+    discard_hand_over()
+
+
 def _check_supported(model: PreTrainedModel) -> None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
@@ -82,6 +87,7 @@ def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) 
     if not is_patched(model):
         model.lminf_previous_attention = model.config._attn_implementation  # type: ignore[assignment]
         model.set_attn_implementation(ATTENTION_NAME)
+        model.lminf_hook = decoder.register_forward_pre_hook(_no_pending_hand_over)  # type: ignore[assignment]
     model.lminf_config = config  # type: ignore[assignment]
     return model
 
@@ -91,9 +97,11 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
     if not is_patched(model):
         return model
     model.set_attn_implementation(model.lminf_previous_attention)  # type: ignore[arg-type]
+    model.lminf_hook.remove()  # type: ignore[union-attr, operator]
     for layer in _decoder(model).layers:  # type: ignore[union-attr]
         del layer.self_attn.lminf_settings
     del model.lminf_previous_attention
+    del model.lminf_hook
     del model.lminf_config
     return model
 

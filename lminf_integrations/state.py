@@ -9,24 +9,39 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import LambdaCache
-
-if TYPE_CHECKING:
-    from .engine import DocumentState, Engine
+from .config import LMInfiniteConfig
 
 logger = logging.getLogger(__name__)
-FORMAT = "lminf-state/1"
+# 2: the settings' cache mode is named ``cache_mode`` (1: ``cache``).
+FORMAT = "lminf-state/2"
+
+
+@dataclass
+class DocumentState:
+    """A prefix encoded into an LM-Infinite cache (all tokens of ``token_ids`` are in ``cache``)."""
+
+    token_ids: list[int]
+    cache: LambdaCache
+    # The text whose tokens these are, when it is known (``Engine.encode_document``): a prompt given as text that
+    # starts with it is tokenized after it only, so tokens never merge across the boundary.
+    text: str | None = None
+
+    def copy(self) -> DocumentState:
+        return DocumentState(list(self.token_ids), self.cache.clone(), self.text)
 
 
 @dataclass
@@ -87,17 +102,19 @@ class StateStore:
 
 
 # ---- persistence ------------------------------------------------------------------------------------------------
-def _identity(engine: Engine) -> dict[str, Any]:
-    """What must match for a saved state to be valid with this engine."""
-    tokenizer = engine.tokenizer
+# ``Engine.save_state`` / ``Engine.load_state`` call these with the engine's identity and a cache for its model.
+def state_identity(
+    model_name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LMInfiniteConfig
+) -> dict[str, Any]:
+    """What must match for a saved state to be valid: the model, its tokenizer's vocabulary, the settings."""
     vocab = sorted(tokenizer.get_vocab().items())
     return {
-        "model": engine.model_name,
-        "model_type": engine.model.config.model_type,
-        "num_hidden_layers": engine.model.config.num_hidden_layers,
-        "dtype": str(engine.model.dtype),
+        "model": model_name,
+        "model_type": model.config.model_type,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "dtype": str(model.dtype),
         "tokenizer_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
-        "config": engine.config.to_dict(),
+        "config": config.to_dict(),
     }
 
 
@@ -109,17 +126,15 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_state(state: DocumentState, path: str | Path, engine: Engine) -> Path:
-    """Write ``state`` to ``path`` (safetensors; the header names the model, tokenizer, settings, checksums)."""
-    tensors: dict[str, torch.Tensor] = {"token_ids": torch.tensor(state.token_ids, dtype=torch.int64)}
-    layers = []
-    for index, layer in enumerate(state.cache.lambda_layers):
-        layers.append({"seen": layer.seen, "top_k_from_position": layer.top_k_from_position})
-        for name, tensor in layer.tensors().items():
-            tensors[f"layer.{index}.{name}"] = tensor.contiguous()
+def write_state(path: str | os.PathLike[str], state: DocumentState, identity: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` (safetensors). The header holds ``identity`` (see :func:`state_identity`), the
+    cache's positions and checksums. Written under another name first, so ``path`` is never half-written."""
+    cache_tensors, layers = state.cache.state_tensors()
+    tensors = {"token_ids": torch.tensor(state.token_ids, dtype=torch.int64)}
+    tensors.update((name, tensor.contiguous()) for name, tensor in cache_tensors.items())
     header = {
         "format": FORMAT,
-        **_identity(engine),
+        **identity,
         "n_tokens": len(state.token_ids),
         "tokens_sha256": hashlib.sha256(json.dumps(state.token_ids).encode()).hexdigest(),
         "data_sha256": _digest(tensors),
@@ -128,15 +143,14 @@ def save_state(state: DocumentState, path: str | Path, engine: Engine) -> Path:
     path = Path(path)
     temporary = path.with_name(path.name + ".partial")
     save_file(tensors, str(temporary), metadata={"lminf": json.dumps(header)})
-    temporary.replace(path)  # never leave a half-written file under the real name
+    temporary.replace(path)
     return path
 
 
-def load_state(path: str | Path, engine: Engine) -> DocumentState:
-    """Read a state saved by :func:`save_state`; refuses other models/settings and damaged files."""
+def read_state(path: str | os.PathLike[str], identity: dict[str, Any], cache: LambdaCache) -> DocumentState:
+    """Read a state written by :func:`write_state` into ``cache`` (empty, for the model the state was encoded
+    with). Refuses files of another format, another ``identity`` (model, tokenizer or settings) and damaged files."""
     from safetensors import safe_open
-
-    from .engine import DocumentState
 
     path = Path(path)
     if not path.is_file():
@@ -151,28 +165,18 @@ def load_state(path: str | Path, engine: Engine) -> DocumentState:
         raise ValueError(f"{path} is a safetensors file but not an lminf document state")
     header = json.loads(metadata["lminf"])
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} has state format {header.get('format')!r}; this version reads {FORMAT!r}")
-    expected = _identity(engine)
-    mismatched = [key for key, value in expected.items() if header.get(key) != value]
+        raise ValueError(
+            f"{path} has state format {header.get('format')!r}; this version reads {FORMAT!r} only: encode the "
+            "document again (and save it again)"
+        )
+    mismatched = [key for key, value in identity.items() if header.get(key) != value]
     if mismatched:
-        details = "; ".join(f"{key}: file {header.get(key)!r} vs now {expected[key]!r}" for key in mismatched)
+        details = "; ".join(f"{key}: file {header.get(key)!r} vs now {identity[key]!r}" for key in mismatched)
         raise ValueError(f"{path} was encoded with a different model or settings ({details})")
     if _digest(tensors) != header["data_sha256"]:
         raise ValueError(f"{path} is corrupt: its data does not match the checksum in its header")
     token_ids = tensors.pop("token_ids").tolist()
     if hashlib.sha256(json.dumps(token_ids).encode()).hexdigest() != header["tokens_sha256"]:
         raise ValueError(f"{path} is corrupt: its tokens do not match their checksum")
-    engine._patched()
-    cache = new_cache_for(engine)
-    for index, layer in enumerate(cache.lambda_layers):
-        prefix = f"layer.{index}."
-        own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-        info = header["layers"][index]
-        layer.restore(own, info["seen"], info["top_k_from_position"])
+    cache.load_state_tensors(tensors, header["layers"])
     return DocumentState(token_ids, cache)
-
-
-def new_cache_for(engine: Engine) -> LambdaCache:
-    from .patch import new_cache
-
-    return new_cache(engine.model)

@@ -40,6 +40,11 @@ class StreamResult:
     stop_reason: str = "length"  # "length", "eos", "stop", "cancelled"
     text: str = ""
 
+    def usage(self) -> dict[str, int]:
+        """Token counts under the names both frameworks read (LangChain's ``UsageMetadata``, LlamaIndex's counter)."""
+        total = self.input_tokens + self.output_tokens
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "total_tokens": total}
+
 
 _END = object()
 
@@ -278,18 +283,6 @@ class TokenStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def merge_stop(*groups: str | Sequence[str] | None) -> list[str]:
-    """Stop strings from several sources (say an instance's and a call's): in order, without repeats or blanks.
-
-    A lone string counts as one stop string, not as its characters."""
-    merged: list[str] = []
-    for group in groups:
-        for text in [group] if isinstance(group, str) else group or ():
-            if text and text not in merged:
-                merged.append(text)
-    return merged
 
 
 def _is_terminal(stream: IO[str]) -> bool:

@@ -52,7 +52,7 @@ def test_real_model_with_top_k_equals_the_naive_reference(
 
     model = copy.deepcopy(default_model[0]).float()
     tokenizer = default_model[1]
-    config = LMInfiniteConfig(n_global=4, n_local=128, top_k=5, top_k_from_layer=8, cache="full", chunk_size=128)
+    config = LMInfiniteConfig(n_global=4, n_local=128, top_k=5, top_k_from_layer=8, cache_mode="full", chunk_size=128)
     engine = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False)
     text = "The pass key is 48213. Remember it. " + "The grass is green. The sky is blue. " * 60
     ids = engine.tokenize(text[:2400])

@@ -23,7 +23,7 @@ MESSAGES = [ChatMessage(role=MessageRole.USER, content="Name three colours of th
 def llm(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> LMInfiniteLLM:
     # Loads through model_id=None: the copy the default_model fixture already loaded is reused.
     llm = LMInfiniteLLM(max_new_tokens=24)
-    assert llm.engine.model is default_model[0]
+    assert llm.load().model is default_model[0]
     return llm
 
 
@@ -38,7 +38,7 @@ def test_greedy_stream_chat_matches_chat(llm: LMInfiniteLLM) -> None:
     chunks = list(llm.stream_chat(MESSAGES))
     answer = llm.chat(MESSAGES).message.content
     assert "".join(c.delta or "" for c in chunks) == answer == chunks[-1].message.content
-    assert answer and chunks[-1].raw["usage"]["completion_tokens"] > 0
+    assert answer and chunks[-1].raw["usage"]["output_tokens"] > 0
 
 
 async def _ticker(counter: list[int], stop: asyncio.Event) -> None:

@@ -121,7 +121,7 @@ def test_equals_unpatched_within_window(arch: str) -> None:
 def test_long_input_equals_naive_reference(arch: str, cache: str, top_k: int, distance_limit: int | None) -> None:
     model = _tiny(arch)
     config = LMInfiniteConfig(
-        n_global=3, n_local=8, distance_limit=distance_limit, top_k=top_k, top_k_from_layer=1, cache=cache  # type: ignore[arg-type]
+        n_global=3, n_local=8, distance_limit=distance_limit, top_k=top_k, top_k_from_layer=1, cache_mode=cache  # type: ignore[arg-type]
     )
     patch_model(model, config)
     prompt_length, total = 30, 36  # prompt >= 3 × n_local, then 6 "generated" tokens
@@ -143,7 +143,7 @@ def test_many_band_blocks_equal_reference(arch: str, cache: str, top_k: int, mon
     masked edges, with the window at the start not yet full, on a batch of two sequences."""
     monkeypatch.setattr(attention, "BLOCK", 3)
     model = _tiny(arch)
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache=cache))  # type: ignore[arg-type]
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache_mode=cache))  # type: ignore[arg-type]
     ids = torch.cat([_ids(40, seed=3), _ids(40, seed=4)])
     expected = _reference_logits(model, ids, top_k_from=39)
     got = _chunked_logits(model, ids, chunk=13, prompt_length=40)
@@ -166,7 +166,7 @@ def test_chunks_shorter_than_the_window_split_into_core_and_inner_band_equal_ref
         attention, "_core_and_inner_band", lambda *args: split_calls.append(args[0].shape[-2]) or original(*args)
     )
     model = _tiny(arch)
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=12, top_k=top_k, top_k_from_layer=1, cache=cache))  # type: ignore[arg-type]
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=12, top_k=top_k, top_k_from_layer=1, cache_mode=cache))  # type: ignore[arg-type]
     ids = torch.cat([_ids(41, seed=6), _ids(41, seed=7)])
     expected = _reference_logits(model, ids, top_k_from=40)
     got = _chunked_logits(model, ids, chunk=5, prompt_length=41)
@@ -180,7 +180,7 @@ def test_chunks_shorter_than_the_window_split_into_core_and_inner_band_equal_ref
 def test_chunks_starting_anywhere_near_the_window_edge_equal_reference(cache: str) -> None:
     """A chunk may start just before, at, or after the point where the global keys leave every query's window."""
     model = _tiny("llama")
-    patch_model(model, LMInfiniteConfig(n_global=3, n_local=8, cache=cache))  # type: ignore[arg-type]
+    patch_model(model, LMInfiniteConfig(n_global=3, n_local=8, cache_mode=cache))  # type: ignore[arg-type]
     ids = _ids(30, seed=5)
     expected = _reference_logits(model, ids, top_k_from=None)
     for split in range(4, 16):
@@ -198,7 +198,7 @@ def test_whole_sequence_forward_without_cache_equals_reference(arch: str, top_k:
     """One forward over the whole sequence: with top-k, only its last query is a generation-time query."""
     model = _tiny(arch)
     cache = "full" if top_k else "window"
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache=cache))
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, top_k=top_k, top_k_from_layer=1, cache_mode=cache))
     ids = _ids(40, seed=2)
     _close(model(ids).logits, _reference_logits(model, ids, top_k_from=None))
 
@@ -214,7 +214,7 @@ def test_decoding_with_cache_equals_recomputation(cache: str, kernel: str, monke
     monkeypatch.setattr(decode_kernel, "decode_attention_op", lambda: lambda *args: calls.append(1) or built(*args))
     monkeypatch.setenv("LMINF_DECODE_KERNEL", "1" if kernel == "decode kernel" else "0")
     model = _tiny("llama")
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache=cache, chunk_size=4))  # type: ignore[arg-type]
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode=cache, chunk_size=4))  # type: ignore[arg-type]
     ids = _ids(20, seed=3)
     kv = new_cache(model)
     model(ids[:, :-1], past_key_values=kv)
@@ -233,7 +233,7 @@ def test_decoding_with_cache_equals_recomputation(cache: str, kernel: str, monke
 @torch.no_grad()
 def test_window_cache_size_is_constant_over_long_decode() -> None:
     model = _tiny("llama")
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache="window"))
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode="window"))
     kv = new_cache(model)
     model(_ids(8), past_key_values=kv)
     sizes = set()
@@ -248,7 +248,7 @@ def test_window_cache_size_is_constant_over_long_decode() -> None:
 @torch.no_grad()
 def test_full_cache_grows_and_reports_size() -> None:
     model = _tiny("llama")
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache="full"))
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode="full"))
     kv = new_cache(model)
     model(_ids(300), past_key_values=kv)
     small = kv.nbytes()
@@ -310,8 +310,8 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
     [
         ({"n_local": 0}, "n_local"),
         ({"n_global": -1}, "n_global"),
-        ({"top_k": 4}, "cache='full'"),
-        ({"cache": "paged"}, "cache must be"),
+        ({"top_k": 4}, "cache_mode='full'"),
+        ({"cache_mode": "paged"}, "cache_mode must be"),
         ({"distance_limit": 0}, "distance_limit"),
         ({"chunk_size": 0}, "chunk_size"),
     ],
@@ -326,7 +326,7 @@ def test_settings_beyond_training_length_are_refused() -> None:
     with pytest.raises(ValueError, match="training length"):
         patch_model(model, LMInfiniteConfig(n_local=128))
     with pytest.raises(ValueError, match="top_k_from_layer"):
-        patch_model(model, LMInfiniteConfig(n_local=8, cache="full", top_k=2, top_k_from_layer=3))
+        patch_model(model, LMInfiniteConfig(n_local=8, cache_mode="full", top_k=2, top_k_from_layer=3))
 
 
 @torch.no_grad()
@@ -353,7 +353,7 @@ def test_engine_prefill_keeps_top_k_for_generation_time_queries(arch: str) -> No
     from lminf_integrations.engine import Engine
 
     model = _tiny(arch)
-    config = LMInfiniteConfig(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, cache="full", chunk_size=5)
+    config = LMInfiniteConfig(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, cache_mode="full", chunk_size=5)
     engine = Engine(model=model, tokenizer=SimpleNamespace(), config=config, reuse_prefixes=False)  # type: ignore[arg-type]
     prompt_length = 30
     ids = _ids(prompt_length, seed=3)
@@ -364,3 +364,65 @@ def test_engine_prefill_keeps_top_k_for_generation_time_queries(arch: str) -> No
     _close(got, expected)
     without_top_k = _reference_logits(model, ids, top_k_from=prompt_length)[:, -1]  # no query reaches it
     assert (got - without_top_k).abs().max() > 10 * _tolerance(expected)  # top-k did change the last token
+
+
+def _qkv(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random query, key and value states of ``_tiny``'s shapes for ``n`` positions: (1, heads, n, head_dim)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 6, n, 16, generator=generator)
+    return q, torch.randn(1, 2, n, 16, generator=generator), torch.randn(1, 2, n, 16, generator=generator)
+
+
+@torch.no_grad()
+def test_keys_the_cache_handed_over_but_the_attention_did_not_get_are_an_error() -> None:
+    """A LambdaCache update hands its keys to the attention call right after it; if that call gets other keys,
+    something in between changed them, and deriving everything from those keys as if there were no cache would be
+    silently wrong."""
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8))
+    module = model.model.layers[0].self_attn
+    query, key, value = _qkv(5)
+    keys, values = new_cache(model).update(key, value, 0)
+    with pytest.raises(RuntimeError, match="did not get"):
+        attention.lambda_attention(module, query, keys.clone(), values, None)
+
+
+@pytest.mark.parametrize("cache", ["window", "full"])
+@torch.no_grad()
+def test_an_architecture_changing_the_keys_after_the_cache_update_is_refused(
+    cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose attention code does something to the keys between the cache update and the attention call
+    (here: copies them) is refused, rather than answered from positions 0..n of a cache window."""
+    from lminf_integrations.cache import LambdaLayer
+
+    update = LambdaLayer.update
+
+    def copying_update(self: LambdaLayer, *args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in update(self, *args, **kwargs))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LambdaLayer, "update", copying_update)
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode=cache))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="did not get"):
+        model(_ids(12), past_key_values=new_cache(model))
+
+
+@torch.no_grad()
+def test_a_hand_off_left_by_a_failed_forward_does_not_reach_the_next_one() -> None:
+    """Without a LambdaCache (no cache, or transformers' own) the attention derives everything from the keys; a
+    hand-off some earlier forward left behind (it failed between the cache update and the attention call) must
+    not be taken for this forward's."""
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8))
+    ids = _ids(12, seed=8)
+    expected = model(ids).logits
+    _, key, value = _qkv(12)
+    new_cache(model).update(key, value, 0)  # its attention call never comes
+    _close(model(ids).logits, expected)
+    padded = _ids(12).repeat(2, 1)
+    mask = torch.ones_like(padded)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="padded"):  # refused in the attention call, after the update
+        model(padded, attention_mask=mask, past_key_values=new_cache(model))
+    _close(model(ids).logits, expected)

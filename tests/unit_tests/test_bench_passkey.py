@@ -75,11 +75,11 @@ def test_shared_prefixes_give_the_same_answers_as_fresh_prompts(tiny_llama_with_
     """Prefix sharing is an optimisation only: every answer equals encoding that prompt from scratch."""
     model, tokenizer = tiny_llama_with_real_tokenizer
     parts = PromptParts.of(tokenizer)
-    config = LMInfiniteConfig(n_global=4, n_local=64, top_k=2, top_k_from_layer=1, cache="full", chunk_size=64)
+    config = LMInfiniteConfig(n_global=4, n_local=64, top_k=2, top_k_from_layer=1, cache_mode="full", chunk_size=64)
     prompts = [make_prompt(parts, n, d, seed=1) for n in (300, 520) for d in (0.0, 0.5, 1.0)]
     rows = run_chain(LambdaRunner(model, tokenizer, config), ["lambda", "lambda+topk"], prompts)
     assert len(rows) == 2 * len(prompts)
-    plain = LMInfiniteConfig(n_global=4, n_local=64, cache="full", chunk_size=64)
+    plain = LMInfiniteConfig(n_global=4, n_local=64, cache_mode="full", chunk_size=64)
     fresh = {
         "lambda": Engine(model=model, tokenizer=tokenizer, config=plain, reuse_prefixes=False),
         "lambda+topk": Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False),

@@ -113,9 +113,9 @@ def test_answer_line_and_codes() -> None:
 # ---- configuration and result files ---------------------------------------------------------------------------
 def test_parse_config() -> None:
     label, config = rag_vs_full.parse_config("lambda", 2048)
-    assert config.n_local == 2048 and config.top_k == 0 and config.cache == "window" and "Λ" in label
+    assert config.n_local == 2048 and config.top_k == 0 and config.cache_mode == "window" and "Λ" in label
     _, config = rag_vs_full.parse_config("topk:5", 4096)
-    assert (config.top_k, config.top_k_from_layer, config.cache) == (5, 0, "full")
+    assert (config.top_k, config.top_k_from_layer, config.cache_mode) == (5, 0, "full")
     _, config = rag_vs_full.parse_config("topk:20:8", 4096)
     assert (config.top_k, config.top_k_from_layer) == (20, 8)
     for bad in ("topk", "topk:x", "lambda:4", "full"):

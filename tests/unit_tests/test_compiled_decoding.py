@@ -85,7 +85,7 @@ def test_compiled_steps_give_the_eager_logits(
 
 @pytest.mark.parametrize(
     "config,prompt_length",
-    [(CONFIG, 2), (LMInfiniteConfig(n_global=2, n_local=16, cache="full"), 60)],
+    [(CONFIG, 2), (LMInfiniteConfig(n_global=2, n_local=16, cache_mode="full"), 60)],
     ids=["global-tokens-not-yet-seen", "full-cache"],
 )
 def test_caches_that_change_shape_decode_eagerly(

@@ -36,7 +36,7 @@ def test_reset_clears_the_cache_in_place(tiny_llama_with_real_tokenizer: Pair, c
     """Like transformers' cache layers: the same buffers, zeroed, and the cache then works as a new one."""
     model, _ = tiny_llama_with_real_tokenizer
     model = copy.deepcopy(model)
-    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache=cache_mode))  # type: ignore[arg-type]
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode=cache_mode))  # type: ignore[arg-type]
     ids = torch.randint(100, 5000, (1, 30), generator=torch.Generator().manual_seed(0))
     cache = new_cache(model)
     model(ids[:, :20], past_key_values=cache)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lminf_integrations import LMInfiniteConfig
+from lminf_integrations import LMInfiniteConfig, new_cache
+from lminf_integrations import state as state_module
 from lminf_integrations.engine import Engine, GenerationSettings
-from lminf_integrations.state import StateStore, load_state, save_state
+from lminf_integrations.state import DocumentState, StateStore
 
 GREEDY = GenerationSettings(max_new_tokens=12)
 CONFIGS = [
     LMInfiniteConfig(n_global=4, n_local=256, chunk_size=128),
-    LMInfiniteConfig(n_global=4, n_local=256, chunk_size=128, cache="full", top_k=8, top_k_from_layer=1),
+    LMInfiniteConfig(n_global=4, n_local=256, chunk_size=128, cache_mode="full", top_k=8, top_k_from_layer=1),
 ]
 
 
@@ -36,7 +43,7 @@ DOCUMENT = "Alice met Bob at the station. " * 60 + "The key is under the mat. " 
 def test_answers_from_a_state_equal_fresh_runs_and_leave_it_unchanged(tiny: tuple, config: LMInfiniteConfig) -> None:
     engine = _engine(tiny, config, reuse_prefixes=False)
     state = engine.encode_document(DOCUMENT)
-    before = {name: t.clone() for name, t in state.cache.lambda_layers[0].tensors().items()}
+    before = {name: t.clone() for name, t in state.cache.state_tensors()[0].items()}
     doc_ids = list(state.token_ids)
     for question in (" Where is the key?", " Who met Bob?"):
         ids = doc_ids + engine.tokenize(question)
@@ -44,7 +51,7 @@ def test_answers_from_a_state_equal_fresh_runs_and_leave_it_unchanged(tiny: tupl
         reused = "".join(engine.stream(ids, GREEDY, state=state))
         assert reused == fresh and fresh
     assert state.token_ids == doc_ids
-    after = state.cache.lambda_layers[0].tensors()
+    after, _ = state.cache.state_tensors()
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
@@ -79,8 +86,8 @@ def test_state_store_respects_its_byte_bound(tiny: tuple) -> None:
 def test_saved_state_reloads_and_answers_the_same(tiny: tuple, config: LMInfiniteConfig, tmp_path: Path) -> None:
     engine = _engine(tiny, config, reuse_prefixes=False)
     state = engine.encode_document(DOCUMENT)
-    path = save_state(state, tmp_path / "doc.lminf", engine)
-    loaded = load_state(path, engine)
+    path = engine.save_state(state, tmp_path / "doc.lminf")
+    loaded = engine.load_state(path)
     assert loaded.token_ids == state.token_ids
     ids = state.token_ids + engine.tokenize(" Where is the key?")
     assert "".join(engine.stream(ids, GREEDY, state=loaded)) == engine.generate(ids, GREEDY)
@@ -88,19 +95,80 @@ def test_saved_state_reloads_and_answers_the_same(tiny: tuple, config: LMInfinit
 
 def test_mismatched_settings_and_damaged_files_are_refused(tiny: tuple, tmp_path: Path) -> None:
     engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
-    path = save_state(engine.encode_document(DOCUMENT), tmp_path / "doc.lminf", engine)
+    path = engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "doc.lminf")
     other = _engine(tiny, LMInfiniteConfig(n_global=4, n_local=128, chunk_size=128), reuse_prefixes=False)
     with pytest.raises(ValueError, match="n_local"):
-        load_state(path, other)
+        other.load_state(path)
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # flip bits inside the tensor data
     corrupt = tmp_path / "corrupt.lminf"
     corrupt.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt"):
-        load_state(corrupt, engine)
+        engine.load_state(corrupt)
     truncated = tmp_path / "truncated.lminf"
     truncated.write_bytes(path.read_bytes()[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        load_state(truncated, engine)
+        engine.load_state(truncated)
     with pytest.raises(FileNotFoundError):
-        load_state(tmp_path / "missing.lminf", engine)
+        engine.load_state(tmp_path / "missing.lminf")
+
+
+def test_files_of_the_previous_format_are_refused_by_their_format(tiny: tuple, tmp_path: Path) -> None:
+    """Format 1 named the cache setting ``cache``: such a file is refused for its format, not as other settings."""
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    path = engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "doc.lminf")
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads((handle.metadata() or {})["lminf"])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    header["format"] = "lminf-state/1"
+    old = tmp_path / "old.lminf"
+    save_file(tensors, str(old), metadata={"lminf": json.dumps(header)})
+    with pytest.raises(ValueError, match="state format 'lminf-state/1'.*encode the document again"):
+        engine.load_state(old)
+
+
+def test_an_empty_state_saves_and_loads(tiny: tuple, tmp_path: Path) -> None:
+    """A state of no tokens (its cache never written) round-trips, and generation continues from it."""
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    loaded = engine.load_state(engine.save_state(engine.encode([]), tmp_path / "empty.lminf"))
+    assert loaded.token_ids == [] and loaded.cache.get_seq_length() == 0
+    ids = engine.tokenize("The key is under")
+    assert "".join(engine.stream(ids, GREEDY, state=loaded)) == engine.generate(ids, GREEDY)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["window", "full-topk"])
+def test_cache_state_tensors_round_trip(tiny: tuple, config: LMInfiniteConfig) -> None:
+    """What persistence uses: a cache's tensors and positions, loaded into an empty cache, give the same cache."""
+    engine = _engine(tiny, config, reuse_prefixes=False)
+    state = engine.encode(engine.tokenize(DOCUMENT)[:300])
+    tensors, layers = state.cache.state_tensors()
+    assert len(layers) == len(state.cache.layers) and layers[0]["seen"] == 300
+    twin = new_cache(engine.model)
+    twin.load_state_tensors({name: t.clone() for name, t in tensors.items()}, layers)
+    again, again_layers = twin.state_tensors()
+    assert again_layers == layers and again.keys() == tensors.keys()
+    assert all(torch.equal(again[name], tensors[name]) for name in tensors)
+    ids = state.token_ids + engine.tokenize(" Where is the key?")
+    copy = DocumentState(list(state.token_ids), twin)
+    assert "".join(engine.stream(ids, GREEDY, state=copy)) == "".join(engine.stream(ids, GREEDY, state=state))
+    with pytest.raises(ValueError, match="empty cache"):
+        twin.load_state_tensors(tensors, layers)
+    with pytest.raises(ValueError, match="layers"):
+        new_cache(engine.model).load_state_tensors(tensors, layers[:-1])
+
+
+def test_state_module_does_not_import_the_engine() -> None:
+    """engine imports state (its StateStore); state takes what it needs as arguments, never the engine: not on
+    import, not for type checking, not inside a function."""
+    code = "import sys, lminf_integrations.state; assert 'lminf_integrations.engine' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+    tree = ast.parse(Path(state_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not imported & {"engine", "lminf_integrations.engine"}
+
+
+def test_document_state_is_still_importable_from_the_engine() -> None:
+    from lminf_integrations import engine, state
+
+    assert engine.DocumentState is state.DocumentState

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import machine_line, write_result
-from lminf_integrations import attention
+from lminf_integrations.strategies.lm_infinite import attention
 
 
 def _interleaved_best(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

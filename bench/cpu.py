@@ -71,8 +71,8 @@ def dtype_row(name: str, n_tokens: int, decode_steps: int) -> dict[str, float]:
     from bench.common import token_ids
     from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
     from lminf_integrations.cpu import decodes_faster_without_onednn, onednn_off
+    from lminf_integrations.hf_compat import cache_kwargs
     from lminf_integrations.models import load_model
-    from lminf_integrations.patch import cache_kwargs
 
     model, tokenizer = load_model(None, "bf16" if name == "bf16" else "fp32")
     if name == "fp32+int8":

@@ -45,7 +45,7 @@ class _Clock(BaseStreamer):
 def _decode(model: Any, ids: list[int], cache: Any, steps: int, compiled: bool) -> float:
     """Tokens/s of ``steps`` decoding steps after the first one."""
     from lminf_integrations.compiled import generate_kwargs, inductor_settings
-    from lminf_integrations.patch import cache_kwargs
+    from lminf_integrations.hf_compat import cache_kwargs
 
     clock = _Clock()
     cache.allow_compiled_steps(compiled)

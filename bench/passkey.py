@@ -46,8 +46,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from bench.common import RESULTS, machine_line, write_result
 from lminf_integrations import LMInfiniteConfig, unpatch_model
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
+from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
-from lminf_integrations.patch import cache_kwargs
 
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "

@@ -22,8 +22,8 @@ from transformers import PreTrainedModel
 
 from bench.common import RESULTS, machine_line, token_ids, write_result
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
+from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
-from lminf_integrations.patch import cache_kwargs
 
 BUCKET = 2048
 

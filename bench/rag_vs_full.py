@@ -91,8 +91,8 @@ from bench.common import RESULTS, machine_line, peak_rss
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
+from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model, model_name
-from lminf_integrations.patch import cache_kwargs
 from lminf_integrations.streaming import DeltaStreamer
 
 METHODS = ("full", "vector", "bm25", "vanilla")

@@ -30,8 +30,8 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
 
     from bench.common import peak_rss, token_ids
     from lminf_integrations import new_cache, patch_model
+    from lminf_integrations.hf_compat import cache_kwargs
     from lminf_integrations.models import load_model
-    from lminf_integrations.patch import cache_kwargs
 
     model, tokenizer = load_model(None, dtype)
     ids = token_ids(tokenizer, n_tokens)

@@ -10,20 +10,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .cache import LambdaCache
     from .config import LMInfiniteConfig
     from .models import load_model
-    from .patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, patch_model, unpatch_model
+    from .strategies.lm_infinite.cache import LambdaCache
+    from .strategies.lm_infinite.patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, patch_model, unpatch_model
 
 _HOMES = {
-    "SUPPORTED_ARCHITECTURES": "patch",
+    "SUPPORTED_ARCHITECTURES": "strategies.lm_infinite.patch",
     "LMInfiniteConfig": "config",
-    "LambdaCache": "cache",
-    "is_patched": "patch",
+    "LambdaCache": "strategies.lm_infinite.cache",
+    "is_patched": "strategies.lm_infinite.patch",
     "load_model": "models",
-    "new_cache": "patch",
-    "patch_model": "patch",
-    "unpatch_model": "patch",
+    "new_cache": "strategies.lm_infinite.patch",
+    "patch_model": "strategies.lm_infinite.patch",
+    "unpatch_model": "strategies.lm_infinite.patch",
 }
 
 __all__ = [

@@ -89,8 +89,10 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
                     f"pass either engine= or {', '.join(fixed)}, not both: an engine is built with its model and "
                     f"settings; build Engine(..., {fixed[0]}=...) instead"
                 )
-            engine = self.engine
-            for name, value in {**asdict(engine.options), **engine.config.to_dict()}.items():
+            engine, values = self.engine, asdict(self.engine.options)
+            if engine.options.strategy == "lm-infinite":  # other strategies take no attention settings
+                values.update(engine.config.to_dict())
+            for name, value in values.items():
                 self.__dict__[name] = value  # report the engine's own values, not the defaults
         self.lminf_settings  # noqa: B018 - bad values fail at construction, not at the first call
         return self
@@ -122,10 +124,7 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
         with self._load_lock:
             if self._loaded is None:
                 settings = self.lminf_settings
-                options = settings.options
-                self._loaded = Engine(
-                    options.model_id, settings.config, options.dtype, compile_decode=options.compile_decode
-                )
+                self._loaded = Engine.from_options(settings.options, settings.config)
             return self._loaded
 
     async def aload(self) -> Engine:
@@ -244,6 +243,7 @@ def settings_docstring(groups: Sequence[str] = GROUPS) -> str:
     """The settings sections shared by every adapter class docstring, rendered from the declaration."""
     titles = {
         "model": "model",
+        "strategy": "strategy",
         "attention": "LM-Infinite attention",
         "decoding": "decoding",
         "generation": "generation (also per call)",

@@ -66,8 +66,8 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser, groups:
         parser.error(str(error))
 
 
-ASK_GROUPS = ("model", "attention", "decoding", "generation", "display")
-ENCODE_GROUPS = ("model", "attention", "display")
+ASK_GROUPS = ("model", "strategy", "attention", "decoding", "generation", "display")
+ENCODE_GROUPS = ("model", "strategy", "attention", "display")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,14 +106,7 @@ def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[in
 def _engine(settings: Resolved) -> Engine:
     from .engine import Engine  # heavy imports only once the arguments are good
 
-    options = settings.options
-    return Engine(
-        options.model_id,
-        config=settings.config,
-        dtype=options.dtype,
-        reuse_prefixes=False,
-        compile_decode=options.compile_decode,
-    )
+    return Engine.from_options(settings.options, settings.config, reuse_prefixes=False)
 
 
 def _progress_bar(settings: Resolved) -> TerminalProgress:

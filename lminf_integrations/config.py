@@ -9,11 +9,15 @@ imports nothing heavy, so the CLI can build its parser before torch loads.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 CacheMode = Literal["window", "full"]
+StrategyName = Literal["lm-infinite", "vanilla"]
+#: What ``strategy=`` takes (each is a subpackage of ``lminf_integrations.strategies``).
+STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 
 #: Names ``dtype=`` accepts (``"auto"``: bf16 where the hardware computes it fast, else fp32).
 DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")
@@ -35,6 +39,12 @@ class EngineOptions:
         aliases=("model",),
     )
     dtype: str = setting("auto", "auto (bf16 where the CPU/GPU computes it fast, else fp32), bf16, fp32 or fp16")
+    strategy: StrategyName = setting(
+        "lm-infinite",
+        "how the model reads a long prompt: 'lm-infinite' (Λ attention: the leading tokens and a local window), "
+        "'vanilla' (the unpatched model, every key: for comparisons)",
+        group="strategy",
+    )
     compile_decode: bool = setting(
         False,
         "compile the decoding step with torch.compile (window cache): faster steps after a one-time compile, "
@@ -45,7 +55,12 @@ class EngineOptions:
     def __post_init__(self) -> None:
         _require(self.model_id is None or isinstance(self.model_id, str), "model_id must be None or a string")
         _require(self.dtype in DTYPE_NAMES, f"dtype must be one of {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
+        _require(self.strategy in STRATEGY_NAMES, f"strategy must be one of {', '.join(STRATEGY_NAMES)}")
         _require(isinstance(self.compile_decode, bool), "compile_decode must be True or False")
+        _require(
+            not (self.compile_decode and self.strategy != "lm-infinite"),
+            "compile_decode=True needs strategy='lm-infinite' (its window cache keeps every step's shapes)",
+        )
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from .cache import LambdaCache
 from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
 from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, merge_stop
 from .cpu import decodes_faster_without_onednn, onednn_off
+from .hf_compat import cache_kwargs
 from .models import dtype_name, load_model, model_name
-from .patch import cache_kwargs, new_cache, patch_model
 from .state import DocumentState, StateStore, read_state, state_identity, write_state
+from .strategies import DocumentCache, make_strategy
 from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
 
 
@@ -68,11 +68,13 @@ class _Cancelled(StoppingCriteria):
 
 
 class Engine:
-    """A loaded, patched model and its tokenizer.
+    """A loaded model and its tokenizer, run by one long-context strategy.
 
     Args:
         model_id: see :func:`~lminf_integrations.models.load_model` (``None`` → embedded default).
         config: LM-Infinite settings (default ``LMInfiniteConfig()``).
+        strategy: ``"lm-infinite"`` or ``"vanilla"`` (``EngineOptions.strategy``; :mod:`lminf_integrations.strategies`).
+            Engines with different strategies may share one loaded model: each prepares it before use.
         dtype: ``"auto"`` (bf16 where the hardware has it, else fp32), ``"bf16"``, ``"fp32"``...
         model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
         state_store: where encoded prompt prefixes are kept for reuse (default: a 2 GiB LRU of its own).
@@ -94,9 +96,12 @@ class Engine:
         state_store: StateStore | None = None,
         reuse_prefixes: bool = True,
         compile_decode: bool = EngineOptions.compile_decode,
+        strategy: str = EngineOptions.strategy,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
+        # Validated before anything loads (an unknown strategy, compiled decoding it cannot do).
+        EngineOptions(strategy=strategy, compile_decode=compile_decode)  # type: ignore[arg-type]
         if model is None:
             model, tokenizer = load_model(model_id, dtype)
         assert tokenizer is not None
@@ -104,9 +109,8 @@ class Engine:
         # What loaded it, when it was loaded here (reported by the adapters; None for a model passed in).
         self.model_id = None if model_id is None else os.fspath(model_id)
         self.config = config or LMInfiniteConfig()
-        self.config.check_against_model(
-            getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
-        )
+        self.strategy = make_strategy(strategy, self.config)
+        self.strategy.check(model)
         self._lock = _lock_for(model)
         self.compile_decode = compile_decode
         # Prompts sharing a long prefix (the same document, another question) reuse its encoded state.
@@ -119,7 +123,20 @@ class Engine:
     @property
     def options(self) -> EngineOptions:
         """The :class:`~lminf_integrations.config.EngineOptions` this engine runs with (dtype named as loaded)."""
-        return EngineOptions(self.model_id, dtype_name(self.model.dtype), self.compile_decode)
+        name = self.strategy.name
+        return EngineOptions(self.model_id, dtype_name(self.model.dtype), name, self.compile_decode)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls, options: EngineOptions, config: LMInfiniteConfig, **kwargs: Any) -> Engine:
+        """An engine for validated settings (what the adapters and the CLI build); ``kwargs`` go to the engine."""
+        return cls(
+            options.model_id,
+            config,
+            options.dtype,
+            strategy=options.strategy,
+            compile_decode=options.compile_decode,
+            **kwargs,
+        )
 
     # ---- text helpers -------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -143,29 +160,22 @@ class Engine:
 
     # ---- encoding -----------------------------------------------------------------------------------------
     def cache_bytes_needed(self, n_tokens: int) -> int:
-        """Bytes the LM-Infinite cache takes for ``n_tokens`` (full mode grows with n, window mode does not)."""
-        cfg, mc = self.config, self.model.config
-        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        per_token = 2 * mc.num_key_value_heads * head_dim * self.model.dtype.itemsize
-        layers = mc.num_hidden_layers
-        if cfg.cache_mode == "window":
-            return layers * per_token * (cfg.n_local + cfg.n_global)
-        middle_layers = max(0, layers - cfg.top_k_from_layer) if cfg.top_k > 0 else 0
-        return (layers * per_token + middle_layers * per_token // 2) * (n_tokens + cfg.n_global)
+        """Bytes the strategy's cache takes for ``n_tokens``."""
+        return self.strategy.cache_bytes(self.model, n_tokens)
 
     def check_memory(self, n_tokens: int) -> None:
         needed = self.cache_bytes_needed(n_tokens)
         available = psutil.virtual_memory().available
         if needed > 0.8 * available:
             raise MemoryError(
-                f"encoding {n_tokens} tokens with cache_mode={self.config.cache_mode!r} needs about "
+                f"encoding {n_tokens} tokens with strategy={self.strategy.name!r} needs about "
                 f"{needed / 2**30:.1f} GiB for keys/values but only {available / 2**30:.1f} GiB is available; use "
-                "cache_mode='window', a smaller document, or a machine with more memory"
+                f"{self.strategy.memory_hint()}, a smaller document, or a machine with more memory"
             )
 
-    def _patched(self) -> None:
-        if getattr(self.model, "lminf_config", None) is not self.config:
-            patch_model(self.model, self.config)
+    def _prepared(self) -> None:
+        """The model running this engine's strategy (engines sharing a model may use others); under the lock."""
+        self.strategy.prepare(self.model)
 
     def encode(
         self,
@@ -185,9 +195,9 @@ class Engine:
         state at the last chunk boundary is kept in the engine's state store for later prompts that share it.
         """
         with self._lock:
-            self._patched()
+            self._prepared()
             if state is None:
-                state = DocumentState([], new_cache(self.model))
+                state = DocumentState([], self.strategy.new_cache(self.model))
             elif list(token_ids[: len(state.token_ids)]) != state.token_ids:
                 raise ValueError("token_ids do not start with the state's tokens")
             if len(token_ids) > len(state.token_ids):
@@ -196,7 +206,7 @@ class Engine:
             self.check_memory(total)
             # Every token encoded here is a prompt token: top-k middle attention (generation-time queries only)
             # must not start inside the prefill; generation sets the real prompt length afterwards.
-            state.cache.set_prompt_length(len(token_ids) + 1)
+            self.strategy.set_prompt_length(state.cache, len(token_ids) + 1)
             step = self.config.chunk_size
             if on_progress:
                 on_progress(len(state.token_ids), total)
@@ -274,11 +284,12 @@ class Engine:
         stream = self.stream(prompt, settings, stop=stop, on_progress=on_progress)
         return "".join(stream)
 
-    def _compiles(self, cache: LambdaCache) -> bool:
+    def _compiles(self, cache: DocumentCache) -> bool:
         """Allow compiled steps on this generation's cache (or not, per ``compile_decode``) and say whether they will
         run compiled: transformers decides from the cache it gets."""
-        cache.allow_compiled_steps(self.compile_decode)
-        if not cache.is_compileable:
+        if not self.strategy.allow_compiled_steps(cache, self.compile_decode):
+            return False
+        if not getattr(cache, "is_compileable", False):
             return False
         announced = _announced_compiles.setdefault(self.model, set())
         if self.config not in announced:
@@ -322,7 +333,7 @@ class Engine:
         encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=True)
         if cancelled.is_set():
             return StreamResult(len(ids), 0, "cancelled")
-        encoded.cache.set_prompt_length(len(ids))
+        self.strategy.set_prompt_length(encoded.cache, len(ids))
         report(len(ids), len(ids))  # the last prompt token goes with the first generation step
         streamer = DeltaStreamer(self.tokenizer, emit)
         sampling: dict[str, Any] = {"do_sample": False}
@@ -364,12 +375,15 @@ class Engine:
     def save_state(self, state: DocumentState, path: str | os.PathLike[str]) -> Path:
         """Write ``state`` to ``path`` (safetensors; the header names the model, tokenizer, settings and
         checksums, so :meth:`load_state` can refuse a file that does not fit this engine). Returns the path."""
-        return write_state(path, state, state_identity(self.model_name, self.model, self.tokenizer, self.config))
+        return write_state(path, state, self._state_identity())
 
     def load_state(self, path: str | os.PathLike[str]) -> DocumentState:
         """Read a state written by :meth:`save_state` with the same model, tokenizer and settings; refuses other
         ones, files of another format and damaged files (``ValueError``)."""
         with self._lock:
-            self._patched()
-            cache = new_cache(self.model)
-        return read_state(path, state_identity(self.model_name, self.model, self.tokenizer, self.config), cache)
+            self._prepared()
+            cache = self.strategy.new_cache(self.model)
+        return read_state(path, self._state_identity(), cache)
+
+    def _state_identity(self) -> dict[str, Any]:
+        return state_identity(self.model_name, self.model, self.tokenizer, self.strategy.identity())

@@ -1,122 +1,23 @@
-"""Switch a transformers causal LM to Λ-attention and back, through transformers' own extension points.
+"""``lminf_integrations.patch``, the import path README and earlier code use: the LM-Infinite patch
+(:mod:`lminf_integrations.strategies.lm_infinite.patch`) and ``cache_kwargs`` (:mod:`lminf_integrations.hf_compat`)."""
 
-The attention function is registered in ``AttentionInterface`` and selected with ``set_attn_implementation``;
-the mask builder registered beside it returns no dense mask (the attention builds its own band), so nothing of
-size n×n is ever materialised. Model code itself is untouched, which keeps the patch working across upgrades.
-"""
+from .hf_compat import CACHE_ARGUMENT, cache_kwargs
+from .strategies.lm_infinite.patch import (
+    SUPPORTED_ARCHITECTURES,
+    is_patched,
+    lminf_config_of,
+    new_cache,
+    patch_model,
+    unpatch_model,
+)
 
-from __future__ import annotations
-
-import inspect
-from typing import Any
-
-import torch
-from transformers import AttentionInterface, LlamaModel, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
-
-from .attention import ATTENTION_NAME, LayerSettings, discard_hand_over, lambda_attention
-from .cache import LambdaCache
-from .config import LMInfiniteConfig
-
-# All of these apply RoPE with the rotate-half formula before calling the attention function.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _padding_only_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """Return nothing for unpadded input; a padded 2D mask is passed on so the attention can refuse it."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    return attention_mask
-
-
-# transformers 5.24 renamed the models' ``past_key_values`` argument to ``cache`` (the old name warns until 6.0).
-CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-def cache_kwargs(cache: Any) -> dict[str, Any]:
-    """``{name: cache}`` for a model's forward or ``generate``, under this transformers version's name."""
-    return {CACHE_ARGUMENT: cache}
-
-
-AttentionInterface.register(ATTENTION_NAME, lambda_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, _padding_only_mask)
-
-
-def _decoder(model: PreTrainedModel) -> torch.nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    if not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
-        raise ValueError(f"cannot find decoder layers and rotary embedding in {type(model).__name__}")
-    return decoder
-
-
-def _no_pending_hand_over(module: torch.nn.Module, args: Any) -> None:
-    """Forward pre-hook of a patched decoder: the forward starts with no cache hand-off pending."""
-    discard_hand_over()
-
-
-def _check_supported(model: PreTrainedModel) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"LM-Infinite does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-
-
-def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) -> PreTrainedModel:
-    """Make ``model`` use Λ-attention with ``config`` (defaults: ``LMInfiniteConfig()``). Returns the model.
-
-    Patching again replaces the settings. The model still works with ``model(...)`` and ``model.generate(...)``;
-    pass ``cache=new_cache(model)`` (``past_key_values=`` before transformers 5.24) for the bounded cache
-    (transformers' default cache also works, but keeps every key).
-    """
-    _check_supported(model)
-    config = config or LMInfiniteConfig()
-    decoder = _decoder(model)
-    config.check_against_model(
-        getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
-    )
-    inv_freq: torch.Tensor = decoder.rotary_emb.inv_freq  # type: ignore[union-attr, assignment]
-    for index, layer in enumerate(decoder.layers):  # type: ignore[union-attr, arg-type]
-        layer.self_attn.lminf_settings = LayerSettings(config, inv_freq, index)
-    if not is_patched(model):
-        model.lminf_previous_attention = model.config._attn_implementation  # type: ignore[assignment]
-        model.set_attn_implementation(ATTENTION_NAME)
-        model.lminf_hook = decoder.register_forward_pre_hook(_no_pending_hand_over)  # type: ignore[assignment]
-    model.lminf_config = config  # type: ignore[assignment]
-    return model
-
-
-def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
-    """Restore the attention implementation the model had before :func:`patch_model`."""
-    if not is_patched(model):
-        return model
-    model.set_attn_implementation(model.lminf_previous_attention)  # type: ignore[arg-type]
-    model.lminf_hook.remove()  # type: ignore[union-attr, operator]
-    for layer in _decoder(model).layers:  # type: ignore[union-attr]
-        del layer.self_attn.lminf_settings
-    del model.lminf_previous_attention
-    del model.lminf_hook
-    del model.lminf_config
-    return model
-
-
-def is_patched(model: PreTrainedModel) -> bool:
-    return hasattr(model, "lminf_config")
-
-
-def lminf_config_of(model: PreTrainedModel) -> LMInfiniteConfig:
-    if not is_patched(model):
-        raise ValueError("the model is not patched; call patch_model(model, config) first")
-    return model.lminf_config  # type: ignore[return-value]
-
-
-def new_cache(model: PreTrainedModel) -> LambdaCache:
-    """An empty :class:`LambdaCache` for a patched model."""
-    lminf_config_of(model)
-    return LambdaCache([layer.self_attn.lminf_settings for layer in _decoder(model).layers])  # type: ignore[union-attr]
+__all__ = [
+    "CACHE_ARGUMENT",
+    "SUPPORTED_ARCHITECTURES",
+    "cache_kwargs",
+    "is_patched",
+    "lminf_config_of",
+    "new_cache",
+    "patch_model",
+    "unpatch_model",
+]

@@ -19,11 +19,11 @@ from typing import Any
 
 from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, merge_stop
 
-#: Groups, in the order they are listed: which model and how it loads; the attention; how decoding runs; one
-#: answer (these may also be given per call); what is shown while working.
-GROUPS = ("model", "attention", "decoding", "generation", "display")
+#: Groups, in the order they are listed: which model and how it loads; the long-context strategy; its attention
+#: settings; how decoding runs; one answer (these may also be given per call); what is shown while working.
+GROUPS = ("model", "strategy", "attention", "decoding", "generation", "display")
 #: Groups an already-built engine fixes: given together with ``engine=``, they are refused.
-ENGINE_GROUPS = ("model", "attention", "decoding")
+ENGINE_GROUPS = ("model", "strategy", "attention", "decoding")
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,19 @@ def resolve(values: Mapping[str, Any]) -> Resolved:
     progress = values.get("progress")
     if progress is not None and not isinstance(progress, bool):
         raise ValueError("progress must be True, False or None")
-    return Resolved(
+    resolved = Resolved(
         EngineOptions(**pick(EngineOptions)),
         LMInfiniteConfig(**pick(LMInfiniteConfig)),
         GenerationSettings(**pick(GenerationSettings)),
         progress,
     )
+    if resolved.options.strategy != "lm-infinite" and resolved.config != LMInfiniteConfig():
+        changed = [f"{k}={v!r}" for k, v in resolved.config.to_dict().items() if getattr(LMInfiniteConfig(), k) != v]
+        raise ValueError(
+            f"{', '.join(changed)}: LM-Infinite attention settings have no effect with "
+            f"strategy={resolved.options.strategy!r}; leave them out"
+        )
+    return resolved
 
 
 def canonical(values: Mapping[str, Any], known: Iterable[str], owner: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Encoded-document states: reuse in memory (an LRU bounded by bytes) and on disk (safetensors + JSON header).
 
-A state is the LM-Infinite cache after a token prefix. Answering another question about the same document
+A state is a strategy's cache after a token prefix. Answering another question about the same document
 starts from it instead of re-reading the document; generation works on a copy, so a state never changes.
 """
 
@@ -22,20 +22,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import LambdaCache
-from .config import LMInfiniteConfig
+from .strategies.base import DocumentCache
 
 logger = logging.getLogger(__name__)
-# 2: the settings' cache mode is named ``cache_mode`` (1: ``cache``).
+# 2: the settings' cache mode is named ``cache_mode`` (1: ``cache``); the header names the strategy.
 FORMAT = "lminf-state/2"
 
 
 @dataclass
 class DocumentState:
-    """A prefix encoded into an LM-Infinite cache (all tokens of ``token_ids`` are in ``cache``)."""
+    """A prefix encoded into a strategy's cache (all tokens of ``token_ids`` are in ``cache``)."""
 
     token_ids: list[int]
-    cache: LambdaCache
+    cache: DocumentCache
     # The text whose tokens these are, when it is known (``Engine.encode_document``): a prompt given as text that
     # starts with it is tokenized after it only, so tokens never merge across the boundary.
     text: str | None = None
@@ -104,9 +103,10 @@ class StateStore:
 # ---- persistence ------------------------------------------------------------------------------------------------
 # ``Engine.save_state`` / ``Engine.load_state`` call these with the engine's identity and a cache for its model.
 def state_identity(
-    model_name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LMInfiniteConfig
+    model_name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, strategy: dict[str, Any]
 ) -> dict[str, Any]:
-    """What must match for a saved state to be valid: the model, its tokenizer's vocabulary, the settings."""
+    """What must match for a saved state to be valid: the model, its tokenizer's vocabulary, the strategy and its
+    settings (``Strategy.identity()``)."""
     vocab = sorted(tokenizer.get_vocab().items())
     return {
         "model": model_name,
@@ -114,7 +114,7 @@ def state_identity(
         "num_hidden_layers": model.config.num_hidden_layers,
         "dtype": str(model.dtype),
         "tokenizer_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
-        "config": config.to_dict(),
+        **strategy,
     }
 
 
@@ -147,7 +147,7 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
     return path
 
 
-def read_state(path: str | os.PathLike[str], identity: dict[str, Any], cache: LambdaCache) -> DocumentState:
+def read_state(path: str | os.PathLike[str], identity: dict[str, Any], cache: DocumentCache) -> DocumentState:
     """Read a state written by :func:`write_state` into ``cache`` (empty, for the model the state was encoded
     with). Refuses files of another format, another ``identity`` (model, tokenizer or settings) and damaged files."""
     from safetensors import safe_open

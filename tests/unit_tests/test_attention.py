@@ -23,7 +23,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lminf_integrations import LMInfiniteConfig, attention, decode_kernel, new_cache, patch_model, unpatch_model
+from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
+from lminf_integrations.ops import decode_kernel
+from lminf_integrations.strategies.lm_infinite import attention
 from tests.tolerances import assert_close, network_bound
 
 from . import reference
@@ -394,7 +396,7 @@ def test_an_architecture_changing_the_keys_after_the_cache_update_is_refused(
 ) -> None:
     """A model whose attention code does something to the keys between the cache update and the attention call
     (here: copies them) is refused, rather than answered from positions 0..n of a cache window."""
-    from lminf_integrations.cache import LambdaLayer
+    from lminf_integrations.strategies.lm_infinite.cache import LambdaLayer
 
     update = LambdaLayer.update
 

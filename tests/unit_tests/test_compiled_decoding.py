@@ -8,9 +8,10 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lminf_integrations import LMInfiniteConfig, attention, new_cache, patch_model
+from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.compiled import generate_kwargs, inductor_settings
 from lminf_integrations.engine import Engine, GenerationSettings
+from lminf_integrations.strategies.lm_infinite import attention
 from tests.tolerances import assert_close, network_bound
 
 CONFIG = LMInfiniteConfig(n_global=2, n_local=16, chunk_size=8)

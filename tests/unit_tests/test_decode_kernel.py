@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lminf_integrations import decode_kernel
+from lminf_integrations.ops import decode_kernel
 from tests.tolerances import assert_close, attention_bound
 
 
@@ -104,7 +104,7 @@ def test_kernel_refuses_what_it_cannot_do(op) -> None:  # type: ignore[no-untype
 
 
 def test_kernel_is_skipped_when_disabled_or_not_applicable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lminf_integrations import attention
+    from lminf_integrations.strategies.lm_infinite import attention
 
     q, k, _ = _inputs(1, 4, 2, 10, 64, torch.float32)
     assert attention._decode_op(q, k) is not None

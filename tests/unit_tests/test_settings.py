@@ -27,6 +27,7 @@ ADAPTERS = [LangChainLLM, ChatLMInfinite, LlamaIndexLLM]
 SAMPLES: dict[str, dict[str, Any]] = {
     "model_id": {"model_id": "org/some-model"},
     "dtype": {"dtype": "fp32"},
+    "strategy": {"strategy": "vanilla"},
     "compile_decode": {"compile_decode": True},
     "n_global": {"n_global": 3},
     "n_local": {"n_local": 100},
@@ -110,7 +111,7 @@ def test_the_cli_takes_each_setting_by_its_one_name(name: str, values: dict[str,
     for key, value in values.items():
         assert _engine_value(resolved, key) == value
     assert _engine_value(_cli_settings({}), name) == BY_NAME[name].default
-    if BY_NAME[name].group in ("model", "attention", "display"):  # what `encode` needs: the state must match
+    if BY_NAME[name].group in ("model", "strategy", "attention", "display"):  # `encode`'s: the state must match
         assert _engine_value(_cli_settings(values, "encode"), name) == values[name]
     for flag in BY_NAME[name].flags[1:]:  # aliases
         args = cli.build_parser().parse_args(["ask", "doc.txt", "q", flag, str(values[name])])

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from . import decode_kernel
-from .config import LMInfiniteConfig
-from .rope import rotate, rotation, shift_positions
+from ...config import LMInfiniteConfig
+from ...ops import decode_kernel
+from ...ops.rope import rotate, rotation, shift_positions
 
 ATTENTION_NAME = "lminf"
 BLOCK = 256  # query rows per band block: fastest on 2-core AVX-512 and AMX CPUs (python -m bench band)

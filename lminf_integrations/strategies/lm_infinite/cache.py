@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import decode_kernel
+from ...ops import decode_kernel
+from ...ops.rope import rotate, rotation, shift_positions
 from .attention import LayerSettings, PreparedKeys, hand_over
-from .rope import rotate, rotation, shift_positions
 
 
 @functools.lru_cache(maxsize=4)

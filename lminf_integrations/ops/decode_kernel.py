@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu import cpu_info
+from ..cpu import cpu_info
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,74 @@
+"""What a long-context strategy is to the engine: an attention for the model, a cache, and what that cache costs.
+
+The engine, the adapters and the CLI know strategies only through :class:`Strategy` and the caches they make
+(:class:`DocumentCache`), so a new strategy is a new subpackage registered in :mod:`lminf_integrations.strategies`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+
+class DocumentCache(Protocol):
+    """A transformers ``Cache`` that can also be measured, copied and saved (what document states need)."""
+
+    def nbytes(self) -> int: ...
+
+    def clone(self) -> DocumentCache: ...
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], list[dict[str, int | None]]]: ...
+
+    def load_state_tensors(
+        self, tensors: dict[str, torch.Tensor], layers: Sequence[Mapping[str, int | None]]
+    ) -> None: ...
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+
+class Strategy(ABC):
+    """How the engine runs a model over a prompt longer than it was trained on."""
+
+    name: ClassVar[str]
+
+    def check(self, model: PreTrainedModel) -> None:  # noqa: B027 - an optional hook: nothing to check by default
+        """Refuse settings this model cannot run (``ValueError``); called once when an engine is built."""
+
+    @abstractmethod
+    def prepare(self, model: PreTrainedModel) -> None:
+        """Make ``model`` run this strategy's attention (called, under the model's lock, before each use: engines
+        with other strategies may share the model)."""
+
+    @abstractmethod
+    def new_cache(self, model: PreTrainedModel) -> DocumentCache:
+        """An empty cache for a prepared ``model``."""
+
+    @abstractmethod
+    def cache_bytes(self, model: PreTrainedModel, n_tokens: int) -> int:
+        """Bytes the cache takes after ``n_tokens`` tokens (checked against free memory before encoding)."""
+
+    def memory_hint(self) -> str:
+        """What to change when the cache would not fit (completes "use ..., a smaller document, ...")."""
+        return "strategy='lm-infinite' with cache_mode='window'"
+
+    def set_prompt_length(self, cache: DocumentCache, prompt_length: int) -> None:  # noqa: B027 - optional hook
+        """Told before encoding and before generation how long the prompt is (tokens of the prompt, not answer)."""
+
+    def allow_compiled_steps(self, cache: DocumentCache, allowed: bool) -> bool:
+        """Allow compiled decoding steps on ``cache`` (or not); whether it supports them at all."""
+        return False
+
+    def identity(self) -> dict[str, Any]:
+        """What a saved state must match to be used with this strategy (its name and settings)."""
+        return {"strategy": self.name}
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of keys and values one token takes in one layer."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_key_value_heads * head_dim * model.dtype.itemsize

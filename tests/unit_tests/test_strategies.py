@@ -1,0 +1,128 @@
+"""The strategy layer: ``strategy="vanilla"`` is the unpatched model, strategies can share one loaded model, states
+record their strategy, and every entry point builds the strategy it is given."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lminf_integrations import cli
+from lminf_integrations.config import STRATEGY_NAMES, GenerationSettings, LMInfiniteConfig, StrategyName
+from lminf_integrations.engine import Engine
+from lminf_integrations.langchain import ChatLMInfinite
+from lminf_integrations.langchain import LMInfiniteLLM as LangChainLLM
+from lminf_integrations.llama_index import LMInfiniteLLM as LlamaIndexLLM
+from lminf_integrations.patch import is_patched
+from lminf_integrations.strategies import make_strategy
+
+CONFIG = LMInfiniteConfig(n_global=2, n_local=16, chunk_size=8)
+GREEDY = GenerationSettings(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def tiny(default_tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model of this module's own: these tests switch it between strategies."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(default_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        eos_token_id=default_tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval(), default_tokenizer
+
+
+def _prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return list(tokenizer("The quick brown fox jumps over the lazy dog. " * 6, add_special_tokens=False).input_ids)
+
+
+def test_every_declared_strategy_is_registered() -> None:
+    assert STRATEGY_NAMES == typing.get_args(StrategyName) == ("lm-infinite", "vanilla")
+    assert [make_strategy(name, CONFIG).name for name in STRATEGY_NAMES] == list(STRATEGY_NAMES)
+    with pytest.raises(ValueError, match="unknown strategy 'dca'"):
+        make_strategy("dca", CONFIG)
+
+
+def test_vanilla_is_the_unpatched_model(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, tokenizer = tiny
+    ids = _prompt(tokenizer)  # longer than n_local: LM-Infinite would differ
+    engine = Engine(model=model, tokenizer=tokenizer, config=CONFIG, strategy="vanilla", reuse_prefixes=False)
+    answer = engine.stream(ids, GREEDY)
+    text = "".join(answer)
+    assert not is_patched(model)
+    with torch.inference_mode():
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, top_k=None)
+    assert tokenizer.decode(reference[0, len(ids) :], skip_special_tokens=True) == text
+    assert answer.result is not None and answer.result.output_tokens == 6
+
+
+def test_strategies_share_a_model(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, tokenizer = tiny
+    ids = _prompt(tokenizer)
+    engines = {
+        name: Engine(model=model, tokenizer=tokenizer, config=CONFIG, strategy=name, reuse_prefixes=False)
+        for name in STRATEGY_NAMES
+    }
+    alone = {name: engine.generate(ids, GREEDY) for name, engine in engines.items()}
+    assert alone["lm-infinite"] != alone["vanilla"]  # the prompt is past the window: Λ attention sees less
+    for name in [*STRATEGY_NAMES, *reversed(STRATEGY_NAMES)]:  # each prepares the model it shares
+        assert engines[name].generate(ids, GREEDY) == alone[name]
+
+
+def test_states_record_their_strategy(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    ids = _prompt(tokenizer)
+    vanilla = Engine(model=model, tokenizer=tokenizer, config=CONFIG, strategy="vanilla", reuse_prefixes=False)
+    state = vanilla.encode(ids[:40])
+    path = vanilla.save_state(state, tmp_path / "doc.lminf")
+    loaded = vanilla.load_state(path)
+    assert loaded.token_ids == ids[:40] and loaded.cache.get_seq_length() == 40
+    assert vanilla.generate(ids, GREEDY) == "".join(vanilla.stream(ids, GREEDY, state=loaded))
+    other = Engine(model=model, tokenizer=tokenizer, config=CONFIG, reuse_prefixes=False)
+    with pytest.raises(ValueError, match="strategy: file 'vanilla' vs now 'lm-infinite'"):
+        other.load_state(path)
+
+
+def test_compiled_decoding_needs_lm_infinite(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="compile_decode=True needs strategy='lm-infinite'"):
+        Engine(model=model, tokenizer=tokenizer, strategy="vanilla", compile_decode=True)
+    with pytest.raises(ValueError, match="strategy must be one of lm-infinite, vanilla"):
+        Engine(model=model, tokenizer=tokenizer, strategy="xl3m")
+
+
+@pytest.mark.parametrize("cls", [LangChainLLM, ChatLMInfinite, LlamaIndexLLM], ids=lambda c: c.__module__)
+def test_every_adapter_builds_the_strategy_it_is_given(
+    cls: type, tiny_model_dir: str, tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]
+) -> None:
+    engine = cls(model_id=tiny_model_dir, strategy="vanilla", dtype="fp32").load()
+    assert engine.strategy.name == "vanilla" and engine.options.strategy == "vanilla"
+    model, tokenizer = tiny
+    wrapped = cls(engine=Engine(model=model, tokenizer=tokenizer, config=CONFIG, strategy="vanilla"))
+    assert wrapped.strategy == "vanilla" and wrapped.n_local == LMInfiniteConfig().n_local  # no attention settings
+
+
+def test_attention_settings_with_another_strategy_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for cls in (LangChainLLM, ChatLMInfinite, LlamaIndexLLM):
+        with pytest.raises(ValueError, match="n_local=2048: LM-Infinite attention settings have no effect"):
+            cls(strategy="vanilla", n_local=2048)
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        cli._settings(
+            parser.parse_args(["ask", "d", "q", "--strategy", "vanilla", "--n-local", "9"]), parser, cli.ASK_GROUPS
+        )
+    assert "n_local=9: LM-Infinite attention settings have no effect" in capsys.readouterr().err
+
+
+def test_the_cli_builds_the_strategy_it_is_given(tiny_model_dir: str) -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["ask", "doc.txt", "q", "--model", tiny_model_dir, "--strategy", "vanilla"])
+    assert cli._engine(cli._settings(args, parser, cli.ASK_GROUPS)).strategy.name == "vanilla"

@@ -1,4 +1,4 @@
-"""The same questions about the same long documents, answered four ways by one model (SmolLM2-135M-Instruct).
+"""The same questions about the same long documents, answered five ways by one model (SmolLM2-135M-Instruct).
 
     python -m bench rag-vs-full                                         # 16K and 32K tokens, 10 questions each
                                                                         # (~12 min on a quiet 2-core CPU)
@@ -24,6 +24,10 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   at generation time in layers ``>= L``, full cache). The document is encoded once (``Engine.encode``, the
   *setup* time) and every question continues from a copy of that state: per-question time is the question's
   tokens plus the answer.
+* ``xl3m`` — the whole document through ``Engine(strategy="xl3m")`` (told where the question starts), once per
+  ``--xl3m-context`` budget (``full``: the training length less question and answer; or a number of tokens). No
+  setup: the first question reads every segment, and its time includes that; "facts in prompt" counts questions
+  whose fact sentences all start inside the chosen segments (XL3M's recall).
 * ``vector`` — LlamaIndex ``VectorStoreIndex`` over ``SentenceSplitter`` chunks of ``--chunk-tokens`` (254)
   all-MiniLM-L6-v2 word pieces with ``--chunk-overlap`` (32): 254 + [CLS] + [SEP] is exactly the 256 tokens
   MiniLM embeds, so every chunk is embedded whole (at most ~240 generator tokens). Embeddings: the offline
@@ -90,12 +94,13 @@ from transformers import (
 from bench.common import RESULTS, machine_line, peak_rss
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
+from lminf_integrations.config import XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model, model_name
 from lminf_integrations.streaming import DeltaStreamer
 
-METHODS = ("full", "vector", "bm25", "vanilla")
+METHODS = ("full", "vector", "bm25", "xl3m", "vanilla")
 DEFAULT_CONFIGS = ("lambda", "topk:5:8")  # top-k as the passkey bench's default
 
 
@@ -278,6 +283,40 @@ def run_full(
     return run
 
 
+# ---- (a') XL3M segment selection ----------------------------------------------------------------------------
+def run_xl3m(
+    context_tokens: int | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument,
+    settings: GenerationSettings,
+) -> MethodRun:  # fmt: skip
+    """The whole prompt through ``Engine(strategy="xl3m")``, told where the question starts. No setup: the first
+    question reads every segment (its time includes that); later ones score the kept segments."""
+    budget = "the training length" if context_tokens is None else f"{context_tokens} tokens"
+    label = f"xl3m, segments of {XL3MConfig().segment_tokens}, context up to {budget}"
+    config = XL3MConfig(context_tokens=context_tokens)
+    engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=config, reuse_prefixes=False)
+    doc_ids = engine.tokenize(doc.text)
+    print(f"{label}:", flush=True)
+    with peak_rss() as memory:
+        run = MethodRun(label, doc.n_tokens, 0.0)
+        for question in doc.questions:
+            q_ids = engine.tokenize(suffix(question))
+            clock = _Clock(time.perf_counter())
+            with engine.stream(doc_ids + q_ids, settings, question_tokens=len(q_ids)) as stream:
+                for delta in stream:
+                    if clock.feed(delta):
+                        break
+            details = stream.result.details if stream.result is not None else None
+            chosen = details["xl3m"]["chosen"] if details else []
+            found = details is None or all(  # no details: the prompt fitted and was read whole
+                any(c["start"] <= doc.facts[i].token_start < c["end"] for c in chosen) for i in question.facts
+            )
+            timed = clock.result()
+            run.answers.append(record(label, doc, question, timed, found, len(doc_ids) + len(q_ids), chosen))
+            _progress(run.answers[-1])
+    run.peak_gib = memory["peak_gib"]
+    return run
+
+
 # ---- (b), (c) retrieval -------------------------------------------------------------------------------------
 @lru_cache(maxsize=2)
 def embedding_model(folder: str) -> Any:
@@ -434,6 +473,10 @@ def run_grid(
                     print(f"{label}:", flush=True)
                     runs.append(run_full(label, config, model, tokenizer, doc, settings))
                     _release_memory()
+            if "xl3m" in args.methods:
+                for context in args.xl3m_context:
+                    runs.append(run_xl3m(None if context == "full" else int(context), model, tokenizer, doc, settings))
+                    _release_memory()
             unpatch_model(model)
             for method, build in (("vector", vector_retriever), ("bm25", bm25_retriever)):
                 if method in args.methods:
@@ -498,7 +541,7 @@ def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     for tokens in sorted({r["tokens"] for r in rows}):
         here = [r for r in rows if r["tokens"] == tokens]
         rag = [r for r in here if "RAG" in r["method"]]
-        for full in (r for r in here if r["method"].startswith("full")):
+        for full in (r for r in here if r["method"].startswith(("full", "xl3m"))):
             for other in rag:
                 single_ok = _fraction(full["single"]) >= _fraction(other["single"]) if full["single"] != "–" else None
                 multi_ok = _fraction(full["multi"]) > _fraction(other["multi"]) if full["multi"] != "–" else None
@@ -523,6 +566,8 @@ def command_line(args: argparse.Namespace) -> str:
     ]
     if "full" in args.methods:
         parts.append(f"--configs {' '.join(args.configs)} --n-local {args.n_local}")
+    if "xl3m" in args.methods:
+        parts.append(f"--xl3m-context {' '.join(args.xl3m_context)}")
     if "vector" in args.methods or "bm25" in args.methods:
         parts.append(f"--rag-top-k {args.rag_top_k} --chunk-tokens {args.chunk_tokens} "
                      f"--chunk-overlap {args.chunk_overlap}")  # fmt: skip
@@ -535,7 +580,7 @@ def command_line(args: argparse.Namespace) -> str:
 def markdown(rows: Sequence[dict[str, Any]], args: argparse.Namespace, model_label: str) -> str:
     n_multi = args.multi
     lines = [
-        f"# Full context (LM-Infinite) vs RAG vs truncated vanilla, {model_label}",
+        f"# Full context (LM-Infinite, XL3M) vs RAG vs truncated vanilla, {model_label}",
         "",
         f"{machine_line()}. Command: `{command_line(args)}`",
         "",
@@ -605,6 +650,8 @@ def write_outputs(
 def _short(method: str) -> str:
     if method.startswith("full"):
         return "full " + method.split("LM-Infinite ")[1].split(" (")[0].replace(" from layer ", "@")
+    if method.startswith("xl3m"):
+        return "xl3m " + method.rsplit("up to ", 1)[1].replace("the training length", "T")
     return method.split(",")[0].replace(" (all-MiniLM-L6-v2)", "")
 
 
@@ -657,6 +704,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="LM-Infinite configurations for 'full': lambda | topk:K | topk:K:FROM_LAYER",
     )  # fmt: skip
     parser.add_argument("--n-local", type=int, default=4096, help="LM-Infinite local window")
+    parser.add_argument(
+        "--xl3m-context", nargs="+", default=["full", "2048"],
+        help="XL3M context budgets to run: 'full' (the training length less question and answer) or tokens",
+    )  # fmt: skip
     parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
     parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")
     parser.add_argument("--chunk-overlap", type=int, default=32, help="chunk overlap, MiniLM word pieces")

@@ -89,9 +89,7 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
                     f"pass either engine= or {', '.join(fixed)}, not both: an engine is built with its model and "
                     f"settings; build Engine(..., {fixed[0]}=...) instead"
                 )
-            engine, values = self.engine, asdict(self.engine.options)
-            if engine.options.strategy == "lm-infinite":  # other strategies take no attention settings
-                values.update(engine.config.to_dict())
+            values = {**asdict(self.engine.options), **self.engine.strategy.settings()}
             for name, value in values.items():
                 self.__dict__[name] = value  # report the engine's own values, not the defaults
         self.lminf_settings  # noqa: B018 - bad values fail at construction, not at the first call
@@ -123,8 +121,7 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
             return self.engine
         with self._load_lock:
             if self._loaded is None:
-                settings = self.lminf_settings
-                self._loaded = Engine.from_options(settings.options, settings.config)
+                self._loaded = Engine.from_settings(self.lminf_settings)
             return self._loaded
 
     async def aload(self) -> Engine:
@@ -188,7 +185,8 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
     def result_metadata(self, result: StreamResult | None) -> dict[str, Any]:
         """What both frameworks report about a finished answer besides its usage."""
         reason = result.stop_reason if result is not None else "cancelled"
-        return {"model_name": self.model_name, "finish_reason": reason}
+        details = (result.details if result is not None else None) or {}
+        return {"model_name": self.model_name, "finish_reason": reason, **details}
 
 
 # ---- chat messages: one rule for both frameworks -----------------------------------------------------------------
@@ -244,7 +242,8 @@ def settings_docstring(groups: Sequence[str] = GROUPS) -> str:
     titles = {
         "model": "model",
         "strategy": "strategy",
-        "attention": "LM-Infinite attention",
+        "attention": "LM-Infinite attention (strategy='lm-infinite')",
+        "xl3m": "XL3M segment selection (strategy='xl3m')",
         "decoding": "decoding",
         "generation": "generation (also per call)",
         "display": "display",

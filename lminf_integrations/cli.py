@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # torch and transformers load only once the arguments are goo
     from .engine import Engine
     from .streaming import TerminalProgress
 
-DEFAULT_QUESTION_TEMPLATE = "{document}\n\nAnswer the question about the document above.\nQuestion: {question}"
+INSTRUCTION = "\n\nAnswer the question about the document above.\nQuestion: "
+DEFAULT_QUESTION_TEMPLATE = "{document}" + INSTRUCTION + "{question}"
 
 
 def read_document(path: str) -> str:
@@ -66,7 +67,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser, groups:
         parser.error(str(error))
 
 
-ASK_GROUPS = ("model", "strategy", "attention", "decoding", "generation", "display")
+ASK_GROUPS = ("model", "strategy", "attention", "xl3m", "decoding", "generation", "display")
 ENCODE_GROUPS = ("model", "strategy", "attention", "display")
 
 
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("inputs", nargs="+", metavar="FILE QUESTION", help="UTF-8 text file to read whole, question")
     ask.add_argument("--state", default=None, help="a document state from `lminf encode` instead of FILE")
+    ask.add_argument(
+        "--show-selection", action="store_true", help="print what the strategy chose (XL3M: segments and scores)"
+    )
     _add_settings(ask, ASK_GROUPS)
     encode = commands.add_parser("encode", help="encode a document once and save its state for many `ask --state`")
     encode.add_argument("file", help="UTF-8 text file")
@@ -106,7 +110,7 @@ def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[in
 def _engine(settings: Resolved) -> Engine:
     from .engine import Engine  # heavy imports only once the arguments are good
 
-    return Engine.from_options(settings.options, settings.config, reuse_prefixes=False)
+    return Engine.from_settings(settings, reuse_prefixes=False)
 
 
 def _progress_bar(settings: Resolved) -> TerminalProgress:
@@ -134,7 +138,11 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     bar = _progress_bar(settings)
     started = time.perf_counter()
     first_token: float | None = None
-    stream = engine.stream(head + tail, settings.generation, on_progress=bar, state=state)
+    # The question part is known exactly here: the instruction and the question, before the template's end.
+    question_tokens = len(engine.tokenize(INSTRUCTION + question))
+    stream = engine.stream(
+        head + tail, settings.generation, on_progress=bar, state=state, question_tokens=question_tokens
+    )
     try:
         for delta in stream:
             if first_token is None:
@@ -147,6 +155,8 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         bar.close()
     sys.stdout.write("\n")
     result = stream.result
+    if args.show_selection:
+        print(_selection(result.details if result is not None else None), file=sys.stderr)
     if result is not None and bar.enabled:
         elapsed = time.perf_counter() - started
         ttft = (first_token or time.perf_counter()) - started
@@ -158,8 +168,21 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _selection(details: dict[str, Any] | None) -> str:
+    """What the strategy chose, for people: XL3M's segments by token positions and score."""
+    xl3m = (details or {}).get("xl3m")
+    if xl3m is None:
+        return "[selection: none: the whole prompt was read (strategy other than xl3m, or a prompt that fits)]"
+    chosen = ", ".join(f"{c['start']}-{c['end']} ({c['score']:+.3f})" for c in xl3m["chosen"])
+    return f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, tokens {chosen}]"
+
+
 def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _settings(args, parser, ENCODE_GROUPS)
+    if settings.options.strategy == "xl3m":
+        parser.error(
+            "strategy 'xl3m' reads a document in segments at each question and keeps them itself: no state to encode"
+        )
     document = read_document(args.file)
     engine = _engine(settings)
     head, _ = _split_prompt(engine, document, "")

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 CacheMode = Literal["window", "full"]
-StrategyName = Literal["lm-infinite", "vanilla"]
+StrategyName = Literal["lm-infinite", "xl3m", "vanilla"]
+XL3MScore = Literal["loglik", "entropy"]
 #: What ``strategy=`` takes (each is a subpackage of ``lminf_integrations.strategies``).
 STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 
@@ -42,7 +43,8 @@ class EngineOptions:
     strategy: StrategyName = setting(
         "lm-infinite",
         "how the model reads a long prompt: 'lm-infinite' (Λ attention: the leading tokens and a local window), "
-        "'vanilla' (the unpatched model, every key: for comparisons)",
+        "'xl3m' (segments scored by the model against the question, the best answered from), 'vanilla' (the "
+        "unpatched model, every key: for comparisons)",
         group="strategy",
     )
     compile_decode: bool = setting(
@@ -130,6 +132,43 @@ class LMInfiniteConfig:
                 self.top_k_from_layer < num_layers,
                 f"top_k_from_layer={self.top_k_from_layer} but the model has {num_layers} layers",
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class XL3MConfig:
+    """Settings of XL3M segment selection (Wang et al., 2024, arXiv 2405.17755).
+
+    The prompt's body is cut into segments at natural boundaries; the model reads each segment on its own, then the
+    question after it, and the segments it is most certain about the question with are kept, in document order,
+    within ``context_tokens``; the answer is generated from those segments and the question.
+    """
+
+    segment_tokens: int = setting(1024, "most tokens per segment (cut at paragraph, then sentence boundaries)")
+    question_tokens: int = setting(
+        64,
+        "for a prompt given as one text: its last tokens before the chat template's closing part are taken as the "
+        "question (the command line knows the question and uses it exactly)",
+    )
+    context_tokens: int | None = setting(
+        None, "most segment tokens kept for the answer; None: the model's training length less question and answer"
+    )
+    score: XL3MScore = setting(
+        "loglik",
+        "how segments are ranked: 'loglik' (mean log-likelihood of the question's tokens after the segment), "
+        "'entropy' (certainty of the next token after the question)",
+    )
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.segment_tokens) and self.segment_tokens >= 16, "segment_tokens must be an int >= 16")
+        _require(_is_int(self.question_tokens) and self.question_tokens >= 1, "question_tokens must be an int >= 1")
+        if self.context_tokens is not None:
+            _require(
+                _is_int(self.context_tokens) and self.context_tokens >= 1, "context_tokens must be None or an int >= 1"
+            )
+        _require(self.score in ("loglik", "entropy"), f"score must be 'loglik' or 'entropy', got {self.score!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,10 +20,11 @@ from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
-from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, merge_stop
+from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
 from .cpu import decodes_faster_without_onednn, onednn_off
 from .hf_compat import cache_kwargs
 from .models import dtype_name, load_model, model_name
+from .settings import Resolved
 from .state import DocumentState, StateStore, read_state, state_identity, write_state
 from .strategies import DocumentCache, make_strategy
 from .streaming import DeltaStreamer, ProgressCallback, StreamResult, TokenStream
@@ -97,6 +98,7 @@ class Engine:
         reuse_prefixes: bool = True,
         compile_decode: bool = EngineOptions.compile_decode,
         strategy: str = EngineOptions.strategy,
+        xl3m: XL3MConfig | None = None,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -109,7 +111,7 @@ class Engine:
         # What loaded it, when it was loaded here (reported by the adapters; None for a model passed in).
         self.model_id = None if model_id is None else os.fspath(model_id)
         self.config = config or LMInfiniteConfig()
-        self.strategy = make_strategy(strategy, self.config)
+        self.strategy = make_strategy(strategy, self.config, xl3m)
         self.strategy.check(model)
         self._lock = _lock_for(model)
         self.compile_decode = compile_decode
@@ -127,14 +129,16 @@ class Engine:
         return EngineOptions(self.model_id, dtype_name(self.model.dtype), name, self.compile_decode)  # type: ignore[arg-type]
 
     @classmethod
-    def from_options(cls, options: EngineOptions, config: LMInfiniteConfig, **kwargs: Any) -> Engine:
+    def from_settings(cls, settings: Resolved, **kwargs: Any) -> Engine:
         """An engine for validated settings (what the adapters and the CLI build); ``kwargs`` go to the engine."""
+        options = settings.options
         return cls(
             options.model_id,
-            config,
+            settings.config,
             options.dtype,
             strategy=options.strategy,
             compile_decode=options.compile_decode,
+            xl3m=settings.xl3m,
             **kwargs,
         )
 
@@ -227,9 +231,17 @@ class Engine:
                         on_progress(len(state.token_ids), total)
             return state
 
+    def _check_states(self) -> None:
+        if not self.strategy.continues_states:
+            raise ValueError(
+                f"strategy={self.strategy.name!r} keeps what it reads per segment itself: it has no document state to "
+                "encode, save or continue (give the whole prompt; its segments are read once and reused)"
+            )
+
     def encode_document(self, text: str, on_progress: ProgressCallback | None = None) -> DocumentState:
         """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question (tokenized
         on its own, so the document's tokens are an exact prefix whatever the question starts with)."""
+        self._check_states()
         state = self.encode(self.tokenize(text), on_progress)
         state.text = text
         return state
@@ -260,16 +272,23 @@ class Engine:
         stop: Sequence[str] = (),
         on_progress: ProgressCallback | None = None,
         state: DocumentState | None = None,
+        question_tokens: int | None = None,
     ) -> TokenStream:
-        """Start generating a continuation of ``prompt``; iterate the result for text deltas."""
+        """Start generating a continuation of ``prompt``; iterate the result for text deltas.
+
+        ``question_tokens``: how many tokens before the chat template's closing part are the question, for
+        strategies that read the question apart (XL3M; otherwise its ``question_tokens`` setting is assumed).
+        """
         settings = settings or GenerationSettings()
+        if state is not None:
+            self._check_states()
         ids = self.prompt_ids(prompt, state)
         if not ids:
             raise ValueError("the prompt is empty")
         stop = merge_stop(settings.stop, stop)
 
         def work(emit: Any, report: ProgressCallback, cancelled: threading.Event) -> StreamResult:
-            return self._generate(ids, settings, emit, report, cancelled, state)
+            return self._generate(ids, settings, emit, report, cancelled, state, question_tokens)
 
         return TokenStream(work, stop=stop, on_progress=on_progress)
 
@@ -305,13 +324,26 @@ class Engine:
         report: ProgressCallback,
         cancelled: threading.Event,
         state: DocumentState | None,
+        question_tokens: int | None = None,
     ) -> StreamResult:
         # Wait for the model (another generation may hold it) without missing a cancellation meanwhile.
         while not self._lock.acquire(timeout=0.05):
             if cancelled.is_set():
                 return StreamResult(len(ids), 0, "cancelled")
         try:
-            return self._generate_locked(ids, settings, emit, report, cancelled, state)
+            plan = None
+            if state is None:  # a prompt-level strategy (XL3M) may answer from another prompt
+                self._prepared()
+                plan = self.strategy.plan(
+                    self.model, self.tokenizer, ids, settings.max_new_tokens, report, question_tokens
+                )
+            result = self._generate_locked(
+                plan.ids if plan else ids, settings, emit, report, cancelled, state, plan is None
+            )
+            if plan is not None:
+                result.input_tokens = len(ids)  # the model read the whole prompt, in segments
+                result.details = {self.strategy.name: plan.details}
+            return result
         finally:
             self._lock.release()
 
@@ -323,14 +355,15 @@ class Engine:
         report: ProgressCallback,
         cancelled: threading.Event,
         state: DocumentState | None,
+        reuse: bool = True,
     ) -> StreamResult:
-        if state is None and self.state_store is not None:
+        if state is None and self.state_store is not None and reuse:
             state = self.state_store.lookup(ids[:-1])
         # Generation writes into the cache: work on a copy so that a stored state never changes.
         prefix = state.copy() if state is not None else None
         # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
         # middle attention (generation-time queries) starts exactly at the last prompt token.
-        encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=True)
+        encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=reuse)
         if cancelled.is_set():
             return StreamResult(len(ids), 0, "cancelled")
         self.strategy.set_prompt_length(encoded.cache, len(ids))
@@ -375,6 +408,7 @@ class Engine:
     def save_state(self, state: DocumentState, path: str | os.PathLike[str]) -> Path:
         """Write ``state`` to ``path`` (safetensors; the header names the model, tokenizer, settings and
         checksums, so :meth:`load_state` can refuse a file that does not fit this engine). Returns the path."""
+        self._check_states()
         return write_state(path, state, self._state_identity())
 
     def load_state(self, path: str | os.PathLike[str]) -> DocumentState:

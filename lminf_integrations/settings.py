@@ -17,13 +17,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, merge_stop
+from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
 
 #: Groups, in the order they are listed: which model and how it loads; the long-context strategy; its attention
 #: settings; how decoding runs; one answer (these may also be given per call); what is shown while working.
-GROUPS = ("model", "strategy", "attention", "decoding", "generation", "display")
+GROUPS = ("model", "strategy", "attention", "xl3m", "decoding", "generation", "display")
 #: Groups an already-built engine fixes: given together with ``engine=``, they are refused.
-ENGINE_GROUPS = ("model", "strategy", "attention", "decoding")
+ENGINE_GROUPS = ("model", "strategy", "attention", "xl3m", "decoding")
+#: Groups that belong to one strategy: given (not at their defaults) with another, they are refused.
+STRATEGY_GROUPS = {"attention": "lm-infinite", "xl3m": "xl3m"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ PROGRESS = Setting(
 SETTINGS: tuple[Setting, ...] = (
     *_declared(EngineOptions, "model"),
     *_declared(LMInfiniteConfig, "attention"),
+    *_declared(XL3MConfig, "xl3m"),
     *_declared(GenerationSettings, "generation"),
     PROGRESS,
 )
@@ -84,6 +87,7 @@ class Resolved:
 
     options: EngineOptions
     config: LMInfiniteConfig
+    xl3m: XL3MConfig
     generation: GenerationSettings
     progress: bool | None
 
@@ -100,15 +104,20 @@ def resolve(values: Mapping[str, Any]) -> Resolved:
     resolved = Resolved(
         EngineOptions(**pick(EngineOptions)),
         LMInfiniteConfig(**pick(LMInfiniteConfig)),
+        XL3MConfig(**pick(XL3MConfig)),
         GenerationSettings(**pick(GenerationSettings)),
         progress,
     )
-    if resolved.options.strategy != "lm-infinite" and resolved.config != LMInfiniteConfig():
-        changed = [f"{k}={v!r}" for k, v in resolved.config.to_dict().items() if getattr(LMInfiniteConfig(), k) != v]
-        raise ValueError(
-            f"{', '.join(changed)}: LM-Infinite attention settings have no effect with "
-            f"strategy={resolved.options.strategy!r}; leave them out"
-        )
+    strategy = resolved.options.strategy
+    for group, owner in STRATEGY_GROUPS.items():
+        changed = [
+            f"{s.name}={values[s.name]!r}" for s in in_groups(group) if values.get(s.name, s.default) != s.default
+        ]
+        if changed and strategy != owner:
+            raise ValueError(
+                f"{', '.join(changed)}: settings of strategy={owner!r} have no effect with strategy={strategy!r}; "
+                "leave them out"
+            )
     return resolved
 
 

@@ -39,6 +39,8 @@ class StreamResult:
     output_tokens: int = 0
     stop_reason: str = "length"  # "length", "eos", "stop", "cancelled"
     text: str = ""
+    # What the strategy chose, under its name (XL3M: ``{"xl3m": {"segments", "chosen", "query_tokens"}}``).
+    details: dict[str, Any] | None = None
 
     def usage(self) -> dict[str, int]:
         """Token counts under the names both frameworks read (LangChain's ``UsageMetadata``, LlamaIndex's counter)."""
@@ -269,10 +271,18 @@ class TokenStream:
         return "".join(self._text)
 
     def close(self) -> None:
-        """Stop generation (if still running) and wait for the worker thread to end."""
+        """Stop generation (if still running) and wait for the worker thread to end; ``result`` is then set even
+        when the consumer left before the end (counts, stop reason and the strategy's details are kept)."""
         self.cancelled.set()
         self._thread.join()
         self._finished = True
+        while self.result is None:
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "end":
+                self.result = payload
 
     @property
     def running(self) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations.models import load_model, load_tokenizer
+from tests.tiny_models import tiny_llama
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -28,20 +29,7 @@ def tiny_llama_with_real_tokenizer(
     default_tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A 2-layer random-weight Llama with SmolLM2's tokenizer and chat template: fast end-to-end plumbing."""
-    tokenizer = default_tokenizer
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(default_tokenizer), default_tokenizer
 
 
 @pytest.fixture(scope="session")

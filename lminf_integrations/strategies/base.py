@@ -7,11 +7,12 @@ The engine, the adapters and the CLI know strategies only through :class:`Strate
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class DocumentCache(Protocol):
@@ -30,10 +31,22 @@ class DocumentCache(Protocol):
     def get_seq_length(self, layer_idx: int = 0) -> int: ...
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a prompt-level strategy answers from instead of the prompt: other token ids, and what it chose
+    (reported with the answer under the strategy's name)."""
+
+    ids: list[int]
+    details: dict[str, Any]
+
+
 class Strategy(ABC):
     """How the engine runs a model over a prompt longer than it was trained on."""
 
     name: ClassVar[str]
+    #: Whether a prefix encoded with :meth:`new_cache` is a document state that later prompts can continue (XL3M
+    #: keeps its segments itself instead).
+    continues_states: ClassVar[bool] = True
 
     def check(self, model: PreTrainedModel) -> None:  # noqa: B027 - an optional hook: nothing to check by default
         """Refuse settings this model cannot run (``ValueError``); called once when an engine is built."""
@@ -61,6 +74,25 @@ class Strategy(ABC):
     def allow_compiled_steps(self, cache: DocumentCache, allowed: bool) -> bool:
         """Allow compiled decoding steps on ``cache`` (or not); whether it supports them at all."""
         return False
+
+    def plan(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: list[int],
+        max_new_tokens: int,
+        report: Callable[[int, int], None],
+        question_tokens: int | None = None,
+    ) -> Plan | None:
+        """Another prompt to answer from (XL3M: the chosen segments and the question), or ``None``: this one.
+
+        ``question_tokens``: how many tokens before the chat template's closing part are the question, when the
+        caller knows (the command line does)."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """This strategy's own settings by name (the fields an adapter wrapping the engine reports)."""
+        return {}
 
     def identity(self) -> dict[str, Any]:
         """What a saved state must match to be used with this strategy (its name and settings)."""

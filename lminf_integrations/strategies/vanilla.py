@@ -37,6 +37,12 @@ class FullCache(DynamicCache):
                 tensors[f"layer.{index}.keys"], tensors[f"layer.{index}.values"] = layer.keys, layer.values
         return tensors, layers
 
+    def keep_first(self, length: int) -> None:
+        """Drop every token after the first ``length`` (``crop`` changed meaning between transformers versions)."""
+        for layer in self.layers:
+            if isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], layers: Sequence[Mapping[str, int | None]]) -> None:
         """Fill this empty cache with what :meth:`state_tensors` returned."""
         if self.get_seq_length() != 0:

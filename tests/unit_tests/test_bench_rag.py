@@ -180,17 +180,18 @@ def test_every_method_answers_every_question(
     argv = [
         "--tokens", "2048", "--questions", "3", "--multi", "1", "--seed", "0",
         "--configs", "lambda", "topk:2", "--n-local", "512", "--rag-top-k", "3",
-        "--vanilla-length", "1024", "--max-new-tokens", "4", "--results", str(tmp_path),
+        "--vanilla-length", "1024", "--max-new-tokens", "4", "--xl3m-context", "full", "--results", str(tmp_path),
     ]  # fmt: skip
     text = rag_vs_full.main(argv, model=model, tokenizer=tokenizer)
     assert is_patched(model) == was_patched  # left as it came
     payload = json.loads((tmp_path / "rag-vs-full.json").read_text(encoding="utf-8"))
     methods = [row["method"] for row in payload["rows"]]
-    assert len(methods) == 5 and methods[0].startswith("full") and methods[1].startswith("full")
-    assert methods[2].startswith("vector RAG") and methods[3].startswith("BM25") and methods[4].startswith("vanilla")
-    assert len([line for line in text.splitlines() if line.startswith("| 2048 |")]) == 5
+    assert len(methods) == 6 and methods[0].startswith("full") and methods[1].startswith("full")
+    assert methods[2].startswith("xl3m") and methods[3].startswith("vector RAG") and methods[4].startswith("BM25")
+    assert methods[5].startswith("vanilla")
+    assert len([line for line in text.splitlines() if line.startswith("| 2048 |")]) == 6
     answers = payload["answers"]
-    assert len(answers) == 5 * 3
+    assert len(answers) == 6 * 3
     document = payload["documents"][0]
     assert document["tokens"] == 2048 and len(document["questions"]) == 3
     facts = document["facts"]

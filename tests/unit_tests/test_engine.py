@@ -70,3 +70,15 @@ def test_stream_with_an_encoded_document_reads_only_the_rest(tiny_llama_with_rea
     assert answer == "".join(engine.stream(engine.tokenize(text) + engine.tokenize(question), settings))
     with pytest.raises(ValueError, match="does not start with the encoded document"):
         engine.stream("Someone else entirely", settings, state=state)
+
+
+def test_a_stream_left_early_still_reports_its_result(tiny_llama_with_real_tokenizer: Pair) -> None:
+    """Leaving a stream after its first delta used to leave ``result`` None: counts (and a strategy's details,
+    XL3M's selection) were lost for every consumer that stops early, as the benchmarks do."""
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    engine = Engine(model=model, tokenizer=tokenizer, config=LMInfiniteConfig(n_local=16), reuse_prefixes=False)
+    with engine.stream("one two three four", GenerationSettings(max_new_tokens=200)) as stream:
+        for _ in stream:
+            break
+    assert stream.result is not None and stream.result.input_tokens == engine.count_tokens("one two three four")
+    assert stream.result.stop_reason == "cancelled" and stream.result.output_tokens < 200

@@ -13,7 +13,7 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import cli
-from lminf_integrations.config import EngineOptions, GenerationSettings, LMInfiniteConfig
+from lminf_integrations.config import EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.langchain import ChatLMInfinite
 from lminf_integrations.langchain import LMInfiniteLLM as LangChainLLM
@@ -36,6 +36,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "top_k_from_layer": {"top_k_from_layer": 1},
     "cache_mode": {"cache_mode": "full"},
     "chunk_size": {"chunk_size": 64},
+    "segment_tokens": {"strategy": "xl3m", "segment_tokens": 512},
+    "question_tokens": {"strategy": "xl3m", "question_tokens": 32},
+    "context_tokens": {"strategy": "xl3m", "context_tokens": 2048},
+    "score": {"strategy": "xl3m", "score": "entropy"},
     "max_new_tokens": {"max_new_tokens": 7},
     "temperature": {"temperature": 0.5},
     "top_p": {"top_p": 0.9},
@@ -48,7 +52,7 @@ CASES = [(name, values) for name, values in SAMPLES.items()]
 
 def _engine_value(resolved: Resolved, name: str) -> Any:
     """Where a setting lands in the validated settings an entry point builds."""
-    for part in (resolved.options, resolved.config, resolved.generation):
+    for part in (resolved.options, resolved.config, resolved.xl3m, resolved.generation):
         if name in {f.name for f in dataclasses.fields(part)}:
             return getattr(part, name)
     return getattr(resolved, name)
@@ -77,7 +81,8 @@ def _cli_settings(values: dict[str, Any], command: str = "ask") -> Resolved:
 
 def test_every_setting_has_a_sample_and_comes_from_the_engines_dataclasses() -> None:
     assert set(SAMPLES) == set(BY_NAME)
-    declared = [f for cls in (EngineOptions, LMInfiniteConfig, GenerationSettings) for f in dataclasses.fields(cls)]
+    classes = (EngineOptions, LMInfiniteConfig, XL3MConfig, GenerationSettings)
+    declared = [f for cls in classes for f in dataclasses.fields(cls)]
     assert [s.name for s in SETTINGS] == [*(f.name for f in declared), "progress"]
     for field in declared:  # defaults and help are the dataclasses' own, not retyped
         assert (BY_NAME[field.name].default, BY_NAME[field.name].help) == (field.default, field.metadata["help"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import cli
 from lminf_integrations.config import STRATEGY_NAMES, GenerationSettings, LMInfiniteConfig, StrategyName
@@ -18,6 +18,7 @@ from lminf_integrations.langchain import LMInfiniteLLM as LangChainLLM
 from lminf_integrations.llama_index import LMInfiniteLLM as LlamaIndexLLM
 from lminf_integrations.patch import is_patched
 from lminf_integrations.strategies import make_strategy
+from tests.tiny_models import tiny_llama
 
 CONFIG = LMInfiniteConfig(n_global=2, n_local=16, chunk_size=8)
 GREEDY = GenerationSettings(max_new_tokens=6)
@@ -26,18 +27,7 @@ GREEDY = GenerationSettings(max_new_tokens=6)
 @pytest.fixture(scope="module")
 def tiny(default_tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model of this module's own: these tests switch it between strategies."""
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(default_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        eos_token_id=default_tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), default_tokenizer
+    return tiny_llama(default_tokenizer, 1), default_tokenizer
 
 
 def _prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -45,7 +35,7 @@ def _prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def test_every_declared_strategy_is_registered() -> None:
-    assert STRATEGY_NAMES == typing.get_args(StrategyName) == ("lm-infinite", "vanilla")
+    assert STRATEGY_NAMES == typing.get_args(StrategyName) == ("lm-infinite", "xl3m", "vanilla")
     assert [make_strategy(name, CONFIG).name for name in STRATEGY_NAMES] == list(STRATEGY_NAMES)
     with pytest.raises(ValueError, match="unknown strategy 'dca'"):
         make_strategy("dca", CONFIG)
@@ -95,8 +85,8 @@ def test_compiled_decoding_needs_lm_infinite(tiny: tuple[PreTrainedModel, PreTra
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="compile_decode=True needs strategy='lm-infinite'"):
         Engine(model=model, tokenizer=tokenizer, strategy="vanilla", compile_decode=True)
-    with pytest.raises(ValueError, match="strategy must be one of lm-infinite, vanilla"):
-        Engine(model=model, tokenizer=tokenizer, strategy="xl3m")
+    with pytest.raises(ValueError, match="strategy must be one of lm-infinite, xl3m, vanilla"):
+        Engine(model=model, tokenizer=tokenizer, strategy="dca")
 
 
 @pytest.mark.parametrize("cls", [LangChainLLM, ChatLMInfinite, LlamaIndexLLM], ids=lambda c: c.__module__)
@@ -112,14 +102,14 @@ def test_every_adapter_builds_the_strategy_it_is_given(
 
 def test_attention_settings_with_another_strategy_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     for cls in (LangChainLLM, ChatLMInfinite, LlamaIndexLLM):
-        with pytest.raises(ValueError, match="n_local=2048: LM-Infinite attention settings have no effect"):
+        with pytest.raises(ValueError, match="n_local=2048: settings of strategy='lm-infinite' have no effect"):
             cls(strategy="vanilla", n_local=2048)
     parser = cli.build_parser()
     with pytest.raises(SystemExit):
         cli._settings(
             parser.parse_args(["ask", "d", "q", "--strategy", "vanilla", "--n-local", "9"]), parser, cli.ASK_GROUPS
         )
-    assert "n_local=9: LM-Infinite attention settings have no effect" in capsys.readouterr().err
+    assert "n_local=9: settings of strategy='lm-infinite' have no effect" in capsys.readouterr().err
 
 
 def test_the_cli_builds_the_strategy_it_is_given(tiny_model_dir: str) -> None:

@@ -52,5 +52,8 @@ class LMInfinite(Strategy):
         cache.allow_compiled_steps(allowed)
         return True
 
+    def settings(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
     def identity(self) -> dict[str, Any]:
         return {"strategy": self.name, "config": self.config.to_dict()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -36,21 +36,19 @@ class SegmentStore:
         self, model: PreTrainedModel, prefix: FullCache, prefix_ids: Sequence[int], ids: Sequence[int]
     ) -> FullCache:
         """The cache of ``prefix_ids + ids``: found, or ``ids`` read after a copy of ``prefix``."""
-        key = _key(model, [*prefix_ids, *ids])
+        return self._find_or_read(model, [*prefix_ids, *ids], lambda: read(model, ids, prefix.clone()))
+
+    def prefix(self, model: PreTrainedModel, ids: Sequence[int]) -> FullCache:
+        """The cache of ``ids`` read from position 0."""
+        return self._find_or_read(model, ids, lambda: read(model, ids))
+
+    def _find_or_read(self, model: PreTrainedModel, ids: Sequence[int], reader: Callable[[], FullCache]) -> FullCache:
+        key = _key(model, ids)
         with self._lock:
             if key in self._caches:
                 self._caches.move_to_end(key)
                 return self._caches[key]
-        cache = read(model, ids, prefix.clone() if prefix_ids else None)
-        self._put(key, cache)
-        return cache
-
-    def prefix(self, model: PreTrainedModel, ids: Sequence[int]) -> FullCache:
-        key = _key(model, ids)
-        with self._lock:
-            if key in self._caches:
-                return self._caches[key]
-        cache = read(model, ids)
+        cache = reader()
         self._put(key, cache)
         return cache
 

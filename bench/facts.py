@@ -30,12 +30,17 @@ benchmarks' "The pass key is", which lets a small model answer by copying):
   facts about places nothing is kept in, so retrieval on the question finds the link but has to guess among
   at least four "archive code of the <place>" sentences: the case where retrieval is expected to struggle.
 
-Multi-fact questions alternate pair, chain, pair, ... Depths (fraction of the document's tokens): single facts
-at stratified depths (the range 3%-97% cut into equal strata, one uniform draw in each, strata shuffled among
-the questions); a multi-fact question's two facts at ``a`` and ``b`` with ``b - a >= min_gap + 0.05`` (the
-margin absorbs moving each to the nearest free paragraph boundary), their order drawn at random; decoys
-uniformly. After assembly each multi-fact question's facts are checked to be ``min_gap`` apart in tokens; if
-not, the start paragraph and depths are drawn again (from the same random stream).
+Multi-fact questions alternate pair, chain, pair, ... How many fit: a single or chain question takes one object
+noun, a pair two (70 nouns); a chain one place (21 besides the decoys); a single or pair one attribute (45), so
+30 single + 20 multi-fact questions (``n_questions=50, n_multi=20``) fit. Documents that need no more than the
+first pools (30 nouns, 12 places, 19 attributes) draw from those alone, as before the pools grew.
+
+Depths (fraction of the document's tokens): single facts at stratified depths (the range 3%-97% cut into equal
+strata, one uniform draw in each, strata shuffled among the questions); a multi-fact question's two facts at
+``a`` and ``b`` with ``b - a >= min_gap + 0.05`` (the margin absorbs moving each to the nearest free paragraph
+boundary), their order drawn at random; decoys uniformly. After assembly each multi-fact question's facts are
+checked to be ``min_gap`` apart in tokens; if not, the start paragraph and depths are drawn again (from the same
+random stream).
 
 **Scoring** (:func:`score`): an answer is correct when every expected code appears in it as a whole number
 (``148213`` does not contain ``48213``) and no *other* code of the document does, so listing every code seen
@@ -76,6 +81,26 @@ ATTRIBUTES = (
     "licence number", "parcel number", "catalogue number", "permit number", "case number", "inventory number",
     "registration number", "order number", "batch number", "invoice number", "membership number", "claim number",
     "voucher number",
+)  # fmt: skip
+# Drawn from only when a document needs more than the pools above hold (say 30 single + 20 multi questions):
+# a document that fits the pools above samples them alone, so its text is what it was before these were added.
+MORE_OBJECTS = (
+    "flute", "goblet", "spyglass", "statuette", "tambourine", "lute", "vase", "satchel", "briefcase", "abacus",
+    "anvil", "bugle", "cello", "easel", "fiddle", "gramophone", "hammock", "inkwell", "jukebox", "kayak",
+    "mandolin", "metronome", "oboe", "padlock", "periscope", "quiver", "rucksack", "scooter", "skateboard",
+    "stopwatch", "tuba", "ukulele", "wheelbarrow", "xylophone", "zither", "banjo", "birdcage", "canoe", "cauldron",
+    "thimble",
+)  # fmt: skip
+MORE_PLACES = (
+    "garage", "basement", "loft", "shed", "barn", "crypt", "lighthouse", "observatory", "armoury", "gatehouse",
+    "mill", "cottage",
+)  # fmt: skip
+MORE_ATTRIBUTES = (
+    "tracking number", "booking number", "contract number", "passport number", "seat number", "shipment number",
+    "pallet number", "cabin number", "berth number", "route number", "docket number", "folio number",
+    "ledger number", "patient number", "student number", "employee number", "vehicle number", "warranty number",
+    "receipt number", "coupon number", "deposit number", "crate number", "postal code", "dispatch code",
+    "security code", "courier code",
 )  # fmt: skip
 PLACE_ATTRIBUTE = "archive code"
 DECOY_PLACES = 3
@@ -172,16 +197,19 @@ def _specs(rng: random.Random, kinds: list[str], forbidden_codes: set[str]) -> l
     n_chains = kinds.count("chain")
     n_places = n_chains + (DECOY_PLACES if n_chains else 0)
     n_attributes = kinds.count("single") + kinds.count("pair")
-    if n_objects > len(OBJECTS) or n_places > len(PLACES) or n_attributes > len(ATTRIBUTES):
+    objects, places = _pool(OBJECTS, MORE_OBJECTS, n_objects), _pool(PLACES, MORE_PLACES, n_places)
+    attribute_pool = _pool(ATTRIBUTES, MORE_ATTRIBUTES, n_attributes)
+    if n_objects > len(objects) or n_places > len(places) or n_attributes > len(attribute_pool):
         raise ValueError(
-            f"too many questions: {len(OBJECTS)} objects, {len(PLACES) - DECOY_PLACES} chain places and "
-            f"{len(ATTRIBUTES)} single/pair attributes available"
+            f"too many questions: {len(OBJECTS + MORE_OBJECTS)} objects (a single or chain question takes one, a "
+            f"pair two), {len(PLACES + MORE_PLACES) - DECOY_PLACES} chain places and "
+            f"{len(ATTRIBUTES + MORE_ATTRIBUTES)} single/pair attributes available"
         )
     colours = rng.sample(COLOURS, len(COLOURS))
-    nouns = rng.sample(OBJECTS, n_objects) + rng.sample(PLACES, n_places)
+    nouns = rng.sample(objects, n_objects) + rng.sample(places, n_places)
     names = [f"{colours[i % len(colours)]} {noun}" for i, noun in enumerate(nouns)]
-    objects, places = iter(names[:n_objects]), iter(names[n_objects:])
-    attributes = iter(rng.sample(ATTRIBUTES, n_attributes))
+    object_names, place_names = iter(names[:n_objects]), iter(names[n_objects:])
+    attributes = iter(rng.sample(attribute_pool, n_attributes))
     n_codes = n_objects - n_chains + n_places
     codes: list[str] = []
     while len(codes) < n_codes:
@@ -197,14 +225,14 @@ def _specs(rng: random.Random, kinds: list[str], forbidden_codes: set[str]) -> l
     specs = []
     for kind in kinds:
         if kind == "single":
-            attribute, name = next(attributes), next(objects)
+            attribute, name = next(attributes), next(object_names)
             sentence, code = fact(attribute, name)
             specs.append(
                 _Spec([sentence], ["single"], kind, (code,), f"What is the {attribute} of the {name}?",
                       f"The {attribute} of the {name} is", (code,))
             )  # fmt: skip
         elif kind == "pair":
-            attribute, a, b = next(attributes), next(objects), next(objects)
+            attribute, a, b = next(attributes), next(object_names), next(object_names)
             (sa, ca), (sb, cb) = fact(attribute, a), fact(attribute, b)
             plural = attribute.replace("number", "numbers").replace("code", "codes")
             specs.append(
@@ -212,17 +240,22 @@ def _specs(rng: random.Random, kinds: list[str], forbidden_codes: set[str]) -> l
                       f"The {plural} of the {a} and the {b} are", (ca, cb))
             )  # fmt: skip
         else:
-            thing, place = next(objects), next(places)
+            thing, place = next(object_names), next(place_names)
             sentence, code = fact(PLACE_ATTRIBUTE, place)
             specs.append(
                 _Spec([f"The {thing} is kept in the {place}.", sentence], ["chain-link", "chain-code"], kind,
                       (code,), f"What is the {PLACE_ATTRIBUTE} of the place where the {thing} is kept?",
                       f"The {PLACE_ATTRIBUTE} of the place where the {thing} is kept is", (code,))
             )  # fmt: skip
-    for place in places:  # the decoys: whatever is left
+    for place in place_names:  # the decoys: whatever is left
         sentence, code = fact(PLACE_ATTRIBUTE, place)
         specs.append(_Spec([sentence], ["decoy"], "decoy", (code,)))
     return specs
+
+
+def _pool(base: tuple[str, ...], more: tuple[str, ...], needed: int) -> tuple[str, ...]:
+    """``base`` when it holds ``needed`` (the documents made before ``more`` existed stay the same), else both."""
+    return base if needed <= len(base) else base + more
 
 
 def _targets(rng: random.Random, specs: list[_Spec], min_gap: float) -> list[list[float]]:

@@ -2,6 +2,7 @@
 
     python -m bench passkey                                          # default grid (see --help), ~40 min here
     python -m bench passkey --lengths 4096 16384 --depths 0 0.5 1    # a quick look
+    python -m bench passkey --methods xl3m --keys 5                  # XL3M, 5 keys per cell
 
 The task is the standard one (Mohtashami & Jaggi, 2023; used by the LM-Infinite paper): an instruction to find
 and remember the key, then lines of irrelevant filler ("The grass is green. The sky is blue. ..."), with one
@@ -9,21 +10,32 @@ line "The pass key is 12345. Remember it. 12345 is the pass key." placed after `
 "What is the pass key? The pass key is" and greedy decoding. An answer counts when the key's five digits
 appear as a number in the first 8 generated tokens.
 
-Methods, all on the same prompts:
+Methods, all on the same prompts (the default runs the first three; ``--methods ... xl3m`` adds XL3M):
 
 * ``vanilla`` – the unpatched model with its ordinary cache (only up to ``--vanilla-max`` tokens: past its
   8K training length it fails, and its quadratic prefill makes longer prompts slow);
 * ``lambda`` – LM-Infinite Λ-attention only (``top_k=0``);
-* ``lambda+topk`` – Λ-attention plus top-k middle attention for the last prompt token and the answer.
+* ``lambda+topk`` – Λ-attention plus top-k middle attention for the last prompt token and the answer;
+* ``xl3m`` – ``Engine(strategy="xl3m")`` with the default ``XL3MConfig``, told that the question is the prompt's
+  tokens after the filler (``QUESTION``): the unpatched model reads the prompt in segments, scores each by the
+  question's likelihood after it and answers from the best ones within its training length. Its *recall* is
+  whether the segment holding the key line's start was among the chosen ones (a prompt that fits the training
+  length with the answer is read whole: recall by definition).
 
 Prompts are built from token ids (the filler line is tokenized once), so lengths and key positions are exact.
-Keys are drawn from ``random.Random(f"{seed}-{length}-{depth}")``: the same seed gives the same prompts.
+``--keys K`` asks K different keys per (length, depth) cell: key ``k`` is drawn from
+``random.Random(f"{seed}-{length}-{depth}-{k}")``, key 0 from ``random.Random(f"{seed}-{length}-{depth}")`` as
+before ``--keys`` existed (a key equal to an earlier one of its cell is drawn again), so the same seed gives the
+same prompts and ``--keys 1`` the earlier results. Each cell's accuracy is correct/asked, reported with its 95%
+Wilson score interval (``bench.common.wilson``): with few keys per cell the intervals are wide.
 
 Cost: every prompt shares its beginning (instruction + filler lines) with the others up to its key, so
 prefixes are encoded once along one chain and each prompt encodes only its key and what follows. Top-k only
 changes the queries from the last prompt token on, so ``lambda`` and ``lambda+topk`` share every encoded prefix
 too. Encoding runs in absolute chunk-aligned steps, and sharing stops at a chunk boundary, so each prompt goes
-through exactly the computation of encoding it from scratch.
+through exactly the computation of encoding it from scratch. ``xl3m`` runs every prompt on its own through its own
+engine (no encode chain); its engine keeps the segments it has read by their tokens, so filler segments that
+recur within and across prompts are read once.
 
 Writes ``bench/results/passkey.md``, ``passkey.json`` and ``passkey.png`` (accuracy heatmaps).
 """
@@ -39,12 +51,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.common import RESULTS, machine_line, write_result
+from bench.common import RESULTS, machine_line, rate, write_result
 from lminf_integrations import LMInfiniteConfig, unpatch_model
+from lminf_integrations.config import XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
@@ -57,7 +71,8 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
-METHODS = ("vanilla", "lambda", "lambda+topk")
+METHODS = ("vanilla", "lambda", "lambda+topk", "xl3m")
+CHAIN_METHODS = ("lambda", "lambda+topk")  # share one encode chain (LambdaRunner)
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class PasskeyPrompt:
     token_ids: list[int]
     key_start: int  # token index where the key line starts
     shared_prefix: int  # tokens before the key line (instruction + filler lines), shared with other prompts
+    key_index: int = 0  # which of the cell's keys (--keys)
+    question_tokens: int = 0  # the closing question's tokens (QUESTION), the prompt's last ones
 
     @property
     def actual_depth(self) -> float:
@@ -94,15 +111,26 @@ class PromptParts:
         return list(self.tokenizer(KEY_LINE.format(key=key), add_special_tokens=False)["input_ids"])
 
 
-def draw_key(seed: int, length: int, depth: float) -> str:
-    return str(random.Random(f"{seed}-{length}-{depth}").randint(10000, 99999))
+def draw_key(seed: int, length: int, depth: float, index: int = 0) -> str:
+    """Key ``index`` of the cell (length, depth): seeded, and different from the cell's keys before it."""
+    if index < 0:
+        raise ValueError(f"key index must be >= 0, got {index}")
+    keys: list[str] = []
+    for k in range(index + 1):
+        name = f"{seed}-{length}-{depth}" if k == 0 else f"{seed}-{length}-{depth}-{k}"
+        key, attempt = str(random.Random(name).randint(10000, 99999)), 0
+        while key in keys:  # a repeat (about 1 in 90000 per pair): draw again, still deterministically
+            attempt += 1
+            key = str(random.Random(f"{name}-again-{attempt}").randint(10000, 99999))
+        keys.append(key)
+    return keys[index]
 
 
-def make_prompt(parts: PromptParts, length: int, depth: float, seed: int) -> PasskeyPrompt:
+def make_prompt(parts: PromptParts, length: int, depth: float, seed: int, key_index: int = 0) -> PasskeyPrompt:
     """A prompt of about ``length`` tokens with the key line after ``round(depth × filler lines)`` lines."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    key = draw_key(seed, length, depth)
+    key = draw_key(seed, length, depth, key_index)
     key_ids = parts.key_line(key)
     fixed = len(parts.instruction) + len(key_ids) + len(parts.question)
     n_lines = (length - fixed) // len(parts.filler)
@@ -111,7 +139,16 @@ def make_prompt(parts: PromptParts, length: int, depth: float, seed: int) -> Pas
     before = round(depth * n_lines)
     prefix = parts.instruction + parts.filler * before
     ids = prefix + key_ids + parts.filler * (n_lines - before) + parts.question
-    return PasskeyPrompt(length, depth, key, ids, len(prefix), len(prefix))
+    return PasskeyPrompt(length, depth, key, ids, len(prefix), len(prefix), key_index, len(parts.question))
+
+
+def make_prompts(
+    parts: PromptParts, lengths: Sequence[int], depths: Sequence[float], seed: int, keys: int = 1
+) -> list[PasskeyPrompt]:
+    """``keys`` prompts per (length, depth) cell, in grid order."""
+    if keys < 1:
+        raise ValueError(f"keys must be >= 1, got {keys}")
+    return [make_prompt(parts, n, d, seed, k) for n in lengths for d in depths for k in range(keys)]
 
 
 def is_correct(answer: str, key: str) -> bool:
@@ -218,6 +255,7 @@ def run_chain(
                     "length": prompt.length,
                     "tokens": len(prompt.token_ids),
                     "depth": prompt.depth,
+                    "key_index": prompt.key_index,
                     "key": prompt.key,
                     "answer": answer,
                     "correct": ok,
@@ -232,37 +270,110 @@ def run_chain(
     return rows
 
 
+class XL3MRunner:
+    """``Engine(strategy="xl3m")`` with the default settings, each prompt on its own (no encode chain)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: XL3MConfig | None = None):
+        self.config = config or XL3MConfig()
+        self.engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=self.config, reuse_prefixes=False)
+
+    def answer(self, prompt: PasskeyPrompt) -> tuple[str, dict[str, Any] | None]:
+        """The answer, and the strategy's selection (``None``: the prompt fitted and was read whole)."""
+        settings = GenerationSettings(max_new_tokens=ANSWER_TOKENS)
+        with self.engine.stream(prompt.token_ids, settings, question_tokens=prompt.question_tokens) as stream:
+            answer = "".join(stream)
+        details = stream.result.details if stream.result is not None else None
+        return answer, (details or {}).get("xl3m")
+
+
+def key_chosen(prompt: PasskeyPrompt, selection: dict[str, Any] | None) -> bool:
+    """XL3M's recall: the segment holding the key line's first token is among the chosen ones (a prompt read
+    whole holds it by definition)."""
+    if selection is None:
+        return True
+    return any(c["start"] <= prompt.key_start < c["end"] for c in selection["chosen"])
+
+
+def run_xl3m(runner: XL3MRunner, prompts: list[PasskeyPrompt]) -> list[dict[str, object]]:
+    """Answer every prompt with XL3M, in the order given (grid order: prompts of one cell share their filler)."""
+    rows: list[dict[str, object]] = []
+    for prompt in prompts:
+        started = time.perf_counter()
+        answer, selection = runner.answer(prompt)
+        seconds = time.perf_counter() - started
+        ok, recall = is_correct(answer, prompt.key), key_chosen(prompt, selection)
+        rows.append(
+            {
+                "method": "xl3m",
+                "length": prompt.length,
+                "tokens": len(prompt.token_ids),
+                "depth": prompt.depth,
+                "key_index": prompt.key_index,
+                "key": prompt.key,
+                "answer": answer,
+                "correct": ok,
+                "key_chosen": recall,
+                "key_start": prompt.key_start,
+                "read_whole": selection is None,
+                "segments": None if selection is None else selection["segments"],
+                "chosen": None if selection is None else selection["chosen"],
+                "seconds": round(seconds, 2),
+            }
+        )
+        chosen = "read whole" if selection is None else f"{len(selection['chosen'])}/{selection['segments']} segments"
+        print(
+            f"{'xl3m':12s} {len(prompt.token_ids):7d} tokens depth {prompt.depth:.2f}: "
+            f"{'ok ' if ok else 'MISS'} {answer!r} (key {prompt.key}; {chosen}, key segment "
+            f"{'chosen' if recall else 'NOT chosen'}; {seconds:.1f} s)",
+            flush=True,
+        )
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------------------
+def _cell(
+    rows: list[dict[str, object]], method: str, length: int, depths: Sequence[float], field: str = "correct"
+) -> tuple[int, int]:
+    """(yes, asked) over the rows of ``method`` at ``length`` and any of ``depths`` that have ``field``."""
+    values = [
+        r[field] for r in rows if r["method"] == method and r["length"] == length and r["depth"] in depths
+        and r.get(field) is not None
+    ]  # fmt: skip
+    return sum(map(bool, values)), len(values)
+
+
 def accuracy_grid(
     rows: list[dict[str, object]], method: str, lengths: Sequence[int], depths: Sequence[float]
 ) -> dict[tuple[int, float], float | None]:
+    """correct/asked per (length, depth) cell; ``None`` where the method was not run."""
     grid: dict[tuple[int, float], float | None] = {}
     for length in lengths:
         for depth in depths:
-            cell = [r["correct"] for r in rows if (r["method"], r["length"], r["depth"]) == (method, length, depth)]
-            grid[(length, depth)] = sum(map(bool, cell)) / len(cell) if cell else None
+            k, n = _cell(rows, method, length, [depth])
+            grid[(length, depth)] = k / n if n else None
     return grid
 
 
 def render_table(
     rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence[float], header: Sequence[str]
 ) -> str:
+    """Accuracy (and XL3M's recall) as ``correct/asked (95% Wilson interval)``, over all depths and by depth."""
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    lines = [*header, "", "Accuracy over all depths:", ""]
-    lines += ["| method | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for method in methods:
-        grid = accuracy_grid(rows, method, lengths, depths)
-        cells = []
-        for length in lengths:
-            values = [grid[(length, d)] for d in depths if grid[(length, d)] is not None]
-            cells.append(f"{100 * sum(values) / len(values):.0f}%" if values else "–")  # type: ignore[arg-type]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    for method in methods:
-        grid = accuracy_grid(rows, method, lengths, depths)
-        lines += ["", f"{method}, by depth (rows) and length (columns):", ""]
-        lines += ["| depth | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    columns = ["| " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    # (label, method, row field) of every line shown: each method's accuracy, and XL3M's recall after it.
+    shown = [(m, m, "correct") for m in methods]
+    if "xl3m" in methods:
+        shown.append(("xl3m recall (key segment chosen)", "xl3m", "key_chosen"))
+    lines = [*header, "", "Accuracy over all depths (correct/asked, 95% Wilson interval; '–': not run):", ""]
+    lines += ["| method " + columns[0], columns[1]]
+    for label, method, column in shown:
+        cells = [rate(*_cell(rows, method, n, depths, column)) for n in lengths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for label, method, column in shown:
+        lines += ["", f"{label}, by depth (rows) and length (columns):", ""]
+        lines += ["| depth " + columns[0], columns[1]]
         for depth in depths:
-            cells = ["–" if grid[(n, depth)] is None else f"{100 * grid[(n, depth)]:.0f}%" for n in lengths]  # type: ignore[operator]
+            cells = [rate(*_cell(rows, method, n, [depth], column)) for n in lengths]
             lines.append(f"| {depth:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -280,7 +391,7 @@ def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence
     fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), squeeze=False, sharey=True)
     for index, (ax, method) in enumerate(zip(axes[0], methods, strict=True)):
         grid = accuracy_grid(rows, method, lengths, depths)
-        data = [[float("nan") if grid[(n, d)] is None else grid[(n, d)] for n in lengths] for d in depths]
+        data = [[float("nan") if (v := grid[(n, d)]) is None else v for n in lengths] for d in depths]
         image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -297,11 +408,36 @@ def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence
     return True
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces the run (every setting that changes the results, defaults included)."""
+    parts = [
+        "python -m bench passkey",
+        f"--lengths {' '.join(map(str, args.lengths))} --depths {' '.join(f'{d:g}' for d in args.depths)}",
+        f"--methods {' '.join(args.methods)} --keys {args.keys} --seed {args.seed}",
+    ]
+    if "vanilla" in args.methods:
+        parts.append(f"--vanilla-max {args.vanilla_max}")
+    if any(m in CHAIN_METHODS for m in args.methods):
+        parts.append(f"--n-global {args.n_global} --n-local {args.n_local}")
+    if "lambda+topk" in args.methods:
+        parts.append(f"--top-k {args.top_k} --top-k-from-layer {args.top_k_from_layer}")
+    parts.append(f"--dtype {args.dtype}")
+    if args.model is not None:
+        parts.append(f"--model {args.model}")
+    return " ".join(parts)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench passkey", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench passkey", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:3]),
+                        help="default: vanilla lambda lambda+topk (xl3m on request)")  # fmt: skip
+    parser.add_argument("--keys", type=int, default=1, help="different keys per (length, depth) cell")
     parser.add_argument("--vanilla-max", type=int, default=16384, help="longest prompt given to vanilla")
     parser.add_argument("--n-local", type=int, default=4096)
     parser.add_argument("--n-global", type=int, default=10)
@@ -312,32 +448,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded SmolLM2)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for passkey.md/.json/.png")
     args = parser.parse_args(argv)
+    if args.keys < 1:
+        parser.error("--keys must be >= 1")
 
     model, tokenizer = load_model(args.model, args.dtype)
     parts = PromptParts.of(tokenizer)
-    config = LMInfiniteConfig(
-        n_global=args.n_global, n_local=args.n_local, top_k=args.top_k, top_k_from_layer=args.top_k_from_layer,
-        cache_mode="full",
-    )
     started = time.time()
     rows: list[dict[str, object]] = []
-    lambda_methods = [m for m in args.methods if m != "vanilla"]
+    chain_methods = [m for m in args.methods if m in CHAIN_METHODS]
     if "vanilla" in args.methods:
         short = [n for n in args.lengths if n <= args.vanilla_max]
-        prompts = [make_prompt(parts, n, d, args.seed) for n in short for d in args.depths]
+        prompts = make_prompts(parts, short, args.depths, args.seed, args.keys)
         rows += run_chain(VanillaRunner(model, tokenizer), ["vanilla"], prompts)
-    if lambda_methods:
-        prompts = [make_prompt(parts, n, d, args.seed) for n in args.lengths for d in args.depths]
-        rows += run_chain(LambdaRunner(model, tokenizer, config), lambda_methods, prompts)
+    if chain_methods:
+        config = LMInfiniteConfig(
+            n_global=args.n_global, n_local=args.n_local, top_k=args.top_k, top_k_from_layer=args.top_k_from_layer,
+            cache_mode="full",
+        )
+        prompts = make_prompts(parts, args.lengths, args.depths, args.seed, args.keys)
+        rows += run_chain(LambdaRunner(model, tokenizer, config), chain_methods, prompts)
+    xl3m = XL3MConfig()
+    if "xl3m" in args.methods:
+        prompts = make_prompts(parts, args.lengths, args.depths, args.seed, args.keys)
+        rows += run_xl3m(XL3MRunner(model, tokenizer, xl3m), prompts)
     elapsed = time.time() - started
-    command = "python -m bench passkey " + " ".join(argv if argv is not None else [])
+    details = [f"Seed {args.seed}, {args.keys} key{'s' if args.keys > 1 else ''} per (length, depth) cell, "
+               f"answers of {ANSWER_TOKENS} tokens, greedy."]  # fmt: skip
+    if chain_methods:
+        details.append(
+            f"LM-Infinite: n_global={args.n_global}, n_local={args.n_local}"
+            + (f"; lambda+topk adds top_k={args.top_k} from layer {args.top_k_from_layer}." if "lambda+topk"
+               in args.methods else ".")
+        )  # fmt: skip
+    if "vanilla" in args.methods:
+        details.append(f"vanilla: prompts up to {args.vanilla_max} tokens ('–': not run).")
+    if "xl3m" in args.methods:
+        budget = "the training length less question and answer" if xl3m.context_tokens is None else (
+            f"{xl3m.context_tokens} tokens")  # fmt: skip
+        details.append(
+            f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, score {xl3m.score}, "
+            f"context up to {budget}); question = the prompt's last {len(parts.question)} tokens; recall = the "
+            "segment holding the key line's start was chosen (a prompt within the training length is read whole)."
+        )
     header = [
         "# Passkey retrieval, SmolLM2-135M-Instruct" if args.model is None else f"# Passkey retrieval, {args.model}",
         "",
-        f"{machine_line()}, {args.dtype}. Command: `{command.strip()}` ({elapsed / 60:.0f} min).",
-        f"LM-Infinite: n_global={args.n_global}, n_local={args.n_local}; lambda+topk adds top_k={args.top_k} "
-        f"from layer {args.top_k_from_layer}. vanilla: prompts up to {args.vanilla_max} tokens ('–': not run). "
-        f"Seed {args.seed}, one key per cell, answers of {ANSWER_TOKENS} tokens, greedy.",
+        f"{machine_line()}, {args.dtype}. Command: `{command_line(args)}` ({_minutes(elapsed)}).",
+        " ".join(details),
     ]
     table = render_table(rows, args.lengths, args.depths, header)
     print(table)

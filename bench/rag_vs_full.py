@@ -25,9 +25,10 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   *setup* time) and every question continues from a copy of that state: per-question time is the question's
   tokens plus the answer.
 * ``xl3m`` — the whole document through ``Engine(strategy="xl3m")`` (told where the question starts), once per
-  ``--xl3m-context`` budget (``full``: the training length less question and answer; or a number of tokens). No
-  setup: the first question reads every segment, and its time includes that; "facts in prompt" counts questions
-  whose fact sentences all start inside the chosen segments (XL3M's recall).
+  ``--xl3m-context`` budget (``default``: ``XL3MConfig``'s, a quarter of the training length; ``full``: the
+  training length less question and answer; or a number of tokens). The document is read once in segments
+  (``Engine.encode``, the setup) and every question uses that state; "facts in prompt" counts questions whose
+  fact sentences all start inside the chosen segments (XL3M's recall).
 * ``vector`` — LlamaIndex ``VectorStoreIndex`` over ``SentenceSplitter`` chunks of ``--chunk-tokens`` (254)
   all-MiniLM-L6-v2 word pieces with ``--chunk-overlap`` (32): 254 + [CLS] + [SEP] is exactly the 256 tokens
   MiniLM embeds, so every chunk is embedded whole (at most ~240 generator tokens). Embeddings: the offline
@@ -47,12 +48,13 @@ RAG's latency is that of the plain model). LM-Infinite goes through ``Engine.str
 counted from the start of the question (retrieval included), not from the document's setup.
 
 **Metrics** per method and document: accuracy on single, pair, chain and all multi-fact questions
-(``bench.facts.score``: every expected code in the answer line, no other code of the document); "facts in
-prompt" (questions whose needed fact sentences were all in the prompt: always for full context — whether the
-model can attend to them is another matter — the retrieved chunks for RAG, the kept prefix for vanilla);
-setup seconds; mean seconds per question; mean first-token seconds; total = setup + all questions; peak
-resident-memory rise over the start of the method (``bench.common.peak_rss``; freed memory is handed back to
-the OS between methods with ``malloc_trim``, so each method starts from about the same baseline).
+(``bench.facts.score``: every expected code in the answer line, no other code of the document); "recall (facts
+in prompt)" (questions whose needed fact sentences were all in the prompt: always for full context — whether the
+model can attend to them is another matter — the retrieved chunks for RAG, the kept prefix for vanilla); each
+count shown as ``k/n (lo–hi%)``, with its 95% Wilson score interval (``bench.common.wilson``); setup seconds;
+mean seconds per question; mean first-token seconds; total = setup + all questions; peak resident-memory rise
+over the start of the method (``bench.common.peak_rss``; freed memory is handed back to the OS between methods
+with ``malloc_trim``, so each method starts from about the same baseline).
 
 **Threads**: the whole grid runs in one worker thread, not the main thread. The engine always generates in
 a worker thread of its own; on this 2-core machine, with another process busy, 2-thread torch work in the
@@ -91,13 +93,14 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from bench.common import RESULTS, machine_line, peak_rss
+from bench.common import RESULTS, machine_line, peak_rss, rate, wilson
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
 from lminf_integrations.config import XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model, model_name
+from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE
 from lminf_integrations.streaming import DeltaStreamer
 
 METHODS = ("full", "vector", "bm25", "xl3m", "vanilla")
@@ -285,23 +288,32 @@ def run_full(
 
 # ---- (a') XL3M segment selection ----------------------------------------------------------------------------
 def run_xl3m(
-    context_tokens: int | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument,
+    context: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument,
     settings: GenerationSettings,
 ) -> MethodRun:  # fmt: skip
-    """The whole prompt through ``Engine(strategy="xl3m")``, told where the question starts. No setup: the first
-    question reads every segment (its time includes that); later ones score the kept segments."""
-    budget = "the training length" if context_tokens is None else f"{context_tokens} tokens"
-    label = f"xl3m, segments of {XL3MConfig().segment_tokens}, context up to {budget}"
+    """The document read once in segments (``Engine.encode``: the setup), then every question through
+    ``Engine(strategy="xl3m")`` with that state, told where the question starts: per-question time is scoring
+    every segment, reading the chosen text after the first chosen segment, and the answer."""
+    training = int(model.config.max_position_embeddings)
+    if context == "default":
+        context_tokens, budget = None, f"default ({training // CONTEXT_SHARE} tokens)"
+    elif context == "full":
+        context_tokens, budget = training, "the training length"
+    else:
+        context_tokens, budget = int(context), f"{int(context)} tokens"
+    label = f"xl3m, segments of {XL3MConfig().segment_tokens}, context {budget}"
     config = XL3MConfig(context_tokens=context_tokens)
     engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=config, reuse_prefixes=False)
     doc_ids = engine.tokenize(doc.text)
     print(f"{label}:", flush=True)
     with peak_rss() as memory:
-        run = MethodRun(label, doc.n_tokens, 0.0)
+        started = time.perf_counter()
+        state = engine.encode(doc_ids)
+        run = MethodRun(label, doc.n_tokens, time.perf_counter() - started)
         for question in doc.questions:
             q_ids = engine.tokenize(suffix(question))
             clock = _Clock(time.perf_counter())
-            with engine.stream(doc_ids + q_ids, settings, question_tokens=len(q_ids)) as stream:
+            with engine.stream(doc_ids + q_ids, settings, state=state, question_tokens=len(q_ids)) as stream:
                 for delta in stream:
                     if clock.feed(delta):
                         break
@@ -313,6 +325,7 @@ def run_xl3m(
             timed = clock.result()
             run.answers.append(record(label, doc, question, timed, found, len(doc_ids) + len(q_ids), chosen))
             _progress(run.answers[-1])
+        del state
     run.peak_gib = memory["peak_gib"]
     return run
 
@@ -475,7 +488,7 @@ def run_grid(
                     _release_memory()
             if "xl3m" in args.methods:
                 for context in args.xl3m_context:
-                    runs.append(run_xl3m(None if context == "full" else int(context), model, tokenizer, doc, settings))
+                    runs.append(run_xl3m(context, model, tokenizer, doc, settings))
                     _release_memory()
             unpatch_model(model)
             for method, build in (("vector", vector_retriever), ("bm25", bm25_retriever)):
@@ -505,29 +518,59 @@ def _accuracy(answers: Iterable[AnswerRecord]) -> str:
     return f"{sum(a.correct for a in answers)}/{len(answers)}"
 
 
+# The count columns of a summary row: accuracy by kind, and recall (the needed facts were in the prompt).
+COUNT_COLUMNS = ("single", "pair", "chain", "multi", "all", "facts_in_prompt")
+
+
 def summary_rows(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
+    """One row per method and document: counts as ``"k/n"`` (``"–"``: none asked) and, under ``"intervals"``, their
+    95% Wilson score intervals as ``[low, high]`` fractions (``None`` where nothing was asked)."""
     rows = []
     for run in runs:
         answers = run.answers
         latencies = [a.latency_s for a in answers]
-        rows.append(
-            {
-                "tokens": run.tokens,
-                "method": run.method,
-                "single": _accuracy(a for a in answers if a.kind == "single"),
-                "pair": _accuracy(a for a in answers if a.kind == "pair"),
-                "chain": _accuracy(a for a in answers if a.kind == "chain"),
-                "multi": _accuracy(a for a in answers if a.kind != "single"),
-                "all": _accuracy(answers),
-                "facts_in_prompt": f"{sum(a.facts_in_prompt for a in answers)}/{len(answers)}",
-                "setup_s": round(run.setup_s, 2),
-                "mean_latency_s": round(statistics.mean(latencies), 2) if latencies else None,
-                "mean_ttft_s": round(statistics.mean(a.ttft_s for a in answers), 2) if answers else None,
-                "total_s": round(run.setup_s + sum(latencies), 1),
-                "peak_gib": round(run.peak_gib, 2),
-            }
-        )
+        row: dict[str, Any] = {
+            "tokens": run.tokens,
+            "method": run.method,
+            "single": _accuracy(a for a in answers if a.kind == "single"),
+            "pair": _accuracy(a for a in answers if a.kind == "pair"),
+            "chain": _accuracy(a for a in answers if a.kind == "chain"),
+            "multi": _accuracy(a for a in answers if a.kind != "single"),
+            "all": _accuracy(answers),
+            "facts_in_prompt": f"{sum(a.facts_in_prompt for a in answers)}/{len(answers)}",
+            "setup_s": round(run.setup_s, 2),
+            "mean_latency_s": round(statistics.mean(latencies), 2) if latencies else None,
+            "mean_ttft_s": round(statistics.mean(a.ttft_s for a in answers), 2) if answers else None,
+            "total_s": round(run.setup_s + sum(latencies), 1),
+            "peak_gib": round(run.peak_gib, 2),
+        }
+        row["intervals"] = {column: _interval(row[column]) for column in COUNT_COLUMNS}
+        rows.append(row)
     return rows
+
+
+def _counts(text: str) -> tuple[int, int]:
+    done, total = text.split("/")
+    return int(done), int(total)
+
+
+def _interval(text: str) -> list[float] | None:
+    """The 95% Wilson interval of a ``"k/n"`` count, rounded; ``None`` for ``"–"``."""
+    if text == "–" or _counts(text)[1] == 0:
+        return None
+    return [round(bound, 4) for bound in wilson(*_counts(text))]
+
+
+def _rate(text: str) -> str:
+    """``"k/n"`` → ``"k/n (lo–hi%)"`` (the 95% Wilson interval); ``"–"`` stays."""
+    return "–" if text == "–" else rate(*_counts(text))
+
+
+def _percent_interval(text: str) -> str:
+    if text == "–" or _counts(text)[1] == 0:
+        return "–"
+    low, high = wilson(*_counts(text))
+    return f"{100 * low:.0f}–{100 * high:.0f}%"
 
 
 def _fraction(text: str) -> float:
@@ -536,7 +579,10 @@ def _fraction(text: str) -> float:
 
 
 def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The issue's target, checked as measured: full context ≥ RAG on single facts and > RAG on multi-fact."""
+    """The issue's target, checked as measured: full context ≥ RAG on single facts and > RAG on multi-fact.
+
+    Compared on the counts (correct/asked); each line then states both sides' 95% Wilson intervals and whether they
+    overlap (overlapping: the counts alone do not show a difference at this number of questions)."""
     lines = []
     for tokens in sorted({r["tokens"] for r in rows}):
         here = [r for r in rows if r["tokens"] == tokens]
@@ -548,9 +594,19 @@ def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
                 lines.append(
                     f"- {tokens} tokens, {full['method']} vs {other['method'].split(',')[0]}: single "
                     f"{full['single']} vs {other['single']} ({_verdict(single_ok, '≥')}), multi "
-                    f"{full['multi']} vs {other['multi']} ({_verdict(multi_ok, '>')})"
+                    f"{full['multi']} vs {other['multi']} ({_verdict(multi_ok, '>')}); 95% intervals: single "
+                    f"{_versus(full['single'], other['single'])}, multi {_versus(full['multi'], other['multi'])}"
                 )
     return lines
+
+
+def _versus(a: str, b: str) -> str:
+    """Two counts' 95% Wilson intervals side by side, and whether they overlap."""
+    if "–" in (a, b) or 0 in (_counts(a)[1], _counts(b)[1]):
+        return f"{_percent_interval(a)} vs {_percent_interval(b)}"
+    (a_low, a_high), (b_low, b_high) = wilson(*_counts(a)), wilson(*_counts(b))
+    overlap = a_low <= b_high and b_low <= a_high
+    return f"{_percent_interval(a)} vs {_percent_interval(b)} ({'overlapping' if overlap else 'disjoint'})"
 
 
 def _verdict(ok: bool | None, relation: str) -> str:
@@ -589,24 +645,28 @@ def markdown(rows: Sequence[dict[str, Any]], args: argparse.Namespace, model_lab
         "alternating; the two facts ≥ 40% of the document apart). Prompt for every method: "
         "`{context}\\n\\nQuestion: {question}\\nAnswer: {stem}`, greedy, stopping at the end of the answer's "
         f"first line or after {args.max_new_tokens} tokens. Correct = every expected code in the answer line and "
-        "no other code of the document. Accuracy is correct/asked; seconds are wall-clock, first-token seconds are "
+        "no other code of the document. Accuracy is correct/asked and recall (the question's fact sentences all in "
+        "the prompt) found/asked, each with its 95% Wilson score interval in parentheses (`bench.common.wilson`); "
+        "seconds are wall-clock, first-token seconds are "
         "counted from the question (setup excluded), total = setup + every question. Memory: peak resident-memory "
         "rise during the method (setup + questions) over the model's weights. Every number is as measured.",
         "",
-        "| document tokens | method | single | multi: pair | multi: chain | multi (all) | all | facts in prompt | "
-        "setup s | mean s/question | mean first-token s | total s | peak memory rise GiB |",
+        "| document tokens | method | single | multi: pair | multi: chain | multi (all) | all | "
+        "recall (facts in prompt) | setup s | mean s/question | mean first-token s | total s | "
+        "peak memory rise GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
-            r["tokens"], r["method"], r["single"], r["pair"], r["chain"], r["multi"], r["all"], r["facts_in_prompt"],
+            r["tokens"], r["method"], *(_rate(r[column]) for column in COUNT_COLUMNS),
             f"{r['setup_s']:.1f}", _num(r["mean_latency_s"]), _num(r["mean_ttft_s"]), f"{r['total_s']:.1f}",
             f"{r['peak_gib']:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     targets = target_lines(rows)
     if targets:
-        lines += ["", "Target (full context ≥ RAG on single-fact questions, > RAG on multi-fact), as measured:", ""]
+        lines += ["", "Target (full context ≥ RAG on single-fact questions, > RAG on multi-fact), as measured on the "
+                  "counts, with both sides' 95% Wilson intervals:", ""]
         lines += targets
     lines += ["", "Raw answers, retrieved chunk spans and fact positions: `rag-vs-full.json`."]
     return "\n".join(lines) + "\n"
@@ -651,7 +711,8 @@ def _short(method: str) -> str:
     if method.startswith("full"):
         return "full " + method.split("LM-Infinite ")[1].split(" (")[0].replace(" from layer ", "@")
     if method.startswith("xl3m"):
-        return "xl3m " + method.rsplit("up to ", 1)[1].replace("the training length", "T")
+        budget = method.rsplit("context ", 1)[1]
+        return "xl3m " + budget.replace("the training length", "T").replace("default (", "(").replace(" tokens", "")
     return method.split(",")[0].replace(" (all-MiniLM-L6-v2)", "")
 
 
@@ -705,8 +766,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--n-local", type=int, default=4096, help="LM-Infinite local window")
     parser.add_argument(
-        "--xl3m-context", nargs="+", default=["full", "2048"],
-        help="XL3M context budgets to run: 'full' (the training length less question and answer) or tokens",
+        "--xl3m-context", nargs="+", default=["default", "full"],
+        help="XL3M context budgets to run: 'default' (XL3MConfig's), 'full' (the training length less question and "
+        "answer) or tokens",
     )  # fmt: skip
     parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
     parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")

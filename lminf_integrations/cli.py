@@ -68,7 +68,7 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser, groups:
 
 
 ASK_GROUPS = ("model", "strategy", "attention", "xl3m", "decoding", "generation", "display")
-ENCODE_GROUPS = ("model", "strategy", "attention", "display")
+ENCODE_GROUPS = ("model", "strategy", "attention", "xl3m", "display")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,15 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt before the question (the document part, encodable once) and from it on.
+def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Token ids of the prompt's four parts: the template's opening with the document (encodable once), the
+    instruction, the question, the template's closing.
 
-    Both halves are tokenized separately, so a saved document state is always an exact prefix.
+    Each part is tokenized on its own, so a saved document state is always an exact prefix, and the strategy is
+    told exactly where the question is.
     """
     marker = "\u0000QUESTION\u0000"
     content = DEFAULT_QUESTION_TEMPLATE.format(document=document, question=marker)
-    head, tail = engine.chat_prompt([{"role": "user", "content": content}]).split(marker)
-    return engine.tokenize(head), engine.tokenize(question + tail)
+    head, closing = engine.chat_prompt([{"role": "user", "content": content}]).split(marker)
+    assert head.endswith(INSTRUCTION)
+    opening = head[: len(head) - len(INSTRUCTION)]
+    return engine.tokenize(opening), engine.tokenize(INSTRUCTION), engine.tokenize(question), engine.tokenize(closing)
 
 
 def _engine(settings: Resolved) -> Engine:
@@ -127,7 +131,7 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     document = "" if args.state else read_document(args.inputs[0])
     question = args.inputs[-1]
     engine = _engine(settings)
-    head, tail = _split_prompt(engine, document, question)
+    head, instruction, question_ids, closing = _split_prompt(engine, document, question)
     state = None
     if args.state:
         try:
@@ -138,10 +142,15 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     bar = _progress_bar(settings)
     started = time.perf_counter()
     first_token: float | None = None
-    # The question part is known exactly here: the instruction and the question, before the template's end.
-    question_tokens = len(engine.tokenize(INSTRUCTION + question))
+    # The question part is known exactly here: the instruction and the question, before the template's end; the
+    # question's own tokens rank XL3M's segments.
     stream = engine.stream(
-        head + tail, settings.generation, on_progress=bar, state=state, question_tokens=question_tokens
+        head + instruction + question_ids + closing,
+        settings.generation,
+        on_progress=bar,
+        state=state,
+        question_tokens=len(instruction) + len(question_ids),
+        scored_tokens=len(question_ids),
     )
     try:
         for delta in stream:
@@ -179,13 +188,9 @@ def _selection(details: dict[str, Any] | None) -> str:
 
 def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _settings(args, parser, ENCODE_GROUPS)
-    if settings.options.strategy == "xl3m":
-        parser.error(
-            "strategy 'xl3m' reads a document in segments at each question and keeps them itself: no state to encode"
-        )
     document = read_document(args.file)
     engine = _engine(settings)
-    head, _ = _split_prompt(engine, document, "")
+    head = _split_prompt(engine, document, "")[0]
     bar = _progress_bar(settings)
     state = engine.encode(head, bar)
     bar.close()

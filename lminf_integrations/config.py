@@ -153,7 +153,9 @@ class XL3MConfig:
         "question (the command line knows the question and uses it exactly)",
     )
     context_tokens: int | None = setting(
-        None, "most segment tokens kept for the answer; None: the model's training length less question and answer"
+        None,
+        "most segment tokens kept for the answer (never more than fit in the training length with the question and "
+        "answer); None: a quarter of the model's training length (README: 'Choosing a strategy')",
     )
     score: XL3MScore = setting(
         "loglik",

@@ -190,14 +190,41 @@ class Engine:
         report_total: int | None = None,
         remember: bool = False,
     ) -> DocumentState:
-        """Run ``token_ids`` through the model in chunks, filling a cache (continuing ``state`` if given; the
-        given state itself is extended in place — pass ``state.copy()`` to keep it).
+        """Read ``token_ids`` (a prompt's beginning: template opening and document) into a document state that
+        prompts continuing them answer from (``stream(..., state=...)``, ``save_state``).
 
-        Chunk boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length,
-        so encoding is the same computation however a text is split. ``on_progress(done, total)`` is called before
-        the first chunk and after each; ``report_total`` overrides the total it reports. With ``remember`` the
-        state at the last chunk boundary is kept in the engine's state store for later prompts that share it.
+        For strategies that continue prefixes (LM-Infinite, vanilla): the tokens run through the model in chunks,
+        filling its cache, continuing ``state`` if given (in place — pass ``state.copy()`` to keep it). Chunk
+        boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length, so
+        encoding is the same computation however a text is split; with ``remember`` the state at the last chunk
+        boundary is kept in the engine's state store for later prompts that share it. For XL3M: every segment is
+        read and kept (``state`` cannot be continued). ``on_progress(done, total)`` is called before the first
+        chunk and after each; ``report_total`` overrides the total it reports.
         """
+        if self.strategy.continues_states:
+            return self._prefill(token_ids, on_progress, cancelled, state, report_total, remember)
+        if state is not None:
+            raise ValueError(
+                f"strategy={self.strategy.name!r} reads a document in segments: a state cannot be continued; "
+                "encode the whole beginning of the prompt at once"
+            )
+        ids = list(token_ids)
+        self.check_memory(len(ids))
+        with self._lock:
+            self._prepared()
+            cache = self.strategy.read_document(self.model, self.tokenizer, ids, on_progress or (lambda d, t: None))
+        return DocumentState(ids, cache)
+
+    def _prefill(
+        self,
+        token_ids: Sequence[int],
+        on_progress: ProgressCallback | None = None,
+        cancelled: threading.Event | None = None,
+        state: DocumentState | None = None,
+        report_total: int | None = None,
+        remember: bool = False,
+    ) -> DocumentState:
+        """The chunked prefill behind :meth:`encode` (strategies that continue prefixes), and every prompt's."""
         with self._lock:
             self._prepared()
             if state is None:
@@ -231,17 +258,9 @@ class Engine:
                         on_progress(len(state.token_ids), total)
             return state
 
-    def _check_states(self) -> None:
-        if not self.strategy.continues_states:
-            raise ValueError(
-                f"strategy={self.strategy.name!r} keeps what it reads per segment itself: it has no document state to "
-                "encode, save or continue (give the whole prompt; its segments are read once and reused)"
-            )
-
     def encode_document(self, text: str, on_progress: ProgressCallback | None = None) -> DocumentState:
         """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question (tokenized
         on its own, so the document's tokens are an exact prefix whatever the question starts with)."""
-        self._check_states()
         state = self.encode(self.tokenize(text), on_progress)
         state.text = text
         return state
@@ -273,22 +292,23 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         state: DocumentState | None = None,
         question_tokens: int | None = None,
+        scored_tokens: int | None = None,
     ) -> TokenStream:
         """Start generating a continuation of ``prompt``; iterate the result for text deltas.
 
-        ``question_tokens``: how many tokens before the chat template's closing part are the question, for
-        strategies that read the question apart (XL3M; otherwise its ``question_tokens`` setting is assumed).
+        ``question_tokens``: how many tokens before the chat template's closing part are the question (with any
+        instruction before it), for strategies that read the question apart (XL3M; otherwise its
+        ``question_tokens`` setting is assumed); ``scored_tokens``: how many of those, at the end, are the question
+        itself, whose likelihood ranks the segments (default: all of them).
         """
         settings = settings or GenerationSettings()
-        if state is not None:
-            self._check_states()
         ids = self.prompt_ids(prompt, state)
         if not ids:
             raise ValueError("the prompt is empty")
         stop = merge_stop(settings.stop, stop)
 
         def work(emit: Any, report: ProgressCallback, cancelled: threading.Event) -> StreamResult:
-            return self._generate(ids, settings, emit, report, cancelled, state, question_tokens)
+            return self._generate(ids, settings, emit, report, cancelled, state, question_tokens, scored_tokens)
 
         return TokenStream(work, stop=stop, on_progress=on_progress)
 
@@ -325,6 +345,7 @@ class Engine:
         cancelled: threading.Event,
         state: DocumentState | None,
         question_tokens: int | None = None,
+        scored_tokens: int | None = None,
     ) -> StreamResult:
         # Wait for the model (another generation may hold it) without missing a cancellation meanwhile.
         while not self._lock.acquire(timeout=0.05):
@@ -332,11 +353,23 @@ class Engine:
                 return StreamResult(len(ids), 0, "cancelled")
         try:
             plan = None
-            if state is None:  # a prompt-level strategy (XL3M) may answer from another prompt
+            if state is None or not self.strategy.continues_states:
+                # A prompt-level strategy (XL3M) may answer from another prompt.
                 self._prepared()
                 plan = self.strategy.plan(
-                    self.model, self.tokenizer, ids, settings.max_new_tokens, report, question_tokens
+                    self.model,
+                    self.tokenizer,
+                    ids,
+                    settings.max_new_tokens,
+                    report,
+                    question_tokens,
+                    state.cache if state is not None else None,
+                    scored_tokens,
                 )
+                if not self.strategy.continues_states:
+                    state = None  # its state is not a prefix the prompt continues
+            if plan is not None and plan.prefix_cache is not None:
+                state = DocumentState(plan.ids[: plan.prefix_length], plan.prefix_cache)
             result = self._generate_locked(
                 plan.ids if plan else ids, settings, emit, report, cancelled, state, plan is None
             )
@@ -363,7 +396,7 @@ class Engine:
         prefix = state.copy() if state is not None else None
         # Everything but the last prompt token is prefilled here; generate() runs the last one, so top-k
         # middle attention (generation-time queries) starts exactly at the last prompt token.
-        encoded = self.encode(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=reuse)
+        encoded = self._prefill(ids[:-1], report, cancelled, prefix, report_total=len(ids), remember=reuse)
         if cancelled.is_set():
             return StreamResult(len(ids), 0, "cancelled")
         self.strategy.set_prompt_length(encoded.cache, len(ids))
@@ -408,7 +441,6 @@ class Engine:
     def save_state(self, state: DocumentState, path: str | os.PathLike[str]) -> Path:
         """Write ``state`` to ``path`` (safetensors; the header names the model, tokenizer, settings and
         checksums, so :meth:`load_state` can refuse a file that does not fit this engine). Returns the path."""
-        self._check_states()
         return write_state(path, state, self._state_identity())
 
     def load_state(self, path: str | os.PathLike[str]) -> DocumentState:
@@ -416,7 +448,7 @@ class Engine:
         ones, files of another format and damaged files (``ValueError``)."""
         with self._lock:
             self._prepared()
-            cache = self.strategy.new_cache(self.model)
+            cache = self.strategy.new_document_cache(self.model)
         return read_state(path, self._state_identity(), cache)
 
     def _state_identity(self) -> dict[str, Any]:

@@ -34,18 +34,21 @@ class DocumentCache(Protocol):
 @dataclass(frozen=True)
 class Plan:
     """What a prompt-level strategy answers from instead of the prompt: other token ids, and what it chose
-    (reported with the answer under the strategy's name)."""
+    (reported with the answer under the strategy's name); optionally a cache of ``ids[:prefix_length]`` already
+    read, which the answer continues (a copy: the engine writes into it)."""
 
     ids: list[int]
     details: dict[str, Any]
+    prefix_cache: DocumentCache | None = None
+    prefix_length: int = 0
 
 
 class Strategy(ABC):
     """How the engine runs a model over a prompt longer than it was trained on."""
 
     name: ClassVar[str]
-    #: Whether a prefix encoded with :meth:`new_cache` is a document state that later prompts can continue (XL3M
-    #: keeps its segments itself instead).
+    #: Whether a document state is a prefix encoded with :meth:`new_cache` that later prompts continue; ``False``
+    #: for a strategy that reads documents its own way (:meth:`read_document`; XL3M: in segments).
     continues_states: ClassVar[bool] = True
 
     def check(self, model: PreTrainedModel) -> None:  # noqa: B027 - an optional hook: nothing to check by default
@@ -75,6 +78,20 @@ class Strategy(ABC):
         """Allow compiled decoding steps on ``cache`` (or not); whether it supports them at all."""
         return False
 
+    def new_document_cache(self, model: PreTrainedModel) -> DocumentCache:
+        """An empty cache of the kind :meth:`read_document` returns (a saved state is loaded into it)."""
+        return self.new_cache(model)
+
+    def read_document(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: list[int],
+        report: Callable[[int, int], None],
+    ) -> DocumentCache:
+        """A document's state, for a strategy that does not continue prefixes (``continues_states`` false)."""
+        raise NotImplementedError(f"strategy {self.name!r} encodes prefixes with new_cache()")
+
     def plan(
         self,
         model: PreTrainedModel,
@@ -83,11 +100,15 @@ class Strategy(ABC):
         max_new_tokens: int,
         report: Callable[[int, int], None],
         question_tokens: int | None = None,
+        state: DocumentCache | None = None,
+        scored_tokens: int | None = None,
     ) -> Plan | None:
         """Another prompt to answer from (XL3M: the chosen segments and the question), or ``None``: this one.
 
         ``question_tokens``: how many tokens before the chat template's closing part are the question, when the
-        caller knows (the command line does)."""
+        caller knows (the command line does), and ``scored_tokens`` how many of those are the question itself (not
+        an instruction before it). ``state``: what :meth:`read_document` returned for a prefix of ``ids``, for a
+        strategy that does not continue prefixes."""
         return None
 
     def settings(self) -> dict[str, Any]:

@@ -37,6 +37,14 @@ class FullCache(DynamicCache):
                 tensors[f"layer.{index}.keys"], tensors[f"layer.{index}.values"] = layer.keys, layer.values
         return tensors, layers
 
+    def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each initialised layer's keys and values, in layer order."""
+        pairs = []
+        for layer in self.layers:
+            if isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None:
+                pairs.append((layer.keys, layer.values))
+        return pairs
+
     def keep_first(self, length: int) -> None:
         """Drop every token after the first ``length`` (``crop`` changed meaning between transformers versions)."""
         for layer in self.layers:

@@ -124,9 +124,9 @@ def test_table_reports_accuracy_per_length_and_depth(tmp_path: Path) -> None:
         _row("vanilla", 4096, 0.0, True), _row("vanilla", 4096, 0.5, True), _row("vanilla", 4096, 1.0, True),
     ]
     table = render_table(rows, [4096, 8192], [0.0, 0.5, 1.0], ["# title"])
-    assert "| lambda | 67% | 33% |" in table
-    assert "| vanilla | 100% | – |" in table  # vanilla was not run at 8K
-    assert "| 50% | 0% | 0% |" in table  # lambda's depth rows
+    assert "| lambda | 2/3 (21–94%) | 1/3 (6–79%) |" in table
+    assert "| vanilla | 3/3 (44–100%) | – |" in table  # vanilla was not run at 8K
+    assert "| 50% | 0/1 (0–79%) | 0/1 (0–79%) |" in table  # lambda's depth rows
     assert "lambda+topk" not in table
     try:
         import matplotlib  # noqa: F401

@@ -1,5 +1,6 @@
-"""XL3M segment selection on tiny random models: segmenting, scoring against an independent reference, selection
-within the budget, segments read once, and the strategy through the engine and ``lminf``."""
+"""XL3M segment selection on tiny random models: segmenting, batched reading and scoring against independent plain
+forwards, selection within the budget, segments read once (in memory, in document states and saved files), and the
+strategy through the engine and ``lminf``."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lminf_integrations import cli
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
-from lminf_integrations.strategies.xl3m.scoring import SegmentStore, score_segment
+from lminf_integrations.strategies.vanilla import FullCache
+from lminf_integrations.strategies.xl3m.scoring import SegmentStore, read, read_block, score_rows
 from lminf_integrations.strategies.xl3m.segments import split
-from lminf_integrations.strategies.xl3m.strategy import XL3M, _choose, template_parts
+from lminf_integrations.strategies.xl3m.strategy import XL3M, SegmentedDocument, _choose, template_parts
 from tests.tiny_models import tiny_llama
 from tests.tolerances import network_bound
 
 TRAINING_LENGTH = 256  # the tiny model's: prompts past it are answered from chosen segments
+SINK = 4  # the document's first tokens, read before every segment (no chat template in these prompts)
 TEXT = "\n\n".join(f"Room {i} is on floor {i % 7}. Its code is {1000 + i}. Nobody else knows it." for i in range(80))
 
 
@@ -47,31 +50,76 @@ def test_choose_takes_the_best_that_fit_in_document_order() -> None:
     assert _choose([0.3], [10], budget=5) == []
 
 
+SEGMENTS = [
+    " Room 3 is on floor 3. Its code is 1003.",
+    " Room 12 is on floor 5.",
+    " Room 40 is on floor 5. Its code is 1040. Nobody else knows it, not even the porter.",
+]
+
+
 @pytest.mark.parametrize("score", ["loglik", "entropy"])
-def test_scores_match_a_plain_forward(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], score: str) -> None:
-    """The score from the segment's cache equals the one computed from one uncached forward of segment + query."""
+def test_batched_scores_match_plain_forwards(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], score: str) -> None:
+    """Segments of different lengths read together (right-padded) and scored together (the padding masked) score
+    as one uncached forward of prefix + segment + query each does."""
     model, tokenizer = tiny
     prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
-    segment = tokenizer(" Room 3 is on floor 3. Its code is 1003.", add_special_tokens=False).input_ids
+    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
     query = tokenizer("\nQuestion: what is the code of room 3?\nAnswer:", add_special_tokens=False).input_ids
+    block = read_block(model, read(model, prefix_ids), segments)
+    assert block.lengths == [len(prefix_ids) + len(segment) for segment in segments]
+    got = score_rows(model, block, [2, 0, 1], query, score)  # any rows, any order
+    for value, segment in zip(got, [segments[2], segments[0], segments[1]], strict=True):
+        with torch.inference_mode():
+            logits = model(torch.tensor([[*prefix_ids, *segment, *query]])).logits[0].float()
+        tail = logits[len(prefix_ids) + len(segment) :]
+        if score == "loglik":
+            logp = tail[:-1].log_softmax(-1)
+            expected = float(logp.gather(-1, torch.tensor(query[1:])[:, None]).mean())
+        else:
+            logp = tail[-1].log_softmax(-1)
+            expected = float((logp.exp() * logp).sum())
+        # Batched, cached and uncached forwards differ in summation order only: a logit moves by at most the
+        # network bound (fp32, the MLP's 128-term sums, 2 layers), a log-softmax value by at most twice that.
+        bound = 2 * network_bound(tail, torch.float32, reduction=128, layers=2)
+        assert abs(value - expected) <= bound, (value, expected, bound)
+
+
+def test_a_block_row_is_the_segment_read_alone(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """A row's keys and values (what the answer continues from) equal reading prefix + segment on its own."""
+    model, tokenizer = tiny
+    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
+    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
+    block = read_block(model, read(model, prefix_ids), segments)
+    for row, segment in enumerate(segments):
+        alone = read(model, [*prefix_ids, *segment]).key_values()
+        mine = block.row_cache(row).key_values()
+        assert len(alone) == len(mine) == 2
+        for (keys, values), (row_keys, row_values) in zip(alone, mine, strict=True):
+            assert row_keys.shape == keys.shape
+            # Keys come from one projection of normed hidden states: the same bound as the network's output.
+            bound = network_bound(keys, torch.float32, reduction=128, layers=2)
+            assert (row_keys - keys).abs().max() <= bound and (row_values - values).abs().max() <= bound
+    with pytest.raises(ValueError, match="non-empty segments"):
+        read_block(model, read(model, prefix_ids), [segments[0], []])
+
+
+def test_the_store_reads_each_segment_once_and_stays_in_bounds(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    model, tokenizer = tiny
+    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
+    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
     store = SegmentStore()
-    prefix = store.prefix(model, prefix_ids)
-    cache = store.get(model, prefix, prefix_ids, segment)
-    got = score_segment(model, cache, query, score)
-    assert cache.get_seq_length() == len(prefix_ids) + len(segment)  # left as it was
-    with torch.inference_mode():
-        logits = model(torch.tensor([[*prefix_ids, *segment, *query]])).logits[0].float()
-    tail = logits[len(prefix_ids) + len(segment) :]
-    if score == "loglik":
-        logp = tail[:-1].log_softmax(-1)
-        expected = float(logp.gather(-1, torch.tensor(query[1:])[:, None]).mean())
-    else:
-        logp = tail[-1].log_softmax(-1)
-        expected = float((logp.exp() * logp).sum())
-    # Cached and uncached forwards differ in summation order only: a logit moves by at most the network bound
-    # (fp32, the MLP's 128-term sums, 2 layers), a log-softmax value by at most twice that, and so their mean.
-    bound = 2 * network_bound(tail, torch.float32, reduction=128, layers=2)
-    assert abs(got - expected) <= bound, (got, expected, bound)
+    first = store.locate(model, prefix_ids, [segments[0], segments[1], segments[0]])
+    assert store.encoded == 2 and first[0] == first[2]  # the repeated segment read once
+    again = store.locate(model, prefix_ids, segments)
+    assert store.encoded == 3 and again[0] == first[0] and again[1] == first[1]
+    one = read_block(model, read(model, prefix_ids), segments[:1]).nbytes()
+    small = SegmentStore(max_bytes=one + 1)
+    small.locate(model, prefix_ids, segments[:1])
+    small.locate(model, prefix_ids, segments[1:2])  # the first block is dropped to make room
+    small.locate(model, prefix_ids, segments[:1])
+    assert small.encoded == 3
 
 
 def _engine(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **settings: object) -> Engine:
@@ -112,20 +160,73 @@ def test_a_prompt_that_fits_is_read_whole(tiny: tuple[PreTrainedModel, PreTraine
     assert stream.result is not None and stream.result.details is None
 
 
-def test_budget_setting_and_states_are_refused(
-    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path
-) -> None:
+def test_budget_setting(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
     model, tokenizer = tiny
     engine = _engine(model, tokenizer, context_tokens=60)
     stream = engine.stream(TEXT + "\nWhat is the code of room 7?", GenerationSettings(max_new_tokens=2))
     "".join(stream)
     assert stream.result is not None and stream.result.details is not None
     assert sum(c["end"] - c["start"] for c in stream.result.details["xl3m"]["chosen"]) <= 60
-    with pytest.raises(ValueError, match="keeps what it reads per segment itself"):
-        engine.encode_document(TEXT)
     with pytest.raises(ValueError, match="segment_tokens=512 exceeds the model's training length 256"):
         _engine(model, tokenizer, segment_tokens=512)
+    narrow = _engine(model, tokenizer, context_tokens=10)
+    with pytest.raises(ValueError, match="no segment fits the answer's context: 10 tokens"):
+        "".join(narrow.stream(TEXT + "\nWhat is the code of room 7?", GenerationSettings(max_new_tokens=2)))
     assert isinstance(engine.strategy, XL3M)
+
+
+def test_the_answer_continues_the_first_chosen_segment(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """The plan hands the engine the first chosen segment as read (no second reading), and it is the same cache
+    as reading the answer prompt's beginning afresh."""
+    model, tokenizer = tiny
+    engine = _engine(model, tokenizer)
+    ids = engine.tokenize(TEXT + "\nWhat is the code of room 7?")
+    engine.strategy.prepare(model)
+    plan = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plan is not None and isinstance(plan.prefix_cache, FullCache)
+    first = plan.details["chosen"][0]
+    assert plan.prefix_length == SINK + first["end"] - first["start"]
+    assert plan.ids[SINK : plan.prefix_length] == ids[first["start"] : first["end"]]
+    fresh = read(model, plan.ids[: plan.prefix_length]).key_values()
+    for (keys, values), (got_keys, got_values) in zip(fresh, plan.prefix_cache.key_values(), strict=True):
+        bound = network_bound(keys, torch.float32, reduction=128, layers=2)
+        assert (got_keys - keys).abs().max() <= bound and (got_values - values).abs().max() <= bound
+
+
+def test_a_document_state_is_read_once_saved_and_loaded(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path
+) -> None:
+    """encode_document reads every segment; questions with the state read none again and choose as a prompt
+    without the state does; the state saves, loads (into a fresh engine) and answers the same."""
+    model, tokenizer = tiny
+    engine = _engine(model, tokenizer)
+    state = engine.encode_document(TEXT)
+    assert isinstance(state.cache, SegmentedDocument) and state.cache.nbytes() > 0
+    read_segments = engine.strategy.segments.encoded  # type: ignore[attr-defined]
+    assert read_segments == len(state.cache.spans) > 4
+    prompt = TEXT + "\nWhat is the code of room 7?"
+    settings = GenerationSettings(max_new_tokens=4)
+    with_state = engine.stream(prompt, settings, state=state)
+    answer = "".join(with_state)
+    assert engine.strategy.segments.encoded - read_segments <= 1  # type: ignore[attr-defined]  # the body's end
+    path = engine.save_state(state, tmp_path / "doc.lminf")
+    fresh = _engine(model, tokenizer)
+    loaded = fresh.load_state(path)
+    assert loaded.token_ids == state.token_ids and loaded.cache.nbytes() == state.cache.nbytes()
+    from_file = fresh.stream(prompt, settings, state=loaded)
+    assert "".join(from_file) == answer
+    assert fresh.strategy.segments.encoded <= 1  # type: ignore[attr-defined]
+    plain = _engine(model, tokenizer).stream(prompt, settings)
+    "".join(plain)
+    results = [with_state.result, from_file.result, plain.result]
+    assert all(r is not None and r.details is not None for r in results)
+    chosen = [r.details["xl3m"]["chosen"] for r in results if r is not None and r.details is not None]
+    assert [c["start"] for c in chosen[0]] == [c["start"] for c in chosen[1]] == [c["start"] for c in chosen[2]]
+    with pytest.raises(ValueError, match="a state cannot be continued"):
+        engine.encode(engine.tokenize(TEXT + " More."), state=state)
+    other = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=XL3MConfig(segment_tokens=32))
+    with pytest.raises(ValueError, match="segment_tokens"):
+        other.load_state(path)
 
 
 def test_lminf_ask_with_xl3m_shows_its_selection(
@@ -138,9 +239,14 @@ def test_lminf_ask_with_xl3m_shows_its_selection(
     assert cli.main(["ask", str(document), "Code of room 7?", *common, "--strategy", "xl3m", "--show-selection"]) == 0
     err = capsys.readouterr().err
     assert "[xl3m: " in err and " segments, tokens " in err
-    with pytest.raises(SystemExit):
-        cli.main(["encode", str(document), "-o", str(tmp_path / "s.lminf"), *common[:4], "--strategy", "xl3m"])
-    assert "no state to encode" in capsys.readouterr().err
+    state = tmp_path / "s.lminf"
+    assert cli.main(["encode", str(document), "-o", str(state), *common[:4], "--strategy", "xl3m"]) == 0
+    assert "saved " in capsys.readouterr().err
+    ask = ["ask", "--state", str(state), "Code of room 7?", *common, "--strategy", "xl3m", "--show-selection"]
+    assert cli.main(ask) == 0
+    assert "[xl3m: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a state of one strategy is refused by another
+        cli.main(["ask", "--state", str(state), "Code of room 7?", *common])
 
 
 def test_chat_prompts_keep_their_opening_question_and_closing(

@@ -1,7 +1,11 @@
-"""Each segment read once, after a shared prefix; and how certain the model then is about the question.
+"""Segments read once, after a shared prefix, kept stacked; and how certain the model is about a question after each.
 
 Every segment is read after the same short prefix (the prompt's opening and the document's first tokens), as the
-answer prompt will have it, so each is scored in the context it is answered in.
+answer prompt will have it, so each is scored in the context it is answered in. Segments read together form a
+:class:`SegmentBlock`: per layer one tensor of keys and one of values, a row per segment, right-padded. Right
+padding costs nothing in exactness: under causal attention no real token sees a later pad. A question is then
+scored against many rows in one forward (batched), each row's pads hidden by the attention mask and the question
+placed right after that row's own last token.
 """
 
 from __future__ import annotations
@@ -10,89 +14,219 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import psutil
 import torch
 from transformers import PreTrainedModel
 
 from ...hf_compat import cache_kwargs
 from ..vanilla import FullCache
 
+# Tokens per forward when reading segments (rows × segment length): big enough for efficient matrix products,
+# small enough that one forward's activations stay well under a GiB for models of a few billion parameters.
+READ_TOKENS = 4096
+# Bytes of fp32 logits one scoring forward may produce (rows × question tokens × vocabulary × 4).
+SCORE_LOGIT_BYTES = 2**28
 
-def _key(model: PreTrainedModel, ids: Sequence[int]) -> tuple[int, str]:
+
+def segment_key(model: PreTrainedModel, ids: Sequence[int]) -> tuple[int, str]:
+    """What identifies a read segment: the model and its tokens (prefix included)."""
     return id(model), hashlib.sha256(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()).hexdigest()
 
 
-class SegmentStore:
-    """Caches of (prefix + segment) by their tokens, per model; least recently used out first, bounded by bytes."""
+@dataclass
+class SegmentBlock:
+    """Segments read together after one prefix. Per layer, keys and values of shape
+    ``[rows, kv_heads, width, head_dim]``; row ``i`` holds ``lengths[i]`` real positions (prefix included), then
+    padding."""
 
-    def __init__(self, max_bytes: int = 6 * 2**30) -> None:
-        self.max_bytes = max_bytes
-        self._caches: OrderedDict[tuple[int, str], FullCache] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.encoded = 0  # caches computed rather than found (tests and reports)
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lengths: list[int]
 
-    def get(
-        self, model: PreTrainedModel, prefix: FullCache, prefix_ids: Sequence[int], ids: Sequence[int]
-    ) -> FullCache:
-        """The cache of ``prefix_ids + ids``: found, or ``ids`` read after a copy of ``prefix``."""
-        return self._find_or_read(model, [*prefix_ids, *ids], lambda: read(model, ids, prefix.clone()))
+    @property
+    def width(self) -> int:
+        return int(self.keys[0].shape[2])
 
-    def prefix(self, model: PreTrainedModel, ids: Sequence[int]) -> FullCache:
-        """The cache of ``ids`` read from position 0."""
-        return self._find_or_read(model, ids, lambda: read(model, ids))
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def _find_or_read(self, model: PreTrainedModel, ids: Sequence[int], reader: Callable[[], FullCache]) -> FullCache:
-        key = _key(model, ids)
-        with self._lock:
-            if key in self._caches:
-                self._caches.move_to_end(key)
-                return self._caches[key]
-        cache = reader()
-        self._put(key, cache)
+    def row_cache(self, row: int) -> FullCache:
+        """A cache of row ``row`` alone (a copy: the block is never written to), as a prompt's prefix."""
+        cache = FullCache()
+        n = self.lengths[row]
+        for index, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            cache.update(keys[row : row + 1, :, :n].clone(), values[row : row + 1, :, :n].clone(), index)
         return cache
-
-    def _put(self, key: tuple[int, str], cache: FullCache) -> None:
-        with self._lock:
-            self.encoded += 1
-            size = cache.nbytes()
-            if size > self.max_bytes:
-                return
-            self._caches[key] = cache
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, dropped = self._caches.popitem(last=False)
-                self._bytes -= dropped.nbytes()
 
 
 @torch.inference_mode()
-def read(model: PreTrainedModel, ids: Sequence[int], cache: FullCache | None = None) -> FullCache:
-    """``ids`` read by the (unpatched) model after what ``cache`` holds (nothing: from position 0)."""
-    cache = cache if cache is not None else FullCache(config=model.config)
+def read(model: PreTrainedModel, ids: Sequence[int]) -> FullCache:
+    """``ids`` read by the (unpatched) model from position 0."""
+    cache = FullCache()
     if ids:
-        tokens = torch.tensor([list(ids)], device=model.device)
-        model.get_decoder()(input_ids=tokens, use_cache=True, **cache_kwargs(cache))
+        model.get_decoder()(
+            input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True, **cache_kwargs(cache)
+        )
     return cache
 
 
 @torch.inference_mode()
-def score_segment(model: PreTrainedModel, cache: FullCache, query: Sequence[int], score: str) -> float:
-    """How certain the model is about ``query`` read right after what ``cache`` holds (higher: more certain).
+def read_block(
+    model: PreTrainedModel,
+    prefix: FullCache,
+    segments: Sequence[Sequence[int]],
+    report: Callable[[int], None] | None = None,
+) -> SegmentBlock:
+    """Each of ``segments`` read after ``prefix``, several per forward; ``report(tokens)`` after each forward."""
+    if not segments or not all(segments):
+        raise ValueError("read_block needs non-empty segments")
+    start = prefix.get_seq_length()
+    longest = max(len(segment) for segment in segments)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    rows = max(1, READ_TOKENS // longest)
+    for first in range(0, len(segments), rows):
+        group = segments[first : first + rows]
+        width = max(len(segment) for segment in group)
+        # Padding repeats each row's last token; causal attention keeps it out of every real position.
+        tokens = torch.tensor([[*s, *[s[-1]] * (width - len(s))] for s in group], device=model.device)
+        cache = FullCache()
+        for index, (prefix_keys, prefix_values) in enumerate(prefix.key_values()):
+            shape = (len(group), -1, -1, -1)
+            cache.update(prefix_keys.expand(*shape), prefix_values.expand(*shape), index)
+        model.get_decoder()(input_ids=tokens, use_cache=True, **cache_kwargs(cache))
+        for index, (read_keys, read_values) in enumerate(cache.key_values()):
+            if len(keys) <= index:  # zeros, not empty: masked padding must still be finite (0 × NaN is NaN)
+                shape = (len(segments), read_keys.shape[1], start + longest, read_keys.shape[3])
+                keys.append(read_keys.new_zeros(shape))
+                values.append(read_values.new_zeros(shape))
+            keys[index][first : first + len(group), :, : start + width] = read_keys
+            values[index][first : first + len(group), :, : start + width] = read_values
+        if report:
+            report(sum(len(segment) for segment in group))
+    return SegmentBlock(keys, values, [start + len(segment) for segment in segments])
 
-    ``"loglik"``: the mean log-probability of the query's tokens (the first excepted: it follows the segment's last
-    token, whose logits are not kept); ``"entropy"``: minus the entropy of the next token after the query, where
-    the answer would start. The cache is left as it was.
+
+@torch.inference_mode()
+def score_rows(
+    model: PreTrainedModel,
+    block: SegmentBlock,
+    rows: Sequence[int],
+    query: Sequence[int],
+    score: str,
+    scored: int | None = None,
+) -> list[float]:
+    """How certain the model is about ``query`` read right after each of ``rows`` (higher: more certain).
+
+    ``"loglik"``: the mean log-probability of the query's last ``scored`` tokens (default: all but the first, which
+    follows the segment's last token, whose logits are not kept; the tokens before them condition the rest, say an
+    instruction before the question); ``"entropy"``: minus the entropy of the next token after the query, where
+    the answer would start. The block is left as it was.
     """
-    length = cache.get_seq_length()
-    tokens = torch.tensor([list(query)], device=model.device)
-    try:
-        logits = model(input_ids=tokens, use_cache=True, **cache_kwargs(cache)).logits[0].float()
-    finally:
-        cache.keep_first(length)
-    if score == "entropy":
-        logp = logits[-1].log_softmax(-1)
-        return float((logp.exp() * logp).sum())
-    if len(query) < 2:
+    if score == "loglik" and len(query) < 2:
         raise ValueError("scoring by log-likelihood needs a question of at least 2 tokens")
-    logp = logits[:-1].log_softmax(-1)
-    return float(logp.gather(-1, tokens[0, 1:, None]).mean())
+    scored = len(query) - 1 if scored is None else max(1, min(scored, len(query) - 1))
+    q, width = len(query), block.width
+    vocabulary = int(model.config.vocab_size)
+    per_forward = max(1, SCORE_LOGIT_BYTES // (4 * q * vocabulary))
+    scores: list[float] = []
+    for first in range(0, len(rows), per_forward):
+        chosen = list(rows[first : first + per_forward])
+        lengths = torch.tensor([block.lengths[row] for row in chosen])
+        if chosen == list(range(chosen[0], chosen[0] + len(chosen))):  # a slice: a view, no copy
+            pick = slice(chosen[0], chosen[0] + len(chosen))
+            layers = [(k[pick], v[pick]) for k, v in zip(block.keys, block.values, strict=True)]
+        else:
+            index = torch.tensor(chosen, device=block.keys[0].device)
+            layers = [(k[index], v[index]) for k, v in zip(block.keys, block.values, strict=True)]
+        cache = FullCache()
+        for layer, (keys, values) in enumerate(layers):
+            cache.update(keys, values, layer)
+        # Each row sees its own positions and the question, not its padding; the question continues its positions.
+        seen = torch.arange(width)[None, :] < lengths[:, None]
+        mask = torch.cat([seen, torch.ones(len(chosen), q, dtype=torch.bool)], dim=1).long()
+        positions = lengths[:, None] + torch.arange(q)[None, :]
+        tokens = torch.tensor([list(query)] * len(chosen))
+        device = model.device
+        logits = model(
+            input_ids=tokens.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            **cache_kwargs(cache),
+        ).logits.float()
+        if score == "entropy":
+            logp = logits[:, -1].log_softmax(-1)
+            scores.extend((logp.exp() * logp).sum(-1).tolist())
+        else:
+            logp = logits[:, -scored - 1 : -1].log_softmax(-1)
+            targets = tokens[:, -scored:, None].to(device)
+            scores.extend(logp.gather(-1, targets).squeeze(-1).mean(-1).tolist())
+    return scores
+
+
+def _default_max_bytes() -> int:
+    """Half the machine's memory: a document's segments take about its keys/values once over."""
+    return int(psutil.virtual_memory().total // 2)
+
+
+@dataclass
+class _Entry:
+    block: SegmentBlock
+    keys: list[tuple[int, str]] = field(default_factory=list)
+
+
+class SegmentStore:
+    """Read segments by their tokens (prefix included), per model, in blocks; least recently used blocks out first,
+    bounded by bytes (default: half the machine's memory)."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = _default_max_bytes() if max_bytes is None else max_bytes
+        self._where: dict[tuple[int, str], tuple[SegmentBlock, int]] = {}
+        self._blocks: OrderedDict[int, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self.encoded = 0  # segments read rather than found (tests and reports)
+
+    def locate(
+        self,
+        model: PreTrainedModel,
+        prefix_ids: Sequence[int],
+        segments: Sequence[Sequence[int]],
+        report: Callable[[int], None] | None = None,
+    ) -> list[tuple[SegmentBlock, int]]:
+        """Where each of ``segments`` (read after ``prefix_ids``) is: found, or read now (the missing ones
+        together, in one new block); ``report(tokens)`` as segments are read."""
+        keys = [segment_key(model, [*prefix_ids, *segment]) for segment in segments]
+        with self._lock:
+            missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in self._where}.values())
+            found = {key: self._where[key] for key in keys if key in self._where}
+            if missing:
+                block = read_block(model, read(model, prefix_ids), [segments[i] for i in missing], report)
+                self.encoded += len(missing)
+                new = {keys[i]: (block, row) for row, i in enumerate(missing)}
+                found.update(new)
+                self.add(block, list(new))
+            for used in {id(found[key][0]) for key in keys}:
+                if used in self._blocks:
+                    self._blocks.move_to_end(used)
+            return [found[key] for key in keys]
+
+    def add(self, block: SegmentBlock, keys: Sequence[tuple[int, str]]) -> None:
+        """Keep ``block``, whose row ``i`` is the segment ``keys[i]`` (a block larger than the bound is not kept)."""
+        size = block.nbytes()
+        with self._lock:
+            if size > self.max_bytes or id(block) in self._blocks:
+                return
+            self._blocks[id(block)] = _Entry(block, list(keys))
+            for row, key in enumerate(keys):
+                self._where[key] = (block, row)
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._blocks) > 1:
+                _, dropped = self._blocks.popitem(last=False)
+                self._bytes -= dropped.block.nbytes()
+                for key in dropped.keys:
+                    if self._where.get(key, (None,))[0] is dropped.block:
+                        del self._where[key]

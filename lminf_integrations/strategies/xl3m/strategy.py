@@ -5,8 +5,10 @@ boundaries (:mod:`.segments`); the unpatched model reads each segment (after the
 document's first tokens, within its training length), then the question after it, and how certain it is about the
 question given the segment ranks the segments (:mod:`.scoring`); the best, in document order, within a token
 budget, are read again with the question and answered from. Every token of the document is read by the model;
-each segment's keys and values are computed once and kept (:class:`.scoring.SegmentStore`), so another question
-about the same document costs its own tokens per segment, and the reading of the chosen text.
+each segment's keys and values are computed once and kept (:class:`.scoring.SegmentStore`, and in a document
+state: :class:`SegmentedDocument`), so another question about the same document costs its own tokens per segment
+(scored in batches) and the reading of the chosen text after the first chosen segment, whose keys and values
+from the reading are exactly those of the answer prompt's beginning.
 
 Reusing the chosen segments' keys and values for the answer instead of reading them again (rotated to their new
 positions) was tried and dropped: segments read apart do not attend to each other, and the default model then
@@ -16,20 +18,23 @@ answered far fewer questions than from the same text read again (measured on ``p
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...config import XL3MConfig
 from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import Vanilla
-from .scoring import SegmentStore, score_segment
+from .scoring import SegmentBlock, SegmentStore, score_rows, segment_key
 from .segments import split
 
 # Tokens kept free besides the question, template and answer when the budget is derived (a safety margin).
 _MARGIN = 16
+# Without a context_tokens setting, the answer's context is this fraction of the training length.
+CONTEXT_SHARE = 4
 # The document's first tokens, read before every segment (with the prompt's opening) as the shared prefix.
 SINK_TOKENS = 4
 
@@ -72,6 +77,78 @@ def template_parts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> Prompt
     return PromptParts(h, t)
 
 
+@dataclass
+class SegmentedDocument:
+    """A document read in segments: its state (``DocumentState.cache``) for ``strategy="xl3m"``.
+
+    ``prefix``: how many of the state's first tokens every segment was read after; ``spans``: each segment's
+    ``[start, end)`` in the state's tokens; ``places``: where its keys and values are (block, row). Never written
+    to, so copies share it.
+    """
+
+    prefix: int = 0
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    places: list[tuple[SegmentBlock, int]] = field(default_factory=list)
+
+    def _blocks(self) -> list[SegmentBlock]:
+        unique: dict[int, SegmentBlock] = {}
+        for block, _ in self.places:
+            unique.setdefault(id(block), block)
+        return list(unique.values())
+
+    def nbytes(self) -> int:
+        return sum(block.nbytes() for block in self._blocks())
+
+    def clone(self) -> SegmentedDocument:
+        return self
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.spans[-1][1] if self.spans else self.prefix
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], list[dict[str, int | None]]]:
+        """Each block's keys and values (``block.{b}.layer.{l}.keys``/``.values``) and, per segment, its span,
+        block, row and length."""
+        blocks = self._blocks()
+        number = {id(block): b for b, block in enumerate(blocks)}
+        tensors: dict[str, torch.Tensor] = {}
+        for b, block in enumerate(blocks):
+            for index, (keys, values) in enumerate(zip(block.keys, block.values, strict=True)):
+                tensors[f"block.{b}.layer.{index}.keys"], tensors[f"block.{b}.layer.{index}.values"] = keys, values
+        rows: list[dict[str, int | None]] = [
+            {"prefix": self.prefix, "start": start, "end": end, "block": number[id(block)], "row": row,
+             "length": block.lengths[row]}
+            for (start, end), (block, row) in zip(self.spans, self.places, strict=True)
+        ]  # fmt: skip
+        return tensors, rows
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], layers: Sequence[Mapping[str, int | None]]) -> None:
+        """Fill this empty document with what :meth:`state_tensors` returned."""
+        if self.spans:
+            raise ValueError("load_state_tensors needs an empty SegmentedDocument")
+        blocks: dict[int, SegmentBlock] = {}
+        for info in layers:
+            b, row = int(info["block"] or 0), int(info["row"] or 0)
+            if b not in blocks:
+                count = sum(1 for name in tensors if name.startswith(f"block.{b}.layer.") and name.endswith(".keys"))
+                keys = [tensors[f"block.{b}.layer.{index}.keys"] for index in range(count)]
+                values = [tensors[f"block.{b}.layer.{index}.values"] for index in range(count)]
+                blocks[b] = SegmentBlock(keys, values, [0] * int(keys[0].shape[0]))
+            blocks[b].lengths[row] = int(info["length"] or 0)
+            self.prefix = int(info["prefix"] or 0)
+            self.spans.append((int(info["start"] or 0), int(info["end"] or 0)))
+            self.places.append((blocks[b], row))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a prompt's parts are: ``ids[:head]`` the template's opening, ``ids[head:body_end]`` the body
+    (segmented), ``ids[body_end:len - tail]`` the question, ``ids[len - tail:]`` the template's closing."""
+
+    head: int
+    body_end: int
+    tail: int
+
+
 class XL3M(Strategy):
     name = "xl3m"
     continues_states: ClassVar[bool] = False
@@ -94,14 +171,80 @@ class XL3M(Strategy):
     def new_cache(self, model: PreTrainedModel) -> DocumentCache:
         return self.vanilla.new_cache(model)
 
+    def new_document_cache(self, model: PreTrainedModel) -> SegmentedDocument:
+        return SegmentedDocument()
+
     def cache_bytes(self, model: PreTrainedModel, n_tokens: int) -> int:
         return self.vanilla.cache_bytes(model, n_tokens)
+
+    def memory_hint(self) -> str:
+        return "smaller segment_tokens (less padding), strategy='lm-infinite' with cache_mode='window'"
 
     def settings(self) -> dict[str, Any]:
         return self.config.to_dict()
 
     def identity(self) -> dict[str, Any]:
-        return {"strategy": self.name, "xl3m": self.config.to_dict()}
+        # A saved document depends on how it was cut, not on how questions are scored or answered.
+        return {"strategy": self.name, "segment_tokens": self.config.segment_tokens}
+
+    def _layout(self, tokenizer: PreTrainedTokenizerBase, ids: list[int], limit: int, question: int) -> _Layout:
+        parts = template_parts(tokenizer, ids)
+        if parts.head > limit // 2:  # a long conversation before the last turn: its turns are segmented too
+            parts = PromptParts(0, parts.tail)
+        q = min(question, max(0, len(ids) - parts.head - parts.tail - 1))
+        return _Layout(parts.head, len(ids) - parts.tail - q, parts.tail)
+
+    def _segments(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: list[int],
+        layout: _Layout,
+        report: Callable[[int, int], None],
+        total: int,
+    ) -> SegmentedDocument:
+        """The body's segments, each read after the shared prefix (the opening and the document's first tokens),
+        found or read now; the cut depends on the body's tokens only, so a document cuts the same way in every
+        prompt that contains it."""
+        sink = min(SINK_TOKENS, layout.body_end - layout.head - 1)
+        prefix = layout.head + max(sink, 0)
+        spans = [
+            (prefix + a, prefix + b)
+            for a, b in split(ids[prefix : layout.body_end], tokenizer, self.config.segment_tokens)
+        ]
+        done = [prefix]
+
+        def progress(tokens: int) -> None:
+            done[0] += tokens
+            report(min(done[0], layout.body_end), total)
+
+        report(prefix, total)
+        places = self.segments.locate(model, ids[:prefix], [ids[a:b] for a, b in spans], progress)
+        report(layout.body_end, total)
+        return SegmentedDocument(prefix, spans, places)
+
+    def read_document(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: list[int],
+        report: Callable[[int, int], None],
+    ) -> SegmentedDocument:
+        """Every segment of ``ids`` (a prompt's beginning: the template's opening and the document, no question)
+        read and kept, cut as a prompt that continues ``ids`` with a question will be."""
+        limit = getattr(model.config, "max_position_embeddings", None) or len(ids)
+        with self._lock:
+            return self._segments(model, tokenizer, ids, self._layout(tokenizer, ids, limit, 0), report, len(ids))
+
+    def _adopt(self, model: PreTrainedModel, ids: list[int], state: SegmentedDocument) -> None:
+        """Put a document's segments (say, loaded from a file) where this strategy finds them."""
+        by_block: dict[int, tuple[SegmentBlock, dict[int, tuple[int, str]]]] = {}
+        for (start, end), (block, row) in zip(state.spans, state.places, strict=True):
+            key = segment_key(model, [*ids[: state.prefix], *ids[start:end]])
+            by_block.setdefault(id(block), (block, {}))[1][row] = key
+        for block, keys in by_block.values():
+            if len(keys) == len(block.lengths):
+                self.segments.add(block, [keys[row] for row in range(len(block.lengths))])
 
     def plan(
         self,
@@ -111,49 +254,66 @@ class XL3M(Strategy):
         max_new_tokens: int,
         report: Callable[[int, int], None],
         question_tokens: int | None = None,
+        state: DocumentCache | None = None,
+        scored_tokens: int | None = None,
     ) -> Plan | None:
         """The prompt to answer from: the chosen segments between the prompt's opening and its question.
 
         ``None`` when the whole prompt fits in the model's training length with the answer: nothing to choose.
-        ``question_tokens`` overrides the setting when the caller knows where the question starts.
+        ``question_tokens`` overrides the setting when the caller knows where the question starts, ``scored_tokens``
+        (default: all of them) says how many of its last tokens rank the segments; ``state``: a
+        :class:`SegmentedDocument` of a prefix of ``ids`` (its segments are used, not read again).
         """
         limit = getattr(model.config, "max_position_embeddings", None) or len(ids) + max_new_tokens
         if len(ids) + max_new_tokens <= limit:
             return None
         cfg = self.config
-        parts = template_parts(tokenizer, ids)
-        if parts.head > limit // 2:  # a long conversation before the last turn: its turns are segmented too
-            parts = PromptParts(0, parts.tail)
-        q = min(question_tokens or cfg.question_tokens, len(ids) - parts.head - parts.tail - 1)
-        body_end = len(ids) - parts.tail - q
-        query, body = ids[body_end : len(ids) - parts.tail], ids[parts.head : body_end]
-        room = limit - parts.head - q - parts.tail - max_new_tokens - _MARGIN
-        budget = min(cfg.context_tokens or room, room)  # never past the training length
-        if budget < 1:
+        layout = self._layout(tokenizer, ids, limit, question_tokens or cfg.question_tokens)
+        q = len(ids) - layout.tail - layout.body_end
+        query = ids[layout.body_end : len(ids) - layout.tail]
+        room = limit - layout.head - q - layout.tail - max_new_tokens - _MARGIN
+        # The default model answered more questions from a few chosen segments than from a full training length
+        # of them (README, 'Choosing a strategy'); never past the training length.
+        budget = min(cfg.context_tokens or limit // CONTEXT_SHARE, room)
+        with self._lock:  # one document's segments are read once even if two questions come at once
+            if isinstance(state, SegmentedDocument):
+                self._adopt(model, ids, state)
+            document = self._segments(model, tokenizer, ids, layout, report, len(ids))
+            scores = self._score(model, document, query, scored_tokens)
+        lengths = [end - start for start, end in document.spans]
+        sink = document.prefix - layout.head
+        chosen = _choose(scores, lengths, budget - sink)
+        if not chosen:
             raise ValueError(
-                f"no room for any segment: the model reads {limit} tokens, the question and template take "
-                f"{parts.head + q + parts.tail} and the answer {max_new_tokens}"
+                f"no segment fits the answer's context: {budget} tokens (the model reads {limit}; the question and "
+                f"template take {layout.head + q + layout.tail}, the answer {max_new_tokens}) for segments of up to "
+                f"{cfg.segment_tokens}: lower segment_tokens or max_new_tokens, or raise context_tokens"
             )
-        # The shared prefix every segment is read after: the prompt's opening and the document's first tokens.
-        sink = min(SINK_TOKENS, len(body) - 1)
-        prefix_ids, rest = ids[: parts.head] + body[:sink], body[sink:]
-        spans = [(sink + start, sink + end) for start, end in split(rest, tokenizer, min(cfg.segment_tokens, budget))]
-        scores = []
-        with self._lock:  # one document's segments are computed once even if two questions come at once
-            prefix = self.segments.prefix(model, prefix_ids)
-            for start, end in spans:
-                cache = self.segments.get(model, prefix, prefix_ids, body[start:end])
-                scores.append(score_segment(model, cache, query, cfg.score))
-                report(parts.head + end, len(ids))
-            chosen = _choose(scores, [end - start for start, end in spans], budget - sink)
-        kept = [token for index in chosen for token in body[spans[index][0] : spans[index][1]]]
+        kept = [token for index in chosen for token in ids[slice(*document.spans[index])]]
         selection = [
-            {"start": parts.head + spans[i][0], "end": parts.head + spans[i][1], "score": round(scores[i], 4)}
-            for i in chosen
+            {"start": document.spans[i][0], "end": document.spans[i][1], "score": round(scores[i], 4)} for i in chosen
         ]
-        new_ids = prefix_ids + kept + ids[body_end:]
-        details = {"segments": len(spans), "chosen": selection, "query_tokens": q}
-        return Plan(new_ids, details)
+        new_ids = ids[: document.prefix] + kept + ids[layout.body_end :]
+        details = {"segments": len(document.spans), "chosen": selection, "query_tokens": q}
+        # The first chosen segment was read after exactly the prefix the answer prompt starts with.
+        block, row = document.places[chosen[0]]
+        return Plan(new_ids, details, block.row_cache(row), document.prefix + lengths[chosen[0]])
+
+    def _score(
+        self, model: PreTrainedModel, document: SegmentedDocument, query: list[int], scored: int | None
+    ) -> list[float]:
+        """Each segment's score, the rows of one block scored together."""
+        scores = [0.0] * len(document.places)
+        by_block: dict[int, tuple[SegmentBlock, list[int]]] = {}
+        for index, (block, _) in enumerate(document.places):
+            by_block.setdefault(id(block), (block, []))[1].append(index)
+        for block, indices in by_block.values():
+            rows = [document.places[i][1] for i in indices]
+            for index, value in zip(
+                indices, score_rows(model, block, rows, query, self.config.score, scored), strict=True
+            ):
+                scores[index] = value
+        return scores
 
 
 def _choose(scores: list[float], lengths: list[int], budget: int) -> list[int]:

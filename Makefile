@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DOC := examples/data/python_reference.txt
 QUESTION ?= What does the with statement do, and which methods does a context manager define?
+# XL3M: the strategy that answered most questions on the default model (README, "Choosing a strategy").
+STRATEGY ?= xl3m
 
 .PHONY: demo test test-avx2 lint bench clean
 
@@ -21,7 +23,7 @@ $(DOC): examples/make_document.py | $(VENV)/.installed
 	$(PY) examples/make_document.py $(DOC)
 
 demo: $(VENV)/.installed $(DOC)
-	$(VENV)/bin/lminf ask $(DOC) "$(QUESTION)" --max-new-tokens 120
+	$(VENV)/bin/lminf ask $(DOC) "$(QUESTION)" --strategy $(STRATEGY) --show-selection --max-new-tokens 120
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import machine_line, write_result
+from lminf_integrations.ops.partial import combine, flash
 from lminf_integrations.strategies.lm_infinite import attention
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     floor_k, floor_v = keys[:, :, : args.window].contiguous(), values[:, :, : args.window].contiguous()
     floor = f"no mask, {args.window} keys per query (floor)"
     runs: dict[str, Callable[[], object]] = {
-        floor: lambda: attention._flash(query, floor_k, floor_v, 0.0, False, scale=scale)
+        floor: lambda: flash(query, floor_k, floor_v, 0.0, False, scale=scale)
     }
     default_block = attention.BLOCK
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         def run() -> torch.Tensor:
             attention.BLOCK = block
             try:
-                return attention._combine(parts(), [], dtype)  # each layout with the merge the model pays
+                return combine(parts(), [], dtype)  # each layout with the merge the model pays
             finally:
                 attention.BLOCK = default_block
 

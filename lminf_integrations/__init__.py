@@ -10,24 +10,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import LMInfiniteConfig
+    from .config import DCAConfig, LMInfiniteConfig
     from .models import load_model
+    from .patch import patch_model
     from .strategies.lm_infinite.cache import LambdaCache
-    from .strategies.lm_infinite.patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, patch_model, unpatch_model
+    from .strategies.lm_infinite.patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, unpatch_model
 
 _HOMES = {
     "SUPPORTED_ARCHITECTURES": "strategies.lm_infinite.patch",
+    "DCAConfig": "config",
     "LMInfiniteConfig": "config",
     "LambdaCache": "strategies.lm_infinite.cache",
     "is_patched": "strategies.lm_infinite.patch",
     "load_model": "models",
     "new_cache": "strategies.lm_infinite.patch",
-    "patch_model": "strategies.lm_infinite.patch",
+    "patch_model": "patch",
     "unpatch_model": "strategies.lm_infinite.patch",
 }
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "DCAConfig",
     "LMInfiniteConfig",
     "LambdaCache",
     "is_patched",

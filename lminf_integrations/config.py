@@ -138,6 +138,43 @@ class LMInfiniteConfig:
 
 
 @dataclass(frozen=True)
+class DCAConfig:
+    """Settings of Dual Chunk Attention (An et al., ICML 2024, arXiv 2402.17463), training-free.
+
+    The sequence is cut into chunks of ``chunk_size``; every key is seen, at a position within its chunk. A query
+    sees keys of its own chunk at their ordinary distance; keys of the chunk before at their ordinary distance when
+    it is among the first ``local_window`` of its chunk, else as if it stood at the training length's last position;
+    keys of older chunks always from that last position. No distance reaches the training length.
+    """
+
+    chunk_size: int | None = setting(None, "tokens per chunk; None: three quarters of the model's training length")
+    local_window: int | None = setting(
+        None,
+        "a chunk's first tokens that see the previous chunk at ordinary distances; None: the training length less "
+        "chunk_size",
+    )
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None:
+            _require(_is_int(self.chunk_size) and self.chunk_size >= 1, "chunk_size must be None or an int >= 1")
+        if self.local_window is not None:
+            _require(_is_int(self.local_window) and self.local_window >= 0, "local_window must be None or an int >= 0")
+
+    def resolve(self, training_length: int) -> tuple[int, int]:
+        """``(chunk_size, local_window)`` for a model trained on ``training_length`` tokens (defaults filled in)."""
+        chunk = self.chunk_size if self.chunk_size is not None else max(1, 3 * training_length // 4)
+        local = self.local_window if self.local_window is not None else max(0, training_length - chunk)
+        _require(
+            chunk + local <= training_length,
+            f"chunk_size + local_window = {chunk} + {local} exceeds the model's training length {training_length}",
+        )
+        return chunk, local
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class XL3MConfig:
     """Settings of XL3M segment selection (Wang et al., 2024, arXiv 2405.17755).
 

@@ -109,3 +109,34 @@ def test_the_cached_default_model_is_the_gguf_model(
         messages, **template
     )
     assert cached_model.generation_config.eos_token_id == direct_model.generation_config.eos_token_id
+
+
+def test_xl3m_ranks_the_segment_with_the_planted_fact_first(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """A short real-model slice of XL3M: six segments of Python's reference text, one with a planted fact; the
+    model's log-likelihood of the question and answer stem after each ranks the planted one first."""
+    import pydoc_data.topics
+
+    from lminf_integrations.strategies.xl3m.scoring import read, read_block, score_rows
+    from lminf_integrations.strategies.xl3m.segments import split
+
+    model, tokenizer = default_model
+    Engine(model=model, tokenizer=tokenizer, strategy="xl3m").strategy.prepare(model)  # the unpatched model
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[name] for name in sorted(topics)[20:40])
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    spans = split(ids, tokenizer, 200)[:6]
+    segments = [ids[start:end] for start, end in spans]
+    fact = list(tokenizer("\n\nThe locker number of the red lantern is 48213.\n\n", add_special_tokens=False).input_ids)
+    planted = 3
+    segments[planted] = (
+        segments[planted][: len(segments[planted]) // 2] + fact + segments[planted][len(segments[planted]) // 2 :]
+    )
+    question = (
+        "\n\nQuestion: What is the locker number of the red lantern?\nAnswer: The locker number of the red lantern is"
+    )
+    query = list(tokenizer(question, add_special_tokens=False).input_ids)
+    block = read_block(model, read(model, ids[:4]), segments)
+    scores = score_rows(model, block, range(len(segments)), query, "loglik")
+    assert max(range(len(scores)), key=lambda i: scores[i]) == planted, scores

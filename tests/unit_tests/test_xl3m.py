@@ -68,7 +68,8 @@ def test_batched_scores_match_plain_forwards(tiny: tuple[PreTrainedModel, PreTra
     block = read_block(model, read(model, prefix_ids), segments)
     assert block.lengths == [len(prefix_ids) + len(segment) for segment in segments]
     got = score_rows(model, block, [2, 0, 1], query, score)  # any rows, any order
-    for value, segment in zip(got, [segments[2], segments[0], segments[1]], strict=True):
+    got.append(score_rows(model, block, [2], query, score)[0])  # the longest row alone: nothing padded
+    for value, segment in zip(got, [segments[2], segments[0], segments[1], segments[2]], strict=True):
         with torch.inference_mode():
             logits = model(torch.tensor([[*prefix_ids, *segment, *query]])).logits[0].float()
         tail = logits[len(prefix_ids) + len(segment) :]

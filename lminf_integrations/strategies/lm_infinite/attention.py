@@ -29,12 +29,12 @@ import torch
 
 from ...config import LMInfiniteConfig
 from ...ops import decode_kernel
+from ...ops.partial import Part, combine, flash
 from ...ops.rope import rotate, rotation, shift_positions
 
 ATTENTION_NAME = "lminf"
 BLOCK = 256  # query rows per band block: fastest on 2-core AVX-512 and AMX CPUs (python -m bench band)
 _NEG_INF = float("-inf")
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 @dataclass
@@ -152,7 +152,7 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
         op = _decode_op(query, prepared.local_keys)
         if op is not None:
             return op(query, prepared.local_keys, prepared.local_values, prepared.mask, scale)
-        out, _ = _flash(
+        out, _ = flash(
             query, prepared.local_keys, prepared.local_values, 0.0, False, attn_mask=prepared.mask, scale=scale
         )
         return out.transpose(1, 2)  # the kernel writes (B, Lq, H, D) memory: this view is contiguous
@@ -178,7 +178,7 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
             scores.append(_global_scores(far_query, prepared, cfg, first, scale))
         if needs_top_k:
             parts.append(_top_k_part(far_query, prepared, cfg, first, scale))
-    return _combine(parts, scores, query.dtype)
+    return combine(parts, scores, query.dtype)
 
 
 def _decode_op(query: torch.Tensor, keys: torch.Tensor) -> Any:
@@ -201,38 +201,6 @@ def _far_rotation(
     return rotation(distance - positions, inv_freq, torch.float32)
 
 
-# A partial attention: its output (B, H, Lq, D), in any memory layout, and its log-sum-exp (B, H, Lq).
-Part = tuple[torch.Tensor, torch.Tensor]
-
-
-def _combine(parts: list[Part], scores: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """One softmax over every part's keys, exactly; returns ``(B, Lq, H, D)`` in ``dtype``, contiguous.
-
-    ``parts`` are kernel outputs with their log-sum-exp; ``scores`` are explicit float32 logits ``(B, H, K, Lq)``
-    (``-inf`` where hidden) over ``K`` shared values ``(B, H, K, D)``, whose weights go straight into the sum.
-    Each part's output is read once; the first part must see a key in every row (the local band always does: its
-    own key), so the joint log-sum-exp is finite.
-    """
-    first_out, lse = parts[0]
-    if len(parts) == 1 and not scores:
-        return first_out.transpose(1, 2).to(dtype).contiguous()
-    for _, part_lse in parts[1:]:
-        lse = torch.logaddexp(lse, part_lse)
-    for logits, _ in scores:
-        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-2))
-    batch, heads, n_queries, head_dim = first_out.shape
-    out: torch.Tensor | None = None
-    for logits, values in scores:  # (B, H, K, Lq) → weights (B, H, Lq, K) @ values (B, H, K, D)
-        weighted = torch.matmul(torch.exp(logits - lse.unsqueeze(-2)).transpose(-1, -2), values)
-        out = weighted if out is None else out.add_(weighted)
-    for part_out, part_lse in parts:
-        weight = torch.exp(part_lse - lse).unsqueeze(-1)
-        out = part_out * weight if out is None else out.addcmul_(part_out, weight)
-    assert out is not None
-    result = torch.empty(batch, n_queries, heads, head_dim, dtype=dtype, device=first_out.device)
-    return result.copy_(out.transpose(1, 2))
-
-
 def _local_band(query: torch.Tensor, prepared: PreparedKeys, window: int, first: int, scale: float) -> list[Part]:
     """Ordinary attention to keys within ``window`` positions, as partial attentions to merge."""
     keys, values, start = prepared.local_keys, prepared.local_values, prepared.local_start
@@ -245,7 +213,7 @@ def _local_band(query: torch.Tensor, prepared: PreparedKeys, window: int, first:
         keep = min(keys.shape[-2], window)
         if keep < keys.shape[-2]:
             keys, values = keys[:, :, -keep:], values[:, :, -keep:]
-        return [_flash(query, keys, values, 0.0, False, scale=scale)]
+        return [flash(query, keys, values, 0.0, False, scale=scale)]
     if last - window + 1 <= start:  # even the last query sees every key: no band yet
         return _causal_no_band(query, keys, values, n_queries, scale)
     first_index = first - start
@@ -268,7 +236,7 @@ def _core_and_inner_band(
     n = query.shape[-2]
     span_start = first_index - window + 1  # the first query's oldest visible key
     core_start = span_start + n - 1  # the last query's oldest visible key
-    core = _flash(
+    core = flash(
         query, keys[:, :, core_start:first_index], values[:, :, core_start:first_index], 0.0, False, scale=scale
     )
     own = slice(first_index, first_index + n)
@@ -282,10 +250,10 @@ def _causal_no_band(
 ) -> list[Part]:
     """Every query sees all earlier keys (the window is not yet full): plain causal attention."""
     # The fused kernel's causal mask is top-left aligned, so it takes the square part; earlier keys are unmasked.
-    square = _flash(query, keys[:, :, -n_queries:], values[:, :, -n_queries:], 0.0, True, scale=scale)
+    square = flash(query, keys[:, :, -n_queries:], values[:, :, -n_queries:], 0.0, True, scale=scale)
     if keys.shape[-2] == n_queries:
         return [square]
-    return [square, _flash(query, keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)]
+    return [square, flash(query, keys[:, :, :-n_queries], values[:, :, :-n_queries], 0.0, False, scale=scale)]
 
 
 def _banded_blocks(
@@ -330,7 +298,7 @@ def _banded_blocks(
 
     mask_key = (block, span, window, n_blocks, offset - left_pad, last_index, query.dtype, query.device)
     if left_pad == 0 and window > block:  # every block's window is full: interior + edges
-        interior = _flash(
+        interior = flash(
             q,
             blocks_of(padded_k, block - 1, window - block + 1),
             blocks_of(padded_v, block - 1, window - block + 1),
@@ -341,12 +309,12 @@ def _banded_blocks(
         edge_k = torch.cat([blocks_of(padded_k, 0, block - 1), blocks_of(padded_k, window, block - 1)], dim=2)
         edge_v = torch.cat([blocks_of(padded_v, 0, block - 1), blocks_of(padded_v, window, block - 1)], dim=2)
         mask = _batched(_edge_mask(*mask_key), batch)
-        edges = _flash(q, edge_k, edge_v, 0.0, False, attn_mask=mask, scale=scale)
+        edges = flash(q, edge_k, edge_v, 0.0, False, attn_mask=mask, scale=scale)
         return [_unblock(interior, batch, n_queries), _unblock(edges, batch, n_queries)]
     # The start of a sequence (window not yet full): one call over the whole span.
     mask = _batched(_band_mask(*mask_key), batch)
     whole_k, whole_v = blocks_of(padded_k, 0, span), blocks_of(padded_v, 0, span)
-    return [_unblock(_flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale), batch, n_queries)]
+    return [_unblock(flash(q, whole_k, whole_v, 0.0, False, attn_mask=mask, scale=scale), batch, n_queries)]
 
 
 def _unblock(result: tuple[torch.Tensor, ...], batch: int, n_queries: int) -> Part:

@@ -69,6 +69,8 @@ def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) 
     config = config or LMInfiniteConfig()
     decoder = _decoder(model)
     config.check_against_model(getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers)
+    if is_patched(model) and not isinstance(model.lminf_config, LMInfiniteConfig):
+        unpatch_model(model)  # another attention (Dual Chunk) first undone
     inv_freq: torch.Tensor = decoder.rotary_emb.inv_freq  # type: ignore[union-attr, assignment]
     for index, layer in enumerate(decoder.layers):  # type: ignore[union-attr, arg-type]
         layer.self_attn.lminf_settings = LayerSettings(config, inv_freq, index)
@@ -99,9 +101,9 @@ def is_patched(model: PreTrainedModel) -> bool:
 
 
 def lminf_config_of(model: PreTrainedModel) -> LMInfiniteConfig:
-    if not is_patched(model):
-        raise ValueError("the model is not patched; call patch_model(model, config) first")
-    return model.lminf_config  # type: ignore[return-value]
+    if not is_patched(model) or not isinstance(model.lminf_config, LMInfiniteConfig):
+        raise ValueError("the model is not patched with LM-Infinite; call patch_model(model, config) first")
+    return model.lminf_config
 
 
 def new_cache(model: PreTrainedModel) -> LambdaCache:

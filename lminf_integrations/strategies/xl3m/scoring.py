@@ -10,15 +10,18 @@ placed right after that row's own last token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...hf_compat import cache_kwargs
 from ..vanilla import FullCache
@@ -28,6 +31,52 @@ from ..vanilla import FullCache
 READ_TOKENS = 4096
 # Bytes of fp32 logits one scoring forward may produce (rows × question tokens × vocabulary × 4).
 SCORE_LOGIT_BYTES = 2**28
+
+
+SCORING_ATTENTION = "lminf_xl3m_scoring"
+
+
+def grouped_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for a few query tokens over many padded rows of keys, each query head group against its key/value
+    head without repeating keys and values (what SDPA does on a CPU when a mask is given, copying the whole
+    block once per layer). ``attention_mask``: boolean ``(batch, 1, queries, keys)``, True where seen."""
+    batch, heads, queries, dim = query.shape
+    groups = heads // key.shape[1]
+    scale = dim**-0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, key.shape[1], groups * queries, dim)
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    if attention_mask is None:  # nothing padded: transformers leaves causality to the kernel
+        rows = torch.arange(queries, device=key.device)[:, None] + key.shape[2] - queries
+        attention_mask = (torch.arange(key.shape[2], device=key.device)[None, :] <= rows)[None, None]
+    seen = attention_mask.expand(batch, 1, queries, key.shape[2]).repeat(1, 1, groups, 1)
+    logits.masked_fill_(~seen, float("-inf"))
+    weights = logits.softmax(-1).to(value.dtype)
+    out = torch.matmul(weights, value).reshape(batch, heads, queries, dim)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(SCORING_ATTENTION, grouped_attention)
+AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _scoring_attention(model: PreTrainedModel) -> Iterator[None]:
+    """``model`` with :func:`grouped_attention` for the duration (the caller holds the model's lock)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(SCORING_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def segment_key(model: PreTrainedModel, ids: Sequence[int]) -> tuple[int, str]:
@@ -150,13 +199,14 @@ def score_rows(
         positions = lengths[:, None] + torch.arange(q)[None, :]
         tokens = torch.tensor([list(query)] * len(chosen))
         device = model.device
-        logits = model(
-            input_ids=tokens.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            use_cache=True,
-            **cache_kwargs(cache),
-        ).logits.float()
+        with _scoring_attention(model):
+            logits = model(
+                input_ids=tokens.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                **cache_kwargs(cache),
+            ).logits.float()
         if score == "entropy":
             logp = logits[:, -1].log_softmax(-1)
             scores.extend((logp.exp() * logp).sum(-1).tolist())

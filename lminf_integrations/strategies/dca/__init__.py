@@ -1,0 +1,6 @@
+"""Dual Chunk Attention (An et al., ICML 2024): every key seen, no distance past the training length."""
+
+from .attention import dca_attention
+from .patch import patch_dca
+
+__all__ = ["dca_attention", "patch_dca"]

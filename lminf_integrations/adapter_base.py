@@ -244,6 +244,7 @@ def settings_docstring(groups: Sequence[str] = GROUPS) -> str:
         "strategy": "strategy",
         "attention": "LM-Infinite attention (strategy='lm-infinite')",
         "xl3m": "XL3M segment selection (strategy='xl3m')",
+        "dca": "Dual Chunk Attention (strategy='dca')",
         "decoding": "decoding",
         "generation": "generation (also per call)",
         "display": "display",

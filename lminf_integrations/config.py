@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 CacheMode = Literal["window", "full"]
-StrategyName = Literal["lm-infinite", "xl3m", "vanilla"]
+StrategyName = Literal["lm-infinite", "xl3m", "dca", "vanilla"]
 XL3MScore = Literal["loglik", "entropy"]
 #: What ``strategy=`` takes (each is a subpackage of ``lminf_integrations.strategies``).
 STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
@@ -24,10 +24,14 @@ STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")
 
 
-def setting(default: Any, help: str, *, aliases: Sequence[str] = (), group: str | None = None) -> Any:
+def setting(
+    default: Any, help: str, *, aliases: Sequence[str] = (), group: str | None = None, name: str | None = None
+) -> Any:
     """A dataclass field that is also a user-facing setting: ``help`` is its one description everywhere,
-    ``aliases`` other accepted names (never shown as the name), ``group`` overrides the class's group."""
-    return field(default=default, metadata={"help": help, "aliases": tuple(aliases), "group": group})
+    ``aliases`` other accepted names (never shown as the name), ``group`` overrides the class's group, ``name``
+    the setting's name where the field's would clash with another class's (``DCAConfig.chunk_size`` is the setting
+    ``dca_chunk_size``: ``chunk_size`` is LM-Infinite's)."""
+    return field(default=default, metadata={"help": help, "aliases": tuple(aliases), "group": group, "name": name})
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class EngineOptions:
     strategy: StrategyName = setting(
         "lm-infinite",
         "how the model reads a long prompt: 'lm-infinite' (Λ attention: the leading tokens and a local window), "
-        "'xl3m' (segments scored by the model against the question, the best answered from), 'vanilla' (the "
+        "'xl3m' (segments scored by the model against the question, the best answered from), 'dca' (Dual Chunk "
+        "Attention: every key, positions remapped within the training length), 'vanilla' (the "
         "unpatched model, every key: for comparisons)",
         group="strategy",
     )
@@ -147,11 +152,14 @@ class DCAConfig:
     keys of older chunks always from that last position. No distance reaches the training length.
     """
 
-    chunk_size: int | None = setting(None, "tokens per chunk; None: three quarters of the model's training length")
+    chunk_size: int | None = setting(
+        None, "tokens per chunk; None: three quarters of the model's training length", name="dca_chunk_size"
+    )
     local_window: int | None = setting(
         None,
         "a chunk's first tokens that see the previous chunk at ordinary distances; None: the training length less "
-        "chunk_size",
+        "the chunk size",
+        name="dca_local_window",
     )
 
     def __post_init__(self) -> None:
@@ -159,6 +167,10 @@ class DCAConfig:
             _require(_is_int(self.chunk_size) and self.chunk_size >= 1, "chunk_size must be None or an int >= 1")
         if self.local_window is not None:
             _require(_is_int(self.local_window) and self.local_window >= 0, "local_window must be None or an int >= 0")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields by their setting names (``dca_chunk_size``, ``dca_local_window``)."""
+        return {"dca_chunk_size": self.chunk_size, "dca_local_window": self.local_window}
 
     def resolve(self, training_length: int) -> tuple[int, int]:
         """``(chunk_size, local_window)`` for a model trained on ``training_length`` tokens (defaults filled in)."""

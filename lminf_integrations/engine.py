@@ -20,7 +20,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
-from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
+from .config import DCAConfig, EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
 from .cpu import decodes_faster_without_onednn, onednn_off
 from .hf_compat import cache_kwargs
 from .models import dtype_name, load_model, model_name
@@ -74,7 +74,8 @@ class Engine:
     Args:
         model_id: see :func:`~lminf_integrations.models.load_model` (``None`` → embedded default).
         config: LM-Infinite settings (default ``LMInfiniteConfig()``).
-        strategy: ``"lm-infinite"`` or ``"vanilla"`` (``EngineOptions.strategy``; :mod:`lminf_integrations.strategies`).
+        strategy: ``"lm-infinite"``, ``"xl3m"``, ``"dca"`` or ``"vanilla"`` (``EngineOptions.strategy``;
+            :mod:`lminf_integrations.strategies`); ``xl3m`` and ``dca`` are those strategies' settings.
             Engines with different strategies may share one loaded model: each prepares it before use.
         dtype: ``"auto"`` (bf16 where the hardware has it, else fp32), ``"bf16"``, ``"fp32"``...
         model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
@@ -99,6 +100,7 @@ class Engine:
         compile_decode: bool = EngineOptions.compile_decode,
         strategy: str = EngineOptions.strategy,
         xl3m: XL3MConfig | None = None,
+        dca: DCAConfig | None = None,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -111,7 +113,7 @@ class Engine:
         # What loaded it, when it was loaded here (reported by the adapters; None for a model passed in).
         self.model_id = None if model_id is None else os.fspath(model_id)
         self.config = config or LMInfiniteConfig()
-        self.strategy = make_strategy(strategy, self.config, xl3m)
+        self.strategy = make_strategy(strategy, self.config, xl3m, dca)
         self.strategy.check(model)
         self._lock = _lock_for(model)
         self.compile_decode = compile_decode
@@ -139,6 +141,7 @@ class Engine:
             strategy=options.strategy,
             compile_decode=options.compile_decode,
             xl3m=settings.xl3m,
+            dca=settings.dca,
             **kwargs,
         )
 

@@ -14,18 +14,18 @@ import difflib
 import textwrap
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import Any
 
-from .config import EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
+from .config import DCAConfig, EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
 
 #: Groups, in the order they are listed: which model and how it loads; the long-context strategy; its attention
 #: settings; how decoding runs; one answer (these may also be given per call); what is shown while working.
-GROUPS = ("model", "strategy", "attention", "xl3m", "decoding", "generation", "display")
+GROUPS = ("model", "strategy", "attention", "xl3m", "dca", "decoding", "generation", "display")
 #: Groups an already-built engine fixes: given together with ``engine=``, they are refused.
-ENGINE_GROUPS = ("model", "strategy", "attention", "xl3m", "decoding")
+ENGINE_GROUPS = ("model", "strategy", "attention", "xl3m", "dca", "decoding")
 #: Groups that belong to one strategy: given (not at their defaults) with another, they are refused.
-STRATEGY_GROUPS = {"attention": "lm-infinite", "xl3m": "xl3m"}
+STRATEGY_GROUPS = {"attention": "lm-infinite", "xl3m": "xl3m", "dca": "dca"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class Setting:
     help: str
     group: str
     aliases: tuple[str, ...] = ()
+    field: str = ""  # the dataclass field it sets, when not named like it
+
+    @property
+    def field_name(self) -> str:
+        return self.field or self.name
 
     @property
     def per_call(self) -> bool:
@@ -48,11 +53,22 @@ class Setting:
         return tuple("--" + name.replace("_", "-") for name in (self.name, *self.aliases))
 
 
+def setting_name(f: Field[Any]) -> str:
+    """The setting a dataclass field declares (its own name unless the declaration renames it)."""
+    return f.metadata.get("name") or f.name
+
+
 def _declared(cls: type, group: str) -> tuple[Setting, ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
         Setting(
-            f.name, hints[f.name], f.default, f.metadata["help"], f.metadata["group"] or group, f.metadata["aliases"]
+            setting_name(f),
+            hints[f.name],
+            f.default,
+            f.metadata["help"],
+            f.metadata["group"] or group,
+            f.metadata["aliases"],
+            "" if setting_name(f) == f.name else f.name,
         )
         for f in fields(cls)
     )
@@ -70,6 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     *_declared(EngineOptions, "model"),
     *_declared(LMInfiniteConfig, "attention"),
     *_declared(XL3MConfig, "xl3m"),
+    *_declared(DCAConfig, "dca"),
     *_declared(GenerationSettings, "generation"),
     PROGRESS,
 )
@@ -83,11 +100,12 @@ def in_groups(*groups: str) -> tuple[Setting, ...]:
 
 @dataclass(frozen=True)
 class Resolved:
-    """A full set of settings, validated: the three engine dataclasses and the display choice."""
+    """A full set of settings, validated: the engine's dataclasses and the display choice."""
 
     options: EngineOptions
     config: LMInfiniteConfig
     xl3m: XL3MConfig
+    dca: DCAConfig
     generation: GenerationSettings
     progress: bool | None
 
@@ -96,7 +114,7 @@ def resolve(values: Mapping[str, Any]) -> Resolved:
     """The settings named in ``values`` (canonical names), defaults for the rest; ``ValueError`` on bad values."""
 
     def pick(cls: type) -> dict[str, Any]:
-        return {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        return {f.name: values[setting_name(f)] for f in fields(cls) if setting_name(f) in values}
 
     progress = values.get("progress")
     if progress is not None and not isinstance(progress, bool):
@@ -105,6 +123,7 @@ def resolve(values: Mapping[str, Any]) -> Resolved:
         EngineOptions(**pick(EngineOptions)),
         LMInfiniteConfig(**pick(LMInfiniteConfig)),
         XL3MConfig(**pick(XL3MConfig)),
+        DCAConfig(**pick(DCAConfig)),
         GenerationSettings(**pick(GenerationSettings)),
         progress,
     )

@@ -4,11 +4,14 @@ prompts, chunked prefill and token-by-token decoding through transformers' cache
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import DCAConfig, LMInfiniteConfig, is_patched, patch_model, unpatch_model
+from lminf_integrations.engine import Engine
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.strategies.dca.attention import runs
 from tests.unit_tests import dca_reference
@@ -91,3 +94,33 @@ def test_switching_between_attentions_restores_the_model() -> None:
     assert (model(ids).logits - lambda_logits).abs().max() == 0
     unpatch_model(model)
     assert (model(ids).logits - vanilla).abs().max() == 0
+
+
+@torch.no_grad()
+def test_the_engine_with_strategy_dca_encodes_and_answers_as_the_reference(
+    default_tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """Engine(strategy="dca"): chunked prefill into its cache, the state saved and loaded, then the next token's
+    logits; all equal to the dense reference over the whole sequence."""
+    model = _tiny("qwen2")
+    engine = Engine(
+        model=model,
+        tokenizer=default_tokenizer,
+        strategy="dca",
+        dca=DCAConfig(chunk_size=12, local_window=4),
+        config=LMInfiniteConfig(chunk_size=7),  # the engine's prefill chunk, not DCA's
+        reuse_prefixes=False,
+    )
+    ids = _ids(90, seed=4)
+    state = engine.encode(ids[0, :-1].tolist())
+    expected = _reference(model, ids)[:, -1]
+    _close(model(ids[:, -1:], **cache_kwargs(state.cache.clone())).logits[:, -1], expected, "after encode")
+    loaded = engine.load_state(engine.save_state(state, tmp_path / "dca.lminf"))
+    _close(model(ids[:, -1:], **cache_kwargs(loaded.cache)).logits[:, -1], expected, "after save and load")
+    other = Engine(model=model, tokenizer=default_tokenizer, strategy="dca", dca=DCAConfig(chunk_size=10))
+    with pytest.raises(ValueError, match="different model or settings"):
+        other.load_state(tmp_path / "dca.lminf")
+    assert engine.options.strategy == "dca" and engine.strategy.settings() == {
+        "dca_chunk_size": 12,
+        "dca_local_window": 4,
+    }

@@ -13,7 +13,7 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import cli
-from lminf_integrations.config import EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig
+from lminf_integrations.config import DCAConfig, EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.langchain import ChatLMInfinite
 from lminf_integrations.langchain import LMInfiniteLLM as LangChainLLM
@@ -40,6 +40,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "question_tokens": {"strategy": "xl3m", "question_tokens": 32},
     "context_tokens": {"strategy": "xl3m", "context_tokens": 2048},
     "score": {"strategy": "xl3m", "score": "entropy"},
+    "dca_chunk_size": {"strategy": "dca", "dca_chunk_size": 4096},
+    "dca_local_window": {"strategy": "dca", "dca_local_window": 512},
     "max_new_tokens": {"max_new_tokens": 7},
     "temperature": {"temperature": 0.5},
     "top_p": {"top_p": 0.9},
@@ -52,10 +54,16 @@ CASES = [(name, values) for name, values in SAMPLES.items()]
 
 def _engine_value(resolved: Resolved, name: str) -> Any:
     """Where a setting lands in the validated settings an entry point builds."""
-    for part in (resolved.options, resolved.config, resolved.xl3m, resolved.generation):
-        if name in {f.name for f in dataclasses.fields(part)}:
-            return getattr(part, name)
-    return getattr(resolved, name)
+    setting = BY_NAME[name]
+    if setting.group == "display":
+        return getattr(resolved, name)
+    parts = {
+        "attention": resolved.config,
+        "xl3m": resolved.xl3m,
+        "dca": resolved.dca,
+        "generation": resolved.generation,
+    }
+    return getattr(parts.get(setting.group, resolved.options), setting.field_name)
 
 
 def _cli_args(values: dict[str, Any]) -> list[str]:
@@ -81,11 +89,13 @@ def _cli_settings(values: dict[str, Any], command: str = "ask") -> Resolved:
 
 def test_every_setting_has_a_sample_and_comes_from_the_engines_dataclasses() -> None:
     assert set(SAMPLES) == set(BY_NAME)
-    classes = (EngineOptions, LMInfiniteConfig, XL3MConfig, GenerationSettings)
+    classes = (EngineOptions, LMInfiniteConfig, XL3MConfig, DCAConfig, GenerationSettings)
     declared = [f for cls in classes for f in dataclasses.fields(cls)]
-    assert [s.name for s in SETTINGS] == [*(f.name for f in declared), "progress"]
-    for field in declared:  # defaults and help are the dataclasses' own, not retyped
-        assert (BY_NAME[field.name].default, BY_NAME[field.name].help) == (field.default, field.metadata["help"])
+    names = [f.metadata["name"] or f.name for f in declared]
+    assert [s.name for s in SETTINGS] == [*names, "progress"]
+    assert len(set(names)) == len(names)  # one flat namespace: DCA's chunk_size is dca_chunk_size
+    for name, field in zip(names, declared, strict=True):  # defaults and help are the dataclasses' own
+        assert (BY_NAME[name].default, BY_NAME[name].help) == (field.default, field.metadata["help"])
 
 
 @pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.__module__.split('.')[-2]}.{c.__name__}")

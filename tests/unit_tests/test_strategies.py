@@ -35,10 +35,10 @@ def _prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def test_every_declared_strategy_is_registered() -> None:
-    assert STRATEGY_NAMES == typing.get_args(StrategyName) == ("lm-infinite", "xl3m", "vanilla")
+    assert STRATEGY_NAMES == typing.get_args(StrategyName) == ("lm-infinite", "xl3m", "dca", "vanilla")
     assert [make_strategy(name, CONFIG).name for name in STRATEGY_NAMES] == list(STRATEGY_NAMES)
-    with pytest.raises(ValueError, match="unknown strategy 'dca'"):
-        make_strategy("dca", CONFIG)
+    with pytest.raises(ValueError, match="unknown strategy 'infini-attention'"):
+        make_strategy("infini-attention", CONFIG)
 
 
 def test_vanilla_is_the_unpatched_model(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
@@ -85,8 +85,8 @@ def test_compiled_decoding_needs_lm_infinite(tiny: tuple[PreTrainedModel, PreTra
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="compile_decode=True needs strategy='lm-infinite'"):
         Engine(model=model, tokenizer=tokenizer, strategy="vanilla", compile_decode=True)
-    with pytest.raises(ValueError, match="strategy must be one of lm-infinite, xl3m, vanilla"):
-        Engine(model=model, tokenizer=tokenizer, strategy="dca")
+    with pytest.raises(ValueError, match="strategy must be one of lm-infinite, xl3m, dca, vanilla"):
+        Engine(model=model, tokenizer=tokenizer, strategy="infini-attention")
 
 
 @pytest.mark.parametrize("cls", [LangChainLLM, ChatLMInfinite, LlamaIndexLLM], ids=lambda c: c.__module__)
@@ -95,6 +95,8 @@ def test_every_adapter_builds_the_strategy_it_is_given(
 ) -> None:
     engine = cls(model_id=tiny_model_dir, strategy="vanilla", dtype="fp32").load()
     assert engine.strategy.name == "vanilla" and engine.options.strategy == "vanilla"
+    dca = cls(model_id=tiny_model_dir, strategy="dca", dca_chunk_size=1000, dtype="fp32").load()
+    assert dca.strategy.name == "dca" and dca.strategy.settings()["dca_chunk_size"] == 1000
     model, tokenizer = tiny
     wrapped = cls(engine=Engine(model=model, tokenizer=tokenizer, config=CONFIG, strategy="vanilla"))
     assert wrapped.strategy == "vanilla" and wrapped.n_local == LMInfiniteConfig().n_local  # no attention settings

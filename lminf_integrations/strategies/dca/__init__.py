@@ -2,5 +2,6 @@
 
 from .attention import dca_attention
 from .patch import patch_dca
+from .strategy import DCA
 
-__all__ = ["dca_attention", "patch_dca"]
+__all__ = ["DCA", "dca_attention", "patch_dca"]

@@ -13,6 +13,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from lminf_integrations import DCAConfig, LMInfiniteConfig, is_patched, patch_model, unpatch_model
 from lminf_integrations.engine import Engine
 from lminf_integrations.hf_compat import cache_kwargs
+from lminf_integrations.strategies.dca import DCA
 from lminf_integrations.strategies.dca.attention import runs
 from tests.unit_tests import dca_reference
 from tests.unit_tests.test_attention import ARCHITECTURES, _close, _ids, _tiny
@@ -29,8 +30,12 @@ def _reference(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
         model.set_attn_implementation(previous)
 
 
-def _prefill_then_decode(model: PreTrainedModel, ids: torch.Tensor, chunk: int, prompt: int) -> torch.Tensor:
-    cache = DynamicCache()
+def _prefill_then_decode(
+    model: PreTrainedModel, ids: torch.Tensor, chunk: int, prompt: int, cache: DynamicCache | None = None
+) -> torch.Tensor:
+    """Logits of ``ids``: the prompt in chunks, then one token at a time, through ``cache`` (transformers' own by
+    default)."""
+    cache = cache if cache is not None else DynamicCache()
     pieces = [
         model(ids[:, start : min(start + chunk, prompt)], **cache_kwargs(cache)).logits
         for start in range(0, prompt, chunk)
@@ -79,6 +84,10 @@ def test_long_input_equals_the_dense_reference(arch: str, chunk_size: int | None
     expected = _reference(model, ids)
     _close(model(ids).logits, expected, "whole prompt")
     _close(_prefill_then_decode(model, ids, chunk=9, prompt=100), expected, "chunked prefill, then decoding")
+    # The strategy's own cache keeps the keys at their chunk offsets: the same logits.
+    dca_cache = DCA(DCAConfig(chunk_size=chunk_size, local_window=local_window)).new_cache(model)
+    _close(_prefill_then_decode(model, ids, chunk=9, prompt=100, cache=dca_cache), expected, "DCA cache")
+    assert dca_cache.get_seq_length() == ids.shape[1]
 
 
 @torch.no_grad()

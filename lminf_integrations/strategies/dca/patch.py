@@ -3,17 +3,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ...config import DCAConfig
-from ..lm_infinite.patch import _check_supported, _decoder, _no_pending_hand_over, _padding_only_mask, is_patched
+from ..lm_infinite.patch import _check_supported, _decoder, _padding_only_mask, is_patched
 from ..lm_infinite.patch import unpatch_model as unpatch_model
-from .attention import ATTENTION_NAME, DCALayerSettings, dca_attention
+from .attention import ATTENTION_NAME, DCALayerSettings, dca_attention, discard_hand_over
 
 AttentionInterface.register(ATTENTION_NAME, dca_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, _padding_only_mask)
+
+
+def _no_pending_hand_over(module: torch.nn.Module, args: Any) -> None:
+    """Forward pre-hook of a patched decoder: the forward starts with no cache hand-off pending."""
+    discard_hand_over()
 
 
 def patch_dca(model: PreTrainedModel, config: DCAConfig | None = None) -> PreTrainedModel:

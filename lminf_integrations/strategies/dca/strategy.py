@@ -1,4 +1,4 @@
-"""``strategy="dca"``: Dual Chunk Attention (:mod:`.attention`) over transformers' cache, every key kept."""
+"""``strategy="dca"``: Dual Chunk Attention (:mod:`.attention`) over a cache of every key (:mod:`.cache`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from transformers import PreTrainedModel
 
 from ...config import DCAConfig
 from ..base import Strategy, kv_bytes_per_token
-from ..lm_infinite.patch import _check_supported
-from ..vanilla import FullCache
+from ..lm_infinite.patch import _check_supported, _decoder
+from .cache import DCACache
 from .patch import patch_dca
 
 
@@ -30,8 +30,9 @@ class DCA(Strategy):
         if getattr(model, "lminf_config", None) is not self.config:
             patch_dca(model, self.config)
 
-    def new_cache(self, model: PreTrainedModel) -> FullCache:
-        return FullCache()
+    def new_cache(self, model: PreTrainedModel) -> DCACache:
+        """An empty cache for the prepared ``model`` (keys at their chunk offsets)."""
+        return DCACache([layer.self_attn.lminf_settings for layer in _decoder(model).layers])  # type: ignore[union-attr]
 
     def cache_bytes(self, model: PreTrainedModel, n_tokens: int) -> int:
         """Every key and value, as the model's own cache keeps them (inherent to DCA: every key stays visible)."""

@@ -12,9 +12,25 @@ import pytest
 from lminf_integrations.cli import build_parser, main
 
 OPTIONS = [
-    "--model", "--dtype", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--stop", "--n-global",
-    "--n-local", "--distance-limit", "--top-k", "--top-k-from-layer", "--cache-mode", "--chunk-size", "--no-progress",
-    "--state", "--compile-decode", "--model-id", "--max-tokens",
+    "--model",
+    "--dtype",
+    "--max-new-tokens",
+    "--temperature",
+    "--top-p",
+    "--seed",
+    "--stop",
+    "--n-global",
+    "--n-local",
+    "--distance-limit",
+    "--top-k",
+    "--top-k-from-layer",
+    "--cache-mode",
+    "--chunk-size",
+    "--no-progress",
+    "--state",
+    "--compile-decode",
+    "--model-id",
+    "--max-tokens",
 ]
 
 
@@ -91,16 +107,24 @@ def test_compiled_decoding_gives_the_same_answer(tmp_path: Path, tiny_model_dir:
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
 
 
-def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "strategy",
+    [[], ["--strategy", "dca", "--dca-chunk-size", "256", "--dca-local-window", "64"]],
+    ids=["lm-inf", "dca"],
+)
+def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path, strategy: list[str]) -> None:
     document = tmp_path / "doc.txt"
-    document.write_text("Alice met Bob at the station. " * 150)
+    document.write_text("Alice met Bob at the station. " * 150)  # ~1,000 tokens: four DCA chunks of 256
     state = tmp_path / "doc.lminf"
-    encoded = _run("encode", str(document), "-o", str(state), "--model", str(tiny_model_dir), *SMALL[2:])
+    model = ["--model", str(tiny_model_dir), *strategy]
+    small = SMALL if not strategy else ["--max-new-tokens", "8", "--dtype", "fp32"]  # n_local: LM-Infinite's
+    encoded = _run("encode", str(document), "-o", str(state), *model, *small[2:])
     assert encoded.returncode == 0, encoded.stderr
     assert state.is_file()
-    direct = _run("ask", str(document), "Who?", "--model", str(tiny_model_dir), *SMALL)
-    from_state = _run("ask", "--state", str(state), "Who?", "--model", str(tiny_model_dir), *SMALL)
+    direct = _run("ask", str(document), "Who?", *model, *small)
+    from_state = _run("ask", "--state", str(state), "Who?", *model, *small)
     assert from_state.returncode == 0, from_state.stderr
     assert from_state.stdout == direct.stdout and direct.stdout.strip()
-    mismatch = _run("ask", "--state", str(state), "Who?", "--model", str(tiny_model_dir), *SMALL, "--n-global", "2")
+    other = ["--dca-chunk-size", "128"] if strategy else ["--n-global", "2"]
+    mismatch = _run("ask", "--state", str(state), "Who?", *model, *small, *other)
     assert mismatch.returncode != 0 and "different model or settings" in mismatch.stderr

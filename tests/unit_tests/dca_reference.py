@@ -1,9 +1,9 @@
 """An independent, deliberately naive Dual Chunk Attention: dense n×n logits written from the paper's position maps.
 
-It shares no code with the package. RoPE is undone and re-applied in complex form, and every query–key logit is
-computed at the distance ``P_q - P_k`` of An et al. (2024), Sec. 3: the key at its offset in its chunk; the query at
-its offset (same chunk), at ``s + offset`` for its first ``w`` offsets and ``c - 1`` after (previous chunk), at
-``c - 1`` (older chunks).
+It shares no code with the package (only the complex-number helper of the Λ reference). RoPE is undone and
+re-applied in complex form, and every query–key logit is computed at the distance ``P_q - P_k`` of An et al.
+(2024), Sec. 3: the key at its offset in its chunk; the query at its offset (same chunk), at ``s + offset`` for
+its first ``w`` offsets and ``c - 1`` after (previous chunk), at ``c - 1`` (older chunks).
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from tests.unit_tests.reference import _complex  # RoPE pairs as complex numbers: the Λ reference's helper
+
 DCA_REFERENCE_NAME = "lminf_dca_reference"
-
-
-def _complex(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.complex(x[..., :half].double(), x[..., half:].double())
 
 
 def dca_reference_attention(

@@ -10,7 +10,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ...config import DCAConfig
-from ..lm_infinite.patch import _check_supported, _decoder, _padding_only_mask, is_patched
+from ..lm_infinite.patch import _check_supported, _decoder, _padding_only_mask, install_attention
 from ..lm_infinite.patch import unpatch_model as unpatch_model
 from .attention import ATTENTION_NAME, DCALayerSettings, dca_attention, discard_hand_over
 
@@ -33,14 +33,7 @@ def patch_dca(model: PreTrainedModel, config: DCAConfig | None = None) -> PreTra
         raise ValueError(f"{type(model).__name__} does not say its training length (max_position_embeddings)")
     chunk, local = config.resolve(int(training_length))
     decoder = _decoder(model)
-    if is_patched(model) and not isinstance(model.lminf_config, DCAConfig):
-        unpatch_model(model)  # Λ-attention first undone: its settings and cache do not apply
     inv_freq: torch.Tensor = decoder.rotary_emb.inv_freq  # type: ignore[union-attr, assignment]
-    for index, layer in enumerate(decoder.layers):  # type: ignore[union-attr, arg-type]
-        layer.self_attn.lminf_settings = DCALayerSettings(chunk, local, int(training_length) - 1, inv_freq, index)
-    if not is_patched(model):
-        model.lminf_previous_attention = model.config._attn_implementation  # type: ignore[assignment]
-        model.set_attn_implementation(ATTENTION_NAME)
-        model.lminf_hook = decoder.register_forward_pre_hook(_no_pending_hand_over)  # type: ignore[assignment]
-    model.lminf_config = config  # type: ignore[assignment]
-    return model
+    far = int(training_length) - 1
+    settings = [DCALayerSettings(chunk, local, far, inv_freq, index) for index in range(len(decoder.layers))]  # type: ignore[arg-type]
+    return install_attention(model, config, ATTENTION_NAME, settings, _no_pending_hand_over)

@@ -7,6 +7,7 @@ size n×n is ever materialised. Model code itself is untouched, which keeps the 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,15 +70,32 @@ def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) 
     config = config or LMInfiniteConfig()
     decoder = _decoder(model)
     config.check_against_model(getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers)
-    if is_patched(model) and not isinstance(model.lminf_config, LMInfiniteConfig):
-        unpatch_model(model)  # another attention (Dual Chunk) first undone
     inv_freq: torch.Tensor = decoder.rotary_emb.inv_freq  # type: ignore[union-attr, assignment]
-    for index, layer in enumerate(decoder.layers):  # type: ignore[union-attr, arg-type]
-        layer.self_attn.lminf_settings = LayerSettings(config, inv_freq, index)
+    settings = [LayerSettings(config, inv_freq, index) for index in range(len(decoder.layers))]  # type: ignore[arg-type]
+    return install_attention(model, config, ATTENTION_NAME, settings, _no_pending_hand_over)
+
+
+def install_attention(
+    model: PreTrainedModel,
+    config: Any,
+    attention_name: str,
+    layer_settings: Sequence[Any],
+    pre_hook: Callable[[torch.nn.Module, Any], None],
+) -> PreTrainedModel:
+    """Switch ``model`` to the registered attention ``attention_name``, each layer's attention module given its
+    settings (``lminf_settings``) and the decoder ``pre_hook``; the settings ``config`` kept as ``lminf_config``.
+
+    A model running another of this package's attentions (another config class) is restored first, so that
+    :func:`unpatch_model` always goes back to the model's own attention."""
+    if is_patched(model) and type(model.lminf_config) is not type(config):
+        unpatch_model(model)
+    decoder = _decoder(model)
+    for layer, settings in zip(decoder.layers, layer_settings, strict=True):  # type: ignore[arg-type]
+        layer.self_attn.lminf_settings = settings
     if not is_patched(model):
         model.lminf_previous_attention = model.config._attn_implementation  # type: ignore[assignment]
-        model.set_attn_implementation(ATTENTION_NAME)
-        model.lminf_hook = decoder.register_forward_pre_hook(_no_pending_hand_over)  # type: ignore[assignment]
+        model.set_attn_implementation(attention_name)
+        model.lminf_hook = decoder.register_forward_pre_hook(pre_hook)  # type: ignore[assignment]
     model.lminf_config = config  # type: ignore[assignment]
     return model
 

@@ -251,7 +251,11 @@ class SegmentStore:
         together, in one new block); ``report(tokens)`` as segments are read."""
         keys = [segment_key(model, [*prefix_ids, *segment]) for segment in segments]
         with self._lock:
-            missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in self._where}.values())
+            first_of: dict[tuple[int, str], int] = {}  # each missing segment once (a repeated one is read once)
+            for i, key in enumerate(keys):
+                if key not in self._where:
+                    first_of.setdefault(key, i)
+            missing = list(first_of.values())
             found = {key: self._where[key] for key in keys if key in self._where}
             if missing:
                 block = read_block(model, read(model, prefix_ids), [segments[i] for i in missing], report)

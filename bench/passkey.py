@@ -3,6 +3,7 @@
     python -m bench passkey                                          # default grid (see --help), ~40 min here
     python -m bench passkey --lengths 4096 16384 --depths 0 0.5 1    # a quick look
     python -m bench passkey --methods xl3m --keys 5                  # XL3M, 5 keys per cell
+    python -m bench passkey --methods dca lambda --lengths 8192 16384 --keys 3   # Dual Chunk Attention vs Λ
 
 The task is the standard one (Mohtashami & Jaggi, 2023; used by the LM-Infinite paper): an instruction to find
 and remember the key, then lines of irrelevant filler ("The grass is green. The sky is blue. ..."), with one
@@ -10,7 +11,7 @@ line "The pass key is 12345. Remember it. 12345 is the pass key." placed after `
 "What is the pass key? The pass key is" and greedy decoding. An answer counts when the key's five digits
 appear as a number in the first 8 generated tokens.
 
-Methods, all on the same prompts (the default runs the first three; ``--methods ... xl3m`` adds XL3M):
+Methods, all on the same prompts (the default runs the first three; ``--methods`` picks any):
 
 * ``vanilla`` – the unpatched model with its ordinary cache (only up to ``--vanilla-max`` tokens: past its
   8K training length it fails, and its quadratic prefill makes longer prompts slow);
@@ -21,6 +22,9 @@ Methods, all on the same prompts (the default runs the first three; ``--methods 
   question's likelihood after it and answers from the best ones within its training length. Its *recall* is
   whether the segment holding the key line's start was among the chosen ones (a prompt that fits the training
   length with the answer is read whole: recall by definition).
+* ``dca`` – ``Engine(strategy="dca")`` with the default ``DCAConfig``: every key stays visible, at distances no
+  larger than the training length (Dual Chunk Attention). Its cache keeps every key, so it shares the encode
+  chain as Λ does; its prefill is quadratic like vanilla's, which bounds the lengths it can be run at here.
 
 Prompts are built from token ids (the filler line is tokenized once), so lengths and key positions are exact.
 ``--keys K`` asks K different keys per (length, depth) cell: key ``k`` is drawn from
@@ -58,7 +62,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.common import RESULTS, machine_line, rate, write_result
 from lminf_integrations import LMInfiniteConfig, unpatch_model
-from lminf_integrations.config import XL3MConfig
+from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
@@ -71,7 +75,7 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
-METHODS = ("vanilla", "lambda", "lambda+topk", "xl3m")
+METHODS = ("vanilla", "lambda", "lambda+topk", "xl3m", "dca")
 CHAIN_METHODS = ("lambda", "lambda+topk")  # share one encode chain (LambdaRunner)
 
 
@@ -183,6 +187,32 @@ class LambdaRunner:
         return "".join(self.answerers[method].stream(ids, settings, state=state))
 
 
+class DCARunner:
+    """Dual Chunk Attention (default ``DCAConfig``): an encode chain like :class:`LambdaRunner`'s (its cache keeps
+    every key, so a copied prefix state continues exactly)."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DCAConfig | None = None,
+        chunk: int = LMInfiniteConfig().chunk_size,
+    ) -> None:  # fmt: skip
+        # The engine's prefill step (``chunk``) is an engine setting, kept in its LMInfiniteConfig for every strategy.
+        self.engine = Engine(
+            model=model, tokenizer=tokenizer, config=LMInfiniteConfig(chunk_size=chunk), strategy="dca", dca=config,
+            reuse_prefixes=False,
+        )
+        self.chunk = chunk
+
+    def empty(self) -> DocumentState:
+        return self.engine.encode([])
+
+    def extend(self, state: DocumentState, ids: Sequence[int]) -> DocumentState:
+        return self.engine.encode(list(ids), state=state)
+
+    def answer(self, method: str, state: DocumentState, ids: list[int]) -> str:
+        settings = GenerationSettings(max_new_tokens=ANSWER_TOKENS)
+        return "".join(self.engine.stream(ids, settings, state=state))
+
+
 @dataclass
 class VanillaState:
     token_ids: list[int]
@@ -234,7 +264,7 @@ def copy_state(state: DocumentState | VanillaState) -> DocumentState | VanillaSt
 
 
 def run_chain(
-    runner: LambdaRunner | VanillaRunner, methods: Sequence[str], prompts: list[PasskeyPrompt]
+    runner: LambdaRunner | DCARunner | VanillaRunner, methods: Sequence[str], prompts: list[PasskeyPrompt]
 ) -> list[dict[str, object]]:
     """Answer every prompt with ``methods``, encoding shared prefixes once, in order of key position."""
     rows: list[dict[str, object]] = []
@@ -436,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:3]),
-                        help="default: vanilla lambda lambda+topk (xl3m on request)")  # fmt: skip
+                        help="default: vanilla lambda lambda+topk (xl3m and dca on request)")  # fmt: skip
     parser.add_argument("--keys", type=int, default=1, help="different keys per (length, depth) cell")
     parser.add_argument("--vanilla-max", type=int, default=16384, help="longest prompt given to vanilla")
     parser.add_argument("--n-local", type=int, default=4096)
@@ -471,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     if "xl3m" in args.methods:
         prompts = make_prompts(parts, args.lengths, args.depths, args.seed, args.keys)
         rows += run_xl3m(XL3MRunner(model, tokenizer, xl3m), prompts)
+    if "dca" in args.methods:
+        prompts = make_prompts(parts, args.lengths, args.depths, args.seed, args.keys)
+        rows += run_chain(DCARunner(model, tokenizer), ["dca"], prompts)
     elapsed = time.time() - started
     details = [f"Seed {args.seed}, {args.keys} key{'s' if args.keys > 1 else ''} per (length, depth) cell, "
                f"answers of {ANSWER_TOKENS} tokens, greedy."]  # fmt: skip
@@ -490,6 +523,9 @@ def main(argv: list[str] | None = None) -> None:
             f"context up to {budget}); question = the prompt's last {len(parts.question)} tokens; recall = the "
             "segment holding the key line's start was chosen (a prompt within the training length is read whole)."
         )
+    if "dca" in args.methods:
+        chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
+        details.append(f"dca: default DCAConfig (chunk_size={chunk}, local_window={local}).")
     header = [
         "# Passkey retrieval, SmolLM2-135M-Instruct" if args.model is None else f"# Passkey retrieval, {args.model}",
         "",

@@ -1,11 +1,13 @@
-"""Perplexity by 2K-token position bucket: vanilla vs LM-Infinite, on any text (default: Python's
-``pydoc_data.topics``).
+"""Perplexity by 2K-token position bucket: vanilla vs LM-Infinite (and Dual Chunk Attention with ``--dca``), on
+any text (default: Python's ``pydoc_data.topics``).
 
 For every bucket past the window we also score an *in-distribution baseline*: the vanilla model reading the
 same bucket with only the preceding ``n_local`` tokens as context. LM-Infinite should track that baseline,
-while vanilla with the full context blows up past its 8192-token training length.
+while vanilla with the full context blows up past its 8192-token training length. DCA (every key visible, at
+remapped distances) is checked against the baseline of a whole training length of context.
 
     python -m bench ppl --tokens 32768 --n-local 4096 8192
+    python -m bench ppl --tokens 65536 --n-local 4096 8192 --dca
 
 Writes ``bench/results/ppl.md`` and ``bench/results/ppl.png``.
 """
@@ -21,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from bench.common import RESULTS, machine_line, token_ids, write_result
-from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
+from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
 
@@ -29,14 +31,14 @@ BUCKET = 2048
 
 
 @torch.inference_mode()
-def token_nll(model: PreTrainedModel, ids: list[int], chunk: int, lambda_cache: bool) -> torch.Tensor:
+def token_nll(model: PreTrainedModel, ids: list[int], chunk: int, patched: bool) -> torch.Tensor:
     """Negative log-likelihood of ids[1:]; logits computed 512 positions at a time, never all at once.
 
-    Vanilla reads the text in one forward (its fastest path: the fused causal kernel); LM-Infinite prefills
-    ``chunk`` tokens at a time through its cache, as the engine does.
+    Vanilla reads the text in one forward (its fastest path: the fused causal kernel); a patched model (LM-Infinite
+    or DCA) prefills ``chunk`` tokens at a time through its own cache, as the engine does.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    if lambda_cache:
+    if patched:
         cache = new_cache(model)
         hidden = torch.cat(
             [
@@ -74,7 +76,7 @@ def windowed_baseline(
         if start == 0 and b < len(vanilla):  # the whole prefix fits: identical to the full-context run
             out.append(vanilla[b])
             continue
-        nll = token_nll(model, ids[start : lo + BUCKET], chunk=4096, lambda_cache=False)
+        nll = token_nll(model, ids[start : lo + BUCKET], chunk=4096, patched=False)
         out.append(math.exp(nll[lo - start - 1 if lo > 0 else 0 :].mean().item()))
     return out
 
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded SmolLM2)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for ppl.md and ppl.png")
     parser.add_argument("--vanilla-max", type=int, default=32768, help="longest input scored by vanilla")
+    parser.add_argument("--dca", action="store_true", help="add Dual Chunk Attention (default DCAConfig)")
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model, args.dtype)
@@ -110,7 +113,21 @@ def main(argv: list[str] | None = None) -> None:
         columns[f"LM-Infinite n_local={n_local}"] = bucket_ppl(token_nll(model, ids, 2048, True), n_buckets)
         unpatch_model(model)
         print(f"lminf {n_local} done ({time.time() - started:.0f} s)", flush=True)
-    write_tables(columns, n_buckets, args, model.config.max_position_embeddings)
+    training_length = int(model.config.max_position_embeddings)
+    if args.dca:
+        full_window = f"vanilla, last {training_length} tokens only (baseline)"
+        if full_window not in columns:
+            columns[full_window] = windowed_baseline(model, ids, training_length, n_buckets, vanilla)
+        chunk, local = DCAConfig().resolve(training_length)
+        patch_model(model, DCAConfig())
+        columns[dca_column(chunk, local)] = bucket_ppl(token_nll(model, ids, 2048, True), n_buckets)
+        unpatch_model(model)
+        print(f"dca done ({time.time() - started:.0f} s)", flush=True)
+    write_tables(columns, n_buckets, args, training_length)
+
+
+def dca_column(chunk: int, local: int) -> str:
+    return f"DCA chunk={chunk} window={local}"
 
 
 def write_tables(
@@ -125,7 +142,7 @@ def write_tables(
         "",
         f"Text: {text}, first {args.tokens} tokens. n_global={args.n_global}. "
         f"{machine_line()}. Command: `python -m bench ppl --tokens {args.tokens} --n-local "
-        f"{' '.join(map(str, args.n_local))} --dtype {args.dtype}{options}`",
+        f"{' '.join(map(str, args.n_local))} --dtype {args.dtype}{options}{' --dca' if args.dca else ''}`",
         "",
         "| tokens | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -142,19 +159,31 @@ def write_tables(
     ]
     first = -(-training_length // BUCKET)  # the first bucket wholly past the training length
     for n_local in args.n_local:
-        patched = columns[f"LM-Infinite n_local={n_local}"][first:]
-        base = columns[f"vanilla, last {n_local} tokens only (baseline)"][first:]
-        ratios = [p / b for p, b in zip(patched, base, strict=True)]
-        mean_ratio = (sum(patched) / len(patched)) / (sum(base) / len(base)) if patched else math.nan
         lines.append(
-            f"- n_local={n_local}: worst bucket ratio {max(ratios):.3f}, mean ratio {mean_ratio:.3f}"
-            if ratios
-            else f"- n_local={n_local}: no buckets past {past}"
+            target_line(
+                f"LM-Infinite n_local={n_local}",
+                columns[f"LM-Infinite n_local={n_local}"][first:],
+                columns[f"vanilla, last {n_local} tokens only (baseline)"][first:],
+                past,
+            )
         )
+    for name in (n for n in names if n.startswith("DCA ")):
+        base = columns[f"vanilla, last {training_length} tokens only (baseline)"][first:]
+        label = f"{name} (baseline: last {training_length} tokens)"
+        lines.append(target_line(label, columns[name][first:], base, past))
     table = "\n".join(lines) + "\n"
     print(table)
     write_result("ppl.md", table, args.results)
     plot(columns, n_buckets, args.results / "ppl.png", f"{model} on {text.strip('`')}")
+
+
+def target_line(name: str, patched: list[float], base: list[float], past: str) -> str:
+    """Worst per-bucket ratio and ratio of mean perplexities, patched over baseline."""
+    if not patched:
+        return f"- {name}: no buckets past {past}"
+    worst = max(p / b for p, b in zip(patched, base, strict=True))
+    mean_ratio = (sum(patched) / len(patched)) / (sum(base) / len(base))
+    return f"- {name}: worst bucket ratio {worst:.3f}, mean ratio {mean_ratio:.3f}"
 
 
 def plot(columns: dict[str, list[float]], n_buckets: int, path: Path, title: str) -> None:
@@ -174,7 +203,8 @@ def plot(columns: dict[str, list[float]], n_buckets: int, path: Path, title: str
     ax.set_xlabel("position (K tokens, end of bucket)")
     ax.set_ylabel("perplexity (log scale)")
     ax.axvline(8, color="grey", linewidth=0.8)
-    ax.set_title(f"{title}: vanilla vs LM-Infinite", fontsize=10)
+    ax.set_title(f"{title}: vanilla vs LM-Infinite" + (" vs DCA" if any(n.startswith("DCA") for n in columns) else ""),
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

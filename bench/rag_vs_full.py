@@ -1,4 +1,4 @@
-"""The same questions about the same long documents, answered five ways by one model (SmolLM2-135M-Instruct).
+"""The same questions about the same long documents, answered six ways by one model (SmolLM2-135M-Instruct).
 
     python -m bench rag-vs-full                                         # 16K and 32K tokens, 10 questions each
                                                                         # (~12 min on a quiet 2-core CPU)
@@ -29,6 +29,9 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   training length less question and answer; or a number of tokens). The document is read once in segments
   (``Engine.encode``, the setup) and every question uses that state; "facts in prompt" counts questions whose
   fact sentences all start inside the chosen segments (XL3M's recall).
+* ``dca`` — the whole document with Dual Chunk Attention (``Engine(strategy="dca")``, default ``DCAConfig``):
+  every key visible, at distances within the training length. Encoded once (setup) and continued per question
+  as ``full`` is.
 * ``vector`` — LlamaIndex ``VectorStoreIndex`` over ``SentenceSplitter`` chunks of ``--chunk-tokens`` (254)
   all-MiniLM-L6-v2 word pieces with ``--chunk-overlap`` (32): 254 + [CLS] + [SEP] is exactly the 256 tokens
   MiniLM embeds, so every chunk is embedded whole (at most ~240 generator tokens). Embeddings: the offline
@@ -96,14 +99,14 @@ from transformers import (
 from bench.common import RESULTS, machine_line, peak_rss, rate, wilson
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
-from lminf_integrations.config import XL3MConfig
+from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model, model_name
 from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE
 from lminf_integrations.streaming import DeltaStreamer
 
-METHODS = ("full", "vector", "bm25", "xl3m", "vanilla")
+METHODS = ("full", "vector", "bm25", "xl3m", "dca", "vanilla")
 DEFAULT_CONFIGS = ("lambda", "topk:5:8")  # top-k as the passkey bench's default
 
 
@@ -267,9 +270,10 @@ def _release_memory() -> None:
 # ---- (a) full context, LM-Infinite --------------------------------------------------------------------------
 def run_full(
     label: str, config: LMInfiniteConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    doc: FactDocument, settings: GenerationSettings,
+    doc: FactDocument, settings: GenerationSettings, strategy: str = "lm-infinite",
 ) -> MethodRun:  # fmt: skip
-    engine = Engine(model=model, tokenizer=tokenizer, config=config, reuse_prefixes=False)
+    """The whole document encoded once (the setup) by ``strategy``, then every question from a copy of that state."""
+    engine = Engine(model=model, tokenizer=tokenizer, config=config, strategy=strategy, reuse_prefixes=False)
     doc_ids = engine.tokenize(doc.text)
     with peak_rss() as memory:
         started = time.perf_counter()
@@ -490,6 +494,12 @@ def run_grid(
                 for context in args.xl3m_context:
                     runs.append(run_xl3m(context, model, tokenizer, doc, settings))
                     _release_memory()
+            if "dca" in args.methods:
+                chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
+                label = f"dca, chunk {chunk}, local window {local}"
+                print(f"{label}:", flush=True)
+                runs.append(run_full(label, LMInfiniteConfig(), model, tokenizer, doc, settings, strategy="dca"))
+                _release_memory()
             unpatch_model(model)
             for method, build in (("vector", vector_retriever), ("bm25", bm25_retriever)):
                 if method in args.methods:
@@ -587,7 +597,7 @@ def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     for tokens in sorted({r["tokens"] for r in rows}):
         here = [r for r in rows if r["tokens"] == tokens]
         rag = [r for r in here if "RAG" in r["method"]]
-        for full in (r for r in here if r["method"].startswith(("full", "xl3m"))):
+        for full in (r for r in here if r["method"].startswith(("full", "xl3m", "dca"))):
             for other in rag:
                 single_ok = _fraction(full["single"]) >= _fraction(other["single"]) if full["single"] != "–" else None
                 multi_ok = _fraction(full["multi"]) > _fraction(other["multi"]) if full["multi"] != "–" else None
@@ -636,7 +646,7 @@ def command_line(args: argparse.Namespace) -> str:
 def markdown(rows: Sequence[dict[str, Any]], args: argparse.Namespace, model_label: str) -> str:
     n_multi = args.multi
     lines = [
-        f"# Full context (LM-Infinite, XL3M) vs RAG vs truncated vanilla, {model_label}",
+        f"# Full context (LM-Infinite, XL3M, DCA) vs RAG vs truncated vanilla, {model_label}",
         "",
         f"{machine_line()}. Command: `{command_line(args)}`",
         "",
@@ -713,6 +723,8 @@ def _short(method: str) -> str:
     if method.startswith("xl3m"):
         budget = method.rsplit("context ", 1)[1]
         return "xl3m " + budget.replace("the training length", "T").replace("default (", "(").replace(" tokens", "")
+    if method.startswith("dca"):
+        return "dca"
     return method.split(",")[0].replace(" (all-MiniLM-L6-v2)", "")
 
 
@@ -741,7 +753,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{tokens}-token documents", fontsize=10)
     axes[0][0].set_ylabel("accuracy % (label: correct/asked)")
     axes[0][0].legend(fontsize=8, loc="upper center", ncol=2)
-    fig.suptitle("Same questions: full context (LM-Infinite) vs RAG vs truncated vanilla", fontsize=11)
+    fig.suptitle("Same questions: whole document vs RAG vs truncated vanilla", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

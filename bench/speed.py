@@ -1,9 +1,11 @@
-"""Prefill and decode speed, and memory, vanilla vs LM-Infinite, same machine, same text, same dtype.
+"""Prefill and decode speed, and memory, vanilla vs LM-Infinite vs Dual Chunk Attention, same machine, same text,
+same dtype.
 
 Each measurement runs in fresh subprocesses: one for timings, one for peak memory (see ``MEMORY_ENV``).
 
     python -m bench speed                       # full grid (tens of minutes on 2 cores)
     python -m bench speed --vanilla 8192 --patched 8192 --decode-steps 8   # quick look
+    python -m bench speed --vanilla 32768 --patched --dca 32768             # DCA against vanilla at 32K
 
 Writes ``bench/results/speed.md`` and ``bench/results/speed.png``.
 """
@@ -18,13 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-from lminf_integrations.config import LMInfiniteConfig
+from lminf_integrations.config import DCAConfig, LMInfiniteConfig
 
 HERE = Path(__file__).resolve().parent
 
 
 def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, decode_steps: int) -> dict[str, float]:
-    """One measurement in this process: prefill n_tokens, then decode_steps single-token steps."""
+    """One measurement in this process: prefill n_tokens, then decode_steps single-token steps.
+
+    ``mode``: ``vanilla`` (transformers' SDPA and DynamicCache), ``lminf`` (Λ-attention and its cache) or ``dca``
+    (Dual Chunk Attention, default ``DCAConfig``, and its cache). Both patched modes prefill 2048 tokens per forward,
+    as the engine does.
+    """
     import torch
     from transformers import DynamicCache
 
@@ -40,6 +47,9 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
         if mode == "vanilla":
             kv = DynamicCache(config=model.config)
             warm = DynamicCache(config=model.config)
+        elif mode == "dca":
+            patch_model(model, DCAConfig())
+            kv, warm = new_cache(model), new_cache(model)
         else:
             patch_model(model, LMInfiniteConfig(n_local=n_local, cache_mode=cache, chunk_size=2048))  # type: ignore[arg-type]
             kv, warm = new_cache(model), new_cache(model)
@@ -61,7 +71,10 @@ def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, deco
                 logits = model(input_ids=token, **cache_kwargs(kv), logits_to_keep=1).logits
                 token = logits[:, -1:].argmax(-1)
             decode_s = time.perf_counter() - started
+    settings = DCAConfig().resolve(model.config.max_position_embeddings) if mode == "dca" else (0, 0)
     return {
+        "chunk_size": settings[0],
+        "local_window": settings[1],
         "prefill_tok_s": n_tokens / prefill_s,
         "prefill_s": prefill_s,
         "decode_tok_s": decode_steps / decode_s,
@@ -94,7 +107,7 @@ def _subprocess_row(
     command = [
         sys.executable, "-m", "bench", "speed", "--one", mode, str(n_tokens), "--dtype", args.dtype,
         "--n-local", str(args.n_local), "--cache-mode", args.cache_mode, "--decode-steps", str(decode_steps),
-    ]
+    ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, **env})
     if result.returncode != 0:
         print(f"{mode} {n_tokens}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
@@ -107,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__.splitlines()[0])
     parser.add_argument("--vanilla", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--patched", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--dca", type=int, nargs="*", default=[], help="contexts for Dual Chunk Attention")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--n-local", type=int, default=4096)
     parser.add_argument("--cache-mode", default="window", choices=["window", "full"])
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row))
         return
     rows: dict[tuple[str, int], dict[str, float]] = {}
-    for mode, sizes in (("vanilla", args.vanilla), ("lminf", args.patched)):
+    for mode, sizes in (("vanilla", args.vanilla), ("lminf", args.patched), ("dca", args.dca)):
         for n in sizes:
             row = run_one(args, mode, n)
             if row:
@@ -126,38 +140,52 @@ def main(argv: list[str] | None = None) -> None:
     write_report(rows, args)
 
 
+LABELS = {"vanilla": "vanilla", "lminf": "LM-Inf", "dca": "DCA"}
+
+
 def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace) -> None:
     from bench.common import machine_line, write_result
 
     sizes = sorted({n for _, n in rows})
+    modes = [m for m in LABELS if any(mode == m for mode, _ in rows)]
+    patched = [m for m in modes if m != "vanilla"]
+    dca_rows = [r for (m, _), r in rows.items() if m == "dca"]
+    dca_line = (
+        f"DCA: chunk_size={dca_rows[0]['chunk_size']:.0f}, local_window={dca_rows[0]['local_window']:.0f} (the "
+        "defaults), prefill chunk 2048, its own cache. "
+        if dca_rows
+        else ""
+    )
+    dca_option = f" --dca {' '.join(map(str, args.dca))}" if args.dca else ""
+    header = ["context"]
+    for what in ("prefill tok/s", "decode tok/s"):
+        header += [f"{LABELS[m]} {what}" for m in modes]
+        header += [f"{LABELS[m]} speed-up" for m in patched if "vanilla" in modes]
+    header += [f"{LABELS[m]} mem GiB" for m in modes]
     head = (
         f"# Prefill and decode speed, SmolLM2-135M-Instruct, {args.dtype}\n\n"
         f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, cache_mode={args.cache_mode}, "
-        "prefill chunk 2048. Vanilla: "
+        f"prefill chunk 2048. {dca_line}Vanilla: "
         "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
         f"prefill + {MEMORY_DECODE_STEPS} decode steps (beyond the weights), in a separate run with "
         "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors. "
         f"{machine_line()}.\n"
         f"Command: `python -m bench speed --vanilla {' '.join(map(str, args.vanilla))} --patched "
-        f"{' '.join(map(str, args.patched))} --dtype {args.dtype} --decode-steps {args.decode_steps}`\n\n"
-        "| context | vanilla prefill tok/s | LM-Inf prefill tok/s | speed-up | vanilla decode tok/s | "
-        "LM-Inf decode tok/s | speed-up | vanilla mem GiB | LM-Inf mem GiB |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"{' '.join(map(str, args.patched))}{dca_option} --dtype {args.dtype} --decode-steps {args.decode_steps}`\n\n"
+        "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     )
     lines = []
     for n in sizes:
-        v, p = rows.get(("vanilla", n)), rows.get(("lminf", n))
-
-        def cell(row: dict[str, float] | None, key: str, fmt: str = "{:.0f}") -> str:
-            return fmt.format(row[key]) if row else "–"
-
-        def ratio(key: str, p: dict[str, float] | None = p, v: dict[str, float] | None = v) -> str:
-            return f"{p[key] / v[key]:.2f}×" if p and v else "–"
-
-        lines.append(
-            f"| {n // 1024}K | {cell(v, 'prefill_tok_s')} | {cell(p, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | "
-            f"{cell(v, 'decode_tok_s', '{:.1f}')} | {cell(p, 'decode_tok_s', '{:.1f}')} | {ratio('decode_tok_s')} | "
-            f"{cell(v, 'peak_gib', '{:.2f}')} | {cell(p, 'peak_gib', '{:.2f}')} |"
-        )
+        cells = [f"{n // 1024}K"]
+        for key, fmt in (("prefill_tok_s", "{:.0f}"), ("decode_tok_s", "{:.1f}")):
+            cells += [fmt.format(rows[(m, n)][key]) if (m, n) in rows else "–" for m in modes]
+            if "vanilla" in modes:
+                base = rows.get(("vanilla", n))
+                cells += [
+                    f"{rows[(m, n)][key] / base[key]:.2f}×" if base and (m, n) in rows else "–" for m in patched
+                ]
+        cells += [f"{rows[(m, n)]['peak_gib']:.2f}" if (m, n) in rows else "–" for m in modes]
+        lines.append("| " + " | ".join(cells) + " |")
     text = head + "\n".join(lines) + "\n"
     print(text)
     write_result("speed.md", text)
@@ -176,8 +204,10 @@ def plot(rows: dict[tuple[str, int], dict[str, float]]) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, label in (("vanilla", "vanilla"), ("lminf", "LM-Infinite")):
+    for mode, label in (("vanilla", "vanilla"), ("lminf", "LM-Infinite"), ("dca", "Dual Chunk Attention")):
         points = sorted((n, r) for (m, n), r in rows.items() if m == mode)
+        if not points:
+            continue
         xs = [n / 1024 for n, _ in points]
         axes[0].plot(xs, [r["prefill_tok_s"] for _, r in points], marker="o", label=label)
         axes[1].plot(xs, [r["decode_tok_s"] for _, r in points], marker="o", label=label)

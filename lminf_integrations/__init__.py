@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import DCAConfig, LMInfiniteConfig
     from .models import load_model
-    from .patch import patch_model
+    from .patch import new_cache, patch_model
     from .strategies.lm_infinite.cache import LambdaCache
-    from .strategies.lm_infinite.patch import SUPPORTED_ARCHITECTURES, is_patched, new_cache, unpatch_model
+    from .strategies.lm_infinite.patch import SUPPORTED_ARCHITECTURES, is_patched, unpatch_model
 
 _HOMES = {
     "SUPPORTED_ARCHITECTURES": "strategies.lm_infinite.patch",
@@ -23,7 +23,7 @@ _HOMES = {
     "LambdaCache": "strategies.lm_infinite.cache",
     "is_patched": "strategies.lm_infinite.patch",
     "load_model": "models",
-    "new_cache": "strategies.lm_infinite.patch",
+    "new_cache": "patch",
     "patch_model": "patch",
     "unpatch_model": "strategies.lm_infinite.patch",
 }

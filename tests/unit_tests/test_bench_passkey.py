@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.passkey import (
     KEY_LINE,
+    DCARunner,
     LambdaRunner,
     PromptParts,
     VanillaRunner,
@@ -19,8 +20,9 @@ from bench.passkey import (
     render_table,
     run_chain,
 )
-from lminf_integrations import LMInfiniteConfig, unpatch_model
+from lminf_integrations import DCAConfig, LMInfiniteConfig, unpatch_model
 from lminf_integrations.engine import Engine, GenerationSettings
+from tests.tiny_models import tiny_llama
 
 Tiny = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -95,6 +97,23 @@ def test_shared_prefixes_give_the_same_answers_as_fresh_prompts(tiny_llama_with_
     assert any(
         a["answer"] != b["answer"] for a, b in zip(rows[::2], rows[1::2], strict=True)
     ) or all(r["tokens"] <= 64 for r in rows)
+
+
+def test_dca_chain_gives_the_answers_of_fresh_prompts(tiny_llama_with_real_tokenizer: Tiny) -> None:
+    """DCA shares encoded prefixes along the chain too: each answer equals that prompt encoded from scratch, on a
+    model whose training length (64) puts the prompts over many chunks."""
+    _, tokenizer = tiny_llama_with_real_tokenizer
+    model = tiny_llama(tokenizer, seed=3, training_length=64)
+    parts = PromptParts.of(tokenizer)
+    prompts = [make_prompt(parts, 300, d, seed=4) for d in (0.0, 0.5, 1.0)]
+    config = DCAConfig(chunk_size=40, local_window=8)
+    rows = run_chain(DCARunner(model, tokenizer, config, chunk=32), ["dca"], prompts)
+    fresh = Engine(model=model, tokenizer=tokenizer, strategy="dca", dca=config, reuse_prefixes=False)
+    by_depth = {p.depth: p for p in prompts}
+    for row in rows:
+        prompt = by_depth[row["depth"]]  # type: ignore[index]
+        assert row["method"] == "dca" and row["key"] == prompt.key
+        assert row["answer"] == fresh.generate(prompt.token_ids, GenerationSettings(max_new_tokens=8)), row
 
 
 def test_vanilla_runner_matches_plain_generate(tiny_llama_with_real_tokenizer: Tiny) -> None:

@@ -6,8 +6,10 @@ import math
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from bench.ppl import BUCKET, bucket_ppl, main
+from lminf_integrations import DCAConfig
 
 
 def test_buckets_average_the_right_tokens() -> None:
@@ -21,13 +23,18 @@ def test_command_writes_table_and_plot_for_any_text(tiny_model_dir: str, tmp_pat
     text.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 900, encoding="utf-8")
     results = tmp_path / "results"
     main(["--tokens", "6144", "--n-local", "2048", "--model", tiny_model_dir, "--dtype", "fp32",
-          "--text", str(text), "--results", str(results)])
+          "--text", str(text), "--results", str(results), "--dca"])
     table = (results / "ppl.md").read_text(encoding="utf-8")
     assert "`book.txt`" in table and "--text" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "K–" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| 0K–2K", "| 2K–4K", "| 4K–6K"]
     header = next(line for line in table.splitlines() if line.startswith("| tokens"))
     assert "LM-Infinite n_local=2048" in header and "baseline" in header
+    # --dca adds its column and its own target line, against a whole training length of context.
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    chunk, local = DCAConfig().resolve(config.max_position_embeddings)
+    assert f"DCA chunk={chunk} window={local}" in header
+    assert f"- DCA chunk={chunk} window={local} (baseline: last {config.max_position_embeddings} tokens)" in table
     # Within the window LM-Infinite equals vanilla: the first bucket's perplexities agree.
     first = [float(c) for c in rows[0].strip("| ").split(" | ")[1:]]
     assert max(first) / min(first) < 1.001

@@ -10,11 +10,20 @@ import pytest
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from lminf_integrations import DCAConfig, LMInfiniteConfig, is_patched, patch_model, unpatch_model
+from lminf_integrations import (
+    DCAConfig,
+    LambdaCache,
+    LMInfiniteConfig,
+    is_patched,
+    new_cache,
+    patch_model,
+    unpatch_model,
+)
 from lminf_integrations.engine import Engine
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.strategies.dca import DCA
 from lminf_integrations.strategies.dca.attention import runs
+from lminf_integrations.strategies.dca.cache import DCACache
 from tests.unit_tests import dca_reference
 from tests.unit_tests.test_attention import ARCHITECTURES, _close, _ids, _tiny
 
@@ -88,6 +97,23 @@ def test_long_input_equals_the_dense_reference(arch: str, chunk_size: int | None
     dca_cache = DCA(DCAConfig(chunk_size=chunk_size, local_window=local_window)).new_cache(model)
     _close(_prefill_then_decode(model, ids, chunk=9, prompt=100, cache=dca_cache), expected, "DCA cache")
     assert dca_cache.get_seq_length() == ids.shape[1]
+
+
+@torch.no_grad()
+def test_new_cache_gives_the_cache_of_the_attention_the_model_runs() -> None:
+    # README's recipe, patch_model(model, config) then generate(..., past_key_values=new_cache(model)), works for
+    # either config: DCA gets its own cache (keys at their chunk offsets), Λ-attention its bounded one.
+    model = _tiny("qwen2")
+    ids = _ids(90, seed=4)
+    patch_model(model, DCAConfig(chunk_size=12, local_window=4))
+    cache = new_cache(model)
+    assert isinstance(cache, DCACache)
+    _close(_prefill_then_decode(model, ids, chunk=11, prompt=70, cache=cache), _reference(model, ids))
+    patch_model(model, LMInfiniteConfig(n_global=4, n_local=32))
+    assert isinstance(new_cache(model), LambdaCache)
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="not patched"):
+        new_cache(model)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from ...config import DCAConfig
 from ..lm_infinite.patch import _check_supported, _decoder, _padding_only_mask, install_attention
 from ..lm_infinite.patch import unpatch_model as unpatch_model
 from .attention import ATTENTION_NAME, DCALayerSettings, dca_attention, discard_hand_over
+from .cache import DCACache
 
 AttentionInterface.register(ATTENTION_NAME, dca_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, _padding_only_mask)
@@ -37,3 +38,10 @@ def patch_dca(model: PreTrainedModel, config: DCAConfig | None = None) -> PreTra
     far = int(training_length) - 1
     settings = [DCALayerSettings(chunk, local, far, inv_freq, index) for index in range(len(decoder.layers))]  # type: ignore[arg-type]
     return install_attention(model, config, ATTENTION_NAME, settings, _no_pending_hand_over)
+
+
+def new_dca_cache(model: PreTrainedModel) -> DCACache:
+    """An empty :class:`DCACache` for a model patched by :func:`patch_dca`."""
+    if not isinstance(getattr(model, "lminf_config", None), DCAConfig):
+        raise ValueError("the model is not patched with Dual Chunk Attention; call patch_model(model, DCAConfig())")
+    return DCACache([layer.self_attn.lminf_settings for layer in _decoder(model).layers])  # type: ignore[union-attr]

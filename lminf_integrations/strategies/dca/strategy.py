@@ -8,9 +8,9 @@ from transformers import PreTrainedModel
 
 from ...config import DCAConfig
 from ..base import Strategy, kv_bytes_per_token
-from ..lm_infinite.patch import _check_supported, _decoder
+from ..lm_infinite.patch import _check_supported
 from .cache import DCACache
-from .patch import patch_dca
+from .patch import new_dca_cache, patch_dca
 
 
 class DCA(Strategy):
@@ -32,7 +32,7 @@ class DCA(Strategy):
 
     def new_cache(self, model: PreTrainedModel) -> DCACache:
         """An empty cache for the prepared ``model`` (keys at their chunk offsets)."""
-        return DCACache([layer.self_attn.lminf_settings for layer in _decoder(model).layers])  # type: ignore[union-attr]
+        return new_dca_cache(model)
 
     def cache_bytes(self, model: PreTrainedModel, n_tokens: int) -> int:
         """Every key and value, as the model's own cache keeps them (inherent to DCA: every key stays visible)."""

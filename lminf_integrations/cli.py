@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import typing
@@ -51,12 +52,29 @@ def _add_settings(parser: argparse.ArgumentParser, groups: Sequence[str]) -> Non
             kwargs["choices"] = typing.get_args(annotation)
         elif typing.get_origin(annotation) is tuple:
             kwargs.update(action="append", default=[], metavar="TEXT", help=f"{setting.help} (repeatable)")
+        elif _takes_mapping(annotation):
+            kwargs.update(type=_json_or_name, metavar="JSON")
         else:
             kind = next(kind for kind in (int, float, str) if annotation in (kind, kind | None))
             kwargs.update(type=kind, metavar={int: "N", float: "X", str: "NAME"}[kind])
         if "action" not in kwargs and setting.default is not None:
             kwargs["help"] += " (default: %(default)s)"
         section.add_argument(*setting.flags, **kwargs)
+
+
+def _takes_mapping(annotation: Any) -> bool:
+    """Whether a setting's type includes a mapping (``device_map``, ``max_memory``): given as JSON here."""
+    return any(typing.get_origin(part) is dict for part in (annotation, *typing.get_args(annotation)))
+
+
+def _json_or_name(text: str) -> Any:
+    """A mapping as a JSON object (``{"cpu": "30GiB"}``), or a plain name (``auto``) for settings that take either."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not a valid JSON object: {error}") from None
 
 
 def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser, groups: Sequence[str]) -> Resolved:

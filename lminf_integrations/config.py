@@ -9,8 +9,9 @@ imports nothing heavy, so the CLI can build its parser before torch loads.
 
 from __future__ import annotations
 
+import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,13 @@ STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 
 #: Names ``dtype=`` accepts (``"auto"``: bf16 where the hardware computes it fast, else fp32).
 DTYPE_NAMES = ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")
+#: The strategies accelerate places a model by when ``device_map=`` is one of these names.
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+#: ``device_map=`` as a mapping: a module name (``""``: the whole model) to a device (``"cpu"``, ``"cuda:0"``, ``0``).
+DeviceMap = dict[str, str | int]
+#: ``max_memory=``: a device (``0`` or ``"0"`` for ``cuda:0``, ``"cpu"``) to what it may hold (``"20GiB"`` or bytes).
+MaxMemory = dict[str | int, str | int]
+_DEVICE = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)")
 
 
 def setting(
@@ -44,6 +52,21 @@ class EngineOptions:
         aliases=("model",),
     )
     dtype: str = setting("auto", "auto (bf16 where the CPU/GPU computes it fast, else fp32), bf16, fp32 or fp16")
+    device: str | None = setting(
+        None,
+        "where the model runs: 'cpu', 'cuda', 'cuda:1'; None or 'auto': the GPU when there is one, else the CPU (a "
+        "model passed in stays where it is)",
+    )
+    device_map: str | DeviceMap | None = setting(
+        None,
+        "spread the model over devices (accelerate): 'auto', 'balanced', 'balanced_low_0', 'sequential', or "
+        "{module: device} (JSON on the command line); None: all of it on `device`",
+    )
+    max_memory: MaxMemory | None = setting(
+        None,
+        "with device_map: the most each device may hold, e.g. {\"0\": \"20GiB\", \"cpu\": \"60GiB\"} (JSON on the "
+        "command line); None: what accelerate finds free",
+    )
     strategy: StrategyName = setting(
         "lm-infinite",
         "how the model reads a long prompt: 'lm-infinite' (Λ attention: the leading tokens and a local window), "
@@ -63,6 +86,18 @@ class EngineOptions:
         _require(self.model_id is None or isinstance(self.model_id, str), "model_id must be None or a string")
         _require(self.dtype in DTYPE_NAMES, f"dtype must be one of {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
         _require(self.strategy in STRATEGY_NAMES, f"strategy must be one of {', '.join(STRATEGY_NAMES)}")
+        _require(
+            self.device is None or (isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None),
+            f"device must be None, 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}",
+        )
+        _check_device_map(self.device_map)
+        _require(self.device is None or self.device_map is None, "pass device or device_map, not both")
+        _require(
+            self.max_memory is None
+            or (isinstance(self.max_memory, Mapping) and all(isinstance(k, str | int) for k in self.max_memory)),
+            "max_memory must be None or a mapping of devices to sizes, e.g. {0: '20GiB', 'cpu': '60GiB'}",
+        )
+        _require(self.max_memory is None or self.device_map is not None, "max_memory needs device_map (e.g. 'auto')")
         _require(isinstance(self.compile_decode, bool), "compile_decode must be True or False")
         _require(
             not (self.compile_decode and self.strategy != "lm-infinite"),
@@ -261,6 +296,17 @@ def merge_stop(*groups: str | Sequence[str] | None) -> list[str]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_device_map(device_map: object) -> None:
+    if device_map is None or device_map in DEVICE_MAP_NAMES:
+        return
+    _require(
+        isinstance(device_map, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str | int) for k, v in device_map.items()),
+        f"device_map must be None, one of {', '.join(DEVICE_MAP_NAMES)}, or a mapping of module names to devices; "
+        f"got {device_map!r}",
+    )
 
 
 def _require(condition: bool, message: str) -> None:

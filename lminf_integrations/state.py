@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -131,7 +132,8 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
     cache's positions and checksums. Written under another name first, so ``path`` is never half-written."""
     cache_tensors, layers = state.cache.state_tensors()
     tensors = {"token_ids": torch.tensor(state.token_ids, dtype=torch.int64)}
-    tensors.update((name, tensor.contiguous()) for name, tensor in cache_tensors.items())
+    # Written from the CPU whatever device each layer's cache is on; read_state puts them back per layer.
+    tensors.update((name, tensor.to("cpu").contiguous()) for name, tensor in cache_tensors.items())
     header = {
         "format": FORMAT,
         **identity,
@@ -147,9 +149,16 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
     return path
 
 
-def read_state(path: str | os.PathLike[str], identity: dict[str, Any], cache: DocumentCache) -> DocumentState:
+def read_state(
+    path: str | os.PathLike[str],
+    identity: dict[str, Any],
+    cache: DocumentCache,
+    devices: Sequence[torch.device] | None = None,
+) -> DocumentState:
     """Read a state written by :func:`write_state` into ``cache`` (empty, for the model the state was encoded
-    with). Refuses files of another format, another ``identity`` (model, tokenizer or settings) and damaged files."""
+    with). Refuses files of another format, another ``identity`` (model, tokenizer or settings) and damaged files.
+    ``devices``: each decoder layer's device; a layer's tensors go there (the file does not fix a device, so a state
+    saved on one device loads on another)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -178,5 +187,16 @@ def read_state(path: str | os.PathLike[str], identity: dict[str, Any], cache: Do
     token_ids = tensors.pop("token_ids").tolist()
     if hashlib.sha256(json.dumps(token_ids).encode()).hexdigest() != header["tokens_sha256"]:
         raise ValueError(f"{path} is corrupt: its tokens do not match their checksum")
+    if devices is not None:
+        tensors = {name: _to_layer_device(name, tensor, devices) for name, tensor in tensors.items()}
     cache.load_state_tensors(tensors, header["layers"])
     return DocumentState(token_ids, cache)
+
+
+_LAYER = re.compile(r"(?:^|\.)layer\.([0-9]+)\.")
+
+
+def _to_layer_device(name: str, tensor: torch.Tensor, devices: Sequence[torch.device]) -> torch.Tensor:
+    """A state tensor named ``...layer.{i}.…`` moved to layer ``i``'s device (others stay on the CPU)."""
+    found = _LAYER.search(name)
+    return tensor.to(devices[int(found.group(1))]) if found else tensor

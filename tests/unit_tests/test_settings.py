@@ -5,6 +5,7 @@ generation settings are accepted per call by both frameworks; ``engine=`` follow
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ ADAPTERS = [LangChainLLM, ChatLMInfinite, LlamaIndexLLM]
 SAMPLES: dict[str, dict[str, Any]] = {
     "model_id": {"model_id": "org/some-model"},
     "dtype": {"dtype": "fp32"},
+    "device": {"device": "cpu"},
+    "device_map": {"device_map": {"model.layers.0": 0, "": "cpu"}},
+    "max_memory": {"device_map": "auto", "max_memory": {"cpu": "1GiB"}},
     "strategy": {"strategy": "vanilla"},
     "compile_decode": {"compile_decode": True},
     "n_global": {"n_global": 3},
@@ -74,6 +78,8 @@ def _cli_args(values: dict[str, Any]) -> list[str]:
             args.append(flag if value else flag.replace("--", "--no-", 1))
         elif isinstance(value, tuple):
             args.extend(part for text in value for part in (flag, text))
+        elif isinstance(value, dict):
+            args.extend([flag, json.dumps(value)])
         else:
             args.extend([flag, str(value)])
     return args

@@ -24,6 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...hf_compat import cache_kwargs
+from ...models import input_device
 from ..vanilla import FullCache
 
 # Tokens per forward when reading segments (rows × segment length): big enough for efficient matrix products,
@@ -116,7 +117,7 @@ def read(model: PreTrainedModel, ids: Sequence[int]) -> FullCache:
     cache = FullCache()
     if ids:
         model.get_decoder()(
-            input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True, **cache_kwargs(cache)
+            input_ids=torch.tensor([list(ids)], device=input_device(model)), use_cache=True, **cache_kwargs(cache)
         )
     return cache
 
@@ -140,7 +141,7 @@ def read_block(
         group = segments[first : first + rows]
         width = max(len(segment) for segment in group)
         # Padding repeats each row's last token; causal attention keeps it out of every real position.
-        tokens = torch.tensor([[*s, *[s[-1]] * (width - len(s))] for s in group], device=model.device)
+        tokens = torch.tensor([[*s, *[s[-1]] * (width - len(s))] for s in group], device=input_device(model))
         cache = FullCache()
         for index, (prefix_keys, prefix_values) in enumerate(prefix.key_values()):
             shape = (len(group), -1, -1, -1)
@@ -198,7 +199,7 @@ def score_rows(
         mask = torch.cat([seen, torch.ones(len(chosen), q, dtype=torch.bool)], dim=1).long()
         positions = lengths[:, None] + torch.arange(q)[None, :]
         tokens = torch.tensor([list(query)] * len(chosen))
-        device = model.device
+        device = input_device(model)
         with _scoring_attention(model):
             logits = model(
                 input_ids=tokens.to(device),

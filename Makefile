@@ -9,7 +9,7 @@ QUESTION ?= What does the with statement do, and which methods does a context ma
 # XL3M: the strategy that answered most questions on the default model (README, "Choosing a strategy").
 STRATEGY ?= xl3m
 
-.PHONY: demo test test-avx2 lint bench clean
+.PHONY: demo test test-avx2 lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-avx2: $(VENV)/.installed
 # `make bench ARGS="passkey --lengths 4096 16384"`: any `python -m bench` command, in the same virtualenv.
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
+
+# The GPU check (every strategy exact on CUDA, speed and memory of a Llama-3-8B shape, a split model): needs a CUDA
+# build of torch in $(VENV) (README, "GPUs"); `python -m bench gpu --device cpu --quick` runs its steps on a CPU.
+gpu-check: $(VENV)/.installed
+	$(PY) -m bench gpu $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lminf_integrations tests bench examples

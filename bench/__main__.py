@@ -10,6 +10,7 @@ Commands:
     reuse        many questions about one document, with and without reuse of its encoded state
     band         the Λ band's kernel time by layout and query-block size (how the layout was chosen)
     cpu          start-up, dtype choice and prefill ratio on this CPU class (AMX, AVX-512 BF16, AVX2)
+    gpu          the GPU check: every strategy exact on CUDA, speed and memory of a large shape, a split model
 
 ``python -m bench <command> --help`` lists each command's options.
 """
@@ -28,6 +29,7 @@ COMMANDS = {
     "reuse": "bench.reuse",
     "band": "bench.band",
     "cpu": "bench.cpu",
+    "gpu": "bench.gpu",
 }
 
 

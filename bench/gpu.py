@@ -1,0 +1,397 @@
+"""The GPU check (issue 19), one command, no download: every strategy exact on the device, then speed and memory of
+a large model's shape, then a model split over GPU and CPU.
+
+    python -m bench gpu                              # on a CUDA machine (make gpu-check does the same)
+    python -m bench gpu --device cpu --quick         # the same steps on a CPU, tiny shapes (the suite runs this)
+
+1. **Exactness**: tiny random Llama, Mistral, Qwen2 and Qwen3 models (grouped-query attention) on the device, in
+   float32 and bfloat16 (float32 only on a CPU): LM-Infinite (window cache; full cache with top-k) and Dual Chunk
+   Attention against the independent dense references of ``tests/unit_tests`` (run on the device too), prefill in
+   chunks then decoding; XL3M's answer on the device against the same engine's on the CPU. Tolerances:
+   ``tests.tolerances.network_bound`` for the dtype.
+2. **Speed and memory**: a random-weight model with a real large model's shape (default: Llama-3-8B's, 32 layers,
+   hidden 4096, 32 query and 8 key/value heads, bf16 — weights do not change speed), vanilla (transformers' SDPA,
+   one forward, DynamicCache) against LM-Infinite (window cache, prefill in ``--chunk`` steps): prefill tokens/s,
+   decoding tokens/s and peak device memory beyond the weights, at ``--lengths`` and then doubling while the
+   time budget (``--budget`` seconds for this part) and memory last.
+3. **Split**: the model shape with ``--split-layers`` layers saved to a temporary folder, loaded whole on the device
+   and with ``device_map="auto"`` and a ``max_memory`` that leaves about half the layers to the CPU; logits of both,
+   unpatched and with LM-Infinite, must agree within the dtype's tolerance.
+
+Writes ``gpu.md`` and ``gpu.json`` to ``bench/results/`` (``--results DIR`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from bench.common import RESULTS, machine_line, write_result
+from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
+from lminf_integrations.config import GenerationSettings, XL3MConfig
+from lminf_integrations.engine import Engine
+from lminf_integrations.hf_compat import cache_kwargs
+from lminf_integrations.models import load_model
+from tests.tolerances import network_bound
+from tests.unit_tests import dca_reference, reference
+from tests.unit_tests.test_attention import ARCHITECTURES, LAYERS, REDUCTION, _ids, _tiny
+
+LLAMA3_8B: dict[str, Any] = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+)  # fmt: skip
+TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512,
+)  # fmt: skip
+SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "tiny": TINY_SHAPE}
+
+
+@dataclass
+class Check:
+    """One exactness comparison: the largest error against its bound."""
+
+    what: str
+    dtype: str
+    error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+
+@dataclass
+class SpeedRow:
+    mode: str
+    tokens: int
+    prefill_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_gib: float  # device memory beyond the weights (CPU: resident memory rise)
+
+
+@dataclass
+class Report:
+    device: str
+    checks: list[Check] = field(default_factory=list)
+    speed: list[SpeedRow] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    split: list[Check] = field(default_factory=list)
+    split_layout: dict[str, int] = field(default_factory=dict)
+
+
+# ---- 1. exactness ---------------------------------------------------------------------------------------------
+def _logits_through_cache(
+    model: PreTrainedModel, ids: torch.Tensor, cache: Any, chunk: int, prompt: int
+) -> torch.Tensor:
+    """Logits of ``ids``: the prompt ``chunk`` tokens at a time through ``cache``, then one token at a time."""
+    pieces = [model(ids[:, s : min(s + chunk, prompt)], **cache_kwargs(cache)).logits for s in range(0, prompt, chunk)]
+    for position in range(prompt, ids.shape[1]):
+        pieces.append(model(ids[:, position : position + 1], **cache_kwargs(cache)).logits)
+    return torch.cat(pieces, dim=1)
+
+
+def _with_attention(model: PreTrainedModel, name: str, ids: torch.Tensor) -> torch.Tensor:
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        return model(ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def exactness(device: torch.device, dtypes: list[torch.dtype]) -> list[Check]:
+    checks = []
+    for dtype in dtypes:
+        for arch in ARCHITECTURES:
+            model = _tiny(arch).to(device=device, dtype=dtype)  # type: ignore[call-arg]
+            ids = _ids(36, seed=1).to(device)
+            cases: list[tuple[str, LMInfiniteConfig | DCAConfig]] = [
+                ("lm-infinite window", LMInfiniteConfig(n_global=3, n_local=8)),
+                ("dca", DCAConfig(chunk_size=12, local_window=4)),
+            ]
+            for what, config in cases:
+                patch_model(model, config)
+                name = dca_reference.DCA_REFERENCE_NAME if isinstance(config, DCAConfig) else reference.REFERENCE_NAME
+                reference.TOP_K_FROM_POSITION[0] = None
+                expected = _with_attention(model, name, ids)
+                got = _logits_through_cache(model, ids, new_cache(model), chunk=5, prompt=30)
+                bound = network_bound(expected.float(), dtype, REDUCTION, LAYERS)
+                checks.append(Check(f"{arch}: {what}", _dtype_name(dtype), _error(got, expected), bound))
+            # Top-k middle keys (full cache): generation-time queries only, each against a fresh reference run.
+            patch_model(model, LMInfiniteConfig(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, cache_mode="full"))
+            cache = new_cache(model)
+            cache.set_prompt_length(30)  # type: ignore[union-attr]
+            got = _logits_through_cache(model, ids, cache, chunk=5, prompt=30)
+            reference.TOP_K_FROM_POSITION[0] = 29
+            errors, bounds = [], []
+            for position in range(30, ids.shape[1]):
+                expected = _with_attention(model, reference.REFERENCE_NAME, ids[:, : position + 1])[:, -1]
+                errors.append(_error(got[:, position], expected))
+                bounds.append(network_bound(expected.float(), dtype, REDUCTION, LAYERS))
+            reference.TOP_K_FROM_POSITION[0] = None
+            checks.append(Check(f"{arch}: lm-infinite full + top-k", _dtype_name(dtype), max(errors), min(bounds)))
+            unpatch_model(model)
+    checks.append(_xl3m_check(device))
+    return checks
+
+
+def _xl3m_check(device: torch.device) -> Check:
+    """XL3M's answer and choice on the device equal the CPU's (float32, a tiny model trained to 256 tokens)."""
+    from tests.tiny_models import tiny_llama
+
+    tokenizer = _tokenizer()
+    text = "\n\n".join(f"Room {i} is on floor {i % 7}. Its code is {1000 + i}." for i in range(60))
+    prompt = text + "\n\nQuestion: what is the code of room 17?\nAnswer:"
+    answers = []
+    for where in (torch.device("cpu"), device):
+        model = tiny_llama(tokenizer, 2, 256).to(where)  # type: ignore[arg-type]
+        engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=XL3MConfig(segment_tokens=64),
+                        reuse_prefixes=False)  # fmt: skip
+        with engine.stream(prompt, GenerationSettings(max_new_tokens=8), question_tokens=12) as stream:
+            answer = "".join(stream)
+        chosen = stream.result.details["xl3m"]["chosen"] if stream.result and stream.result.details else []
+        answers.append((answer, [c["start"] for c in chosen]))
+    return Check("xl3m: answer and chosen segments as on the CPU", "fp32", float(answers[0] != answers[1]), 0.0)
+
+
+def _tokenizer() -> Any:
+    from lminf_integrations.models import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected.double()).abs().max())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# ---- 2. speed and memory --------------------------------------------------------------------------------------
+def random_model(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, layers: int | None = None) -> Any:
+    """A model of ``shape`` with random weights, built on ``device`` in ``dtype`` (no float32 copy on the way)."""
+    config = LlamaConfig(**{**shape, **({"num_hidden_layers": layers} if layers else {})})
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    return model
+
+
+def _memory_now(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure(
+    model: Any, mode: str, n_tokens: int, chunk: int, decode_steps: int, device: torch.device, n_local: int = 4096
+) -> SpeedRow:
+    decoder = model.get_decoder()
+    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), device=device)
+    if mode == "vanilla":
+        unpatch_model(model)
+        cache: Any = DynamicCache(config=model.config)
+    else:
+        patch_model(model, LMInfiniteConfig(n_local=n_local, cache_mode="window", chunk_size=chunk))
+        cache = new_cache(model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else _memory_now(device)
+    _sync(device)
+    started = time.perf_counter()
+    if mode == "vanilla":
+        decoder(input_ids=ids, **cache_kwargs(cache))
+    else:
+        for s in range(0, n_tokens, chunk):
+            decoder(input_ids=ids[:, s : s + chunk], **cache_kwargs(cache))
+    _sync(device)
+    prefill_s = time.perf_counter() - started
+    token = ids[:, -1:]
+    model(input_ids=token, **cache_kwargs(cache), logits_to_keep=1)  # first step outside the timing
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(decode_steps):
+        token = model(input_ids=token, **cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
+    _sync(device)
+    decode_s = time.perf_counter() - started
+    peak = _memory_now(device) - base
+    del cache
+    return SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak)
+
+
+def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, report: Report) -> None:
+    model = random_model(SHAPES[args.shape], device, dtype)
+    started = time.perf_counter()
+    for mode, growth in (("vanilla", 2.0), ("lm-infinite", 1.0)):  # time ∝ n² for vanilla, n for LM-Infinite
+        lengths = list(args.lengths)
+        last: SpeedRow | None = None
+        while lengths:
+            n = lengths.pop(0)
+            if last is not None:
+                predicted = last.prefill_s * (n / last.tokens) ** growth
+                if time.perf_counter() - started + predicted > args.budget:
+                    report.skipped.append(f"{mode} at {n} tokens (predicted {predicted:.0f} s past the budget)")
+                    break
+            try:
+                row = measure(model, mode, n, args.chunk, args.decode_steps, device, args.n_local)
+            except torch.OutOfMemoryError:
+                report.skipped.append(f"{mode} at {n} tokens (out of device memory)")
+                torch.cuda.empty_cache()
+                break
+            report.speed.append(row)
+            print(f"{mode:12s} {n:8d} tokens: {asdict(row)}", flush=True)
+            last = row
+            if not lengths and n < args.max_tokens:
+                lengths.append(n * 2)
+    unpatch_model(model)
+    del model
+
+
+# ---- 3. split over devices ------------------------------------------------------------------------------------
+@torch.no_grad()
+def split(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, report: Report) -> None:
+    model = random_model(SHAPES[args.shape], torch.device("cpu"), dtype, layers=args.split_layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.split_tokens))
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        _tokenizer().save_pretrained(folder)
+        del model
+        whole, _ = load_model(folder, _dtype_name(dtype), device=str(device))
+        if device.type == "cuda":
+            layer_bytes = sum(p.numel() * p.element_size() for p in whole.model.layers[0].parameters())
+            embed_bytes = whole.model.embed_tokens.weight.numel() * whole.model.embed_tokens.weight.element_size()
+            gpu_budget = embed_bytes + layer_bytes * (args.split_layers // 2)
+            placed, _ = load_model(folder, _dtype_name(dtype), device_map="auto",
+                                   max_memory={0: gpu_budget, "cpu": "64GiB"})  # fmt: skip
+        else:  # one device: every layer named, the device_map path still taken
+            names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
+            names += [f"model.layers.{i}" for i in range(args.split_layers)]
+            placed, _ = load_model(folder, _dtype_name(dtype), device_map=dict.fromkeys(names, "cpu"))
+        layout = getattr(placed, "hf_device_map", {}) or {}
+        report.split_layout = {str(d): sum(1 for v in layout.values() if v == d) for d in set(layout.values())}
+        for what, config in (("unpatched", None), ("lm-infinite", LMInfiniteConfig(n_global=4, n_local=256))):
+            for m in (whole, placed):
+                patch_model(m, config) if config else unpatch_model(m)
+            expected = whole(ids.to(device)).logits.float()
+            got = placed(ids).logits.float()
+            bound = network_bound(expected, dtype, SHAPES[args.shape]["intermediate_size"], args.split_layers + 1)
+            report.split.append(Check(f"split vs whole: {what}", _dtype_name(dtype), _error(got.cpu(), expected.cpu()),
+                                      bound))  # fmt: skip
+            for m in (whole, placed):
+                unpatch_model(m)
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def markdown(report: Report, args: argparse.Namespace) -> str:
+    lines = [
+        f"# GPU check ({report.device}), `python -m bench gpu {' '.join(args.argv)}`".rstrip(),
+        "",
+        f"{machine_line()}; device: {report.device}.",
+        "",
+        "## Exactness (tiny random models, against the dense references)",
+        "",
+        "| model: strategy | dtype | max error | bound | |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {c.what} | {c.dtype} | {c.error:.3g} | {c.bound:.3g} | {'ok' if c.ok else 'FAIL'} |"
+              for c in report.checks]  # fmt: skip
+    lines += [
+        "",
+        f"## Speed and memory ({args.shape} shape, random weights, {args.dtype}; LM-Infinite prefill in "
+        f"{args.chunk}-token steps, n_local={args.n_local}, window cache; {args.decode_steps} decoding steps)",
+        "",
+        "| mode | tokens | prefill s | prefill tok/s | decode tok/s | peak memory beyond weights GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.mode} | {r.tokens} | {r.prefill_s:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | "
+        f"{r.peak_gib:.2f} |"
+        for r in report.speed
+    ]
+    lines += [f"- not run: {s}" for s in report.skipped]
+    lines += ["", "## Split over devices", "", f"Layers per device: {report.split_layout}", ""]
+    lines += [f"- {c.what} ({c.dtype}): max error {c.error:.3g}, bound {c.bound:.3g}: {'ok' if c.ok else 'FAIL'}"
+              for c in report.split]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Report:
+    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and lengths (to test the check on a CPU)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: llama3-8b (tiny with --quick)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 32768 131072")
+    parser.add_argument("--max-tokens", type=int, default=None, help="doubling stops here (default: 1048576)")
+    parser.add_argument("--chunk", type=int, default=None, help="LM-Infinite prefill step (default: 4096)")
+    parser.add_argument("--decode-steps", type=int, default=None, help="default: 32")
+    parser.add_argument("--n-local", type=int, default=None, help="LM-Infinite window (default: 4096)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the speed part (default: 210)")
+    parser.add_argument("--split-layers", type=int, default=4)
+    parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else []
+    quick = args.quick
+    args.shape = args.shape or ("tiny" if quick else "llama3-8b")
+    args.lengths = args.lengths or ([256, 512] if quick else [32768, 131072])
+    args.max_tokens = args.max_tokens or (1024 if quick else 1 << 20)
+    args.chunk = args.chunk or (128 if quick else 4096)
+    args.decode_steps = args.decode_steps or (4 if quick else 32)
+    args.n_local = args.n_local or (128 if quick else 4096)
+    args.budget = args.budget or (60.0 if quick else 210.0)
+    args.split_tokens = args.split_tokens or (64 if quick else 512)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; run with --device cpu --quick to check the steps on a CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = Report(name)
+    report.checks = exactness(device, [torch.float32] if device.type == "cpu" else [torch.float32, dtype])
+    failed = [c.what for c in report.checks if not c.ok]
+    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}", flush=True)
+    speed(args, device, dtype, report)
+    split(args, device, dtype, report)
+    text = markdown(report, args)
+    print(text)
+    write_result("gpu.md", text, args.results)
+    payload = {
+        "checks": [asdict(c) for c in report.checks],
+        "speed": [asdict(r) for r in report.speed],
+        "skipped": report.skipped,
+        "split": [asdict(c) for c in report.split],
+        "layout": report.split_layout,
+    }
+    write_result("gpu.json", json.dumps(payload, indent=1) + "\n", args.results)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The GPU check (``python -m bench gpu``) run on the CPU with tiny shapes: every step runs, every exactness check
+and the split comparison pass, and the report is written. On a GPU the same command checks CUDA (issue 19)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+
+def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
+    report = gpu.main(["--device", "cpu", "--quick", "--results", str(tmp_path)])
+    strategies = {c.what.split(": ", 1)[1] for c in report.checks}
+    assert {"lm-infinite window", "lm-infinite full + top-k", "dca"} <= strategies
+    assert {c.what.split(":")[0] for c in report.checks} >= {"llama", "mistral", "qwen2", "qwen3", "xl3m"}
+    assert all(c.ok for c in report.checks), [c for c in report.checks if not c.ok]
+    assert {r.mode for r in report.speed} == {"vanilla", "lm-infinite"}
+    assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in report.speed)
+    assert report.split and all(c.ok for c in report.split)
+    payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
+    assert len(payload["checks"]) == len(report.checks)
+    assert "## Exactness" in (tmp_path / "gpu.md").read_text(encoding="utf-8")
+
+
+def test_without_cuda_the_check_says_how_to_run_it_on_a_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        gpu.main([])
+    assert "--device cpu --quick" in capsys.readouterr().err

@@ -147,18 +147,18 @@ class Engine:
 
     @property
     def options(self) -> EngineOptions:
-        """The :class:`~lminf_integrations.config.EngineOptions` this engine runs with (dtype named as loaded)."""
+        """The :class:`~lminf_integrations.config.EngineOptions` this engine runs with: dtype and placement as the
+        model is now (a device, or accelerate's device map when its layers are on several)."""
         name = self.strategy.name
         split = getattr(self.model, "hf_device_map", None)
         placed = len(set(split.values())) > 1 if isinstance(split, dict) else False
         return EngineOptions(
-            self.model_id,
-            dtype_name(self.model.dtype),
-            None if placed else str(input_device(self.model)),
-            dict(split) if placed else None,  # type: ignore[arg-type]
-            None,
-            name,  # type: ignore[arg-type]
-            self.compile_decode,
+            model_id=self.model_id,
+            dtype=dtype_name(self.model.dtype),
+            device=None if placed else str(input_device(self.model)),
+            device_map=dict(split) if placed else None,  # type: ignore[arg-type]
+            strategy=name,  # type: ignore[arg-type]
+            compile_decode=self.compile_decode,
         )
 
     @classmethod

@@ -242,6 +242,7 @@ def settings_docstring(groups: Sequence[str] = GROUPS) -> str:
     titles = {
         "model": "model",
         "strategy": "strategy",
+        "encoding": "encoding (every strategy)",
         "attention": "LM-Infinite attention (strategy='lm-infinite')",
         "xl3m": "XL3M segment selection (strategy='xl3m')",
         "dca": "Dual Chunk Attention (strategy='dca')",

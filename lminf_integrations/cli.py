@@ -85,8 +85,8 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser, groups:
         parser.error(str(error))
 
 
-ASK_GROUPS = ("model", "strategy", "attention", "xl3m", "dca", "decoding", "generation", "display")
-ENCODE_GROUPS = ("model", "strategy", "attention", "xl3m", "dca", "display")
+ASK_GROUPS = ("model", "strategy", "encoding", "attention", "xl3m", "dca", "decoding", "generation", "display")
+ENCODE_GROUPS = ("model", "strategy", "encoding", "attention", "xl3m", "dca", "display")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,7 +130,12 @@ class LMInfiniteConfig:
     cache_mode: CacheMode = setting(
         "window", "key/value cache: 'window' keeps n_global + n_local keys (constant memory), 'full' keeps all"
     )
-    chunk_size: int = setting(2048, "prompt tokens per forward call while encoding; bounds activation memory")
+    # Every strategy's prefill step (kept here, where the engine has always read it): its own settings group, so
+    # that it is not refused with strategies other than LM-Infinite.
+    chunk_size: int = setting(
+        2048, "prompt tokens per forward call while encoding (every strategy); bounds activation memory",
+        group="encoding",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(_is_int(self.n_global) and self.n_global >= 0, "n_global must be an int >= 0")

@@ -19,11 +19,12 @@ from typing import Any
 
 from .config import DCAConfig, EngineOptions, GenerationSettings, LMInfiniteConfig, XL3MConfig, merge_stop
 
-#: Groups, in the order they are listed: which model and how it loads; the long-context strategy; its attention
-#: settings; how decoding runs; one answer (these may also be given per call); what is shown while working.
-GROUPS = ("model", "strategy", "attention", "xl3m", "dca", "decoding", "generation", "display")
+#: Groups, in the order they are listed: which model and how it loads; the long-context strategy; how a prompt is
+#: encoded (every strategy); each strategy's own settings; how decoding runs; one answer (these may also be given
+#: per call); what is shown while working.
+GROUPS = ("model", "strategy", "encoding", "attention", "xl3m", "dca", "decoding", "generation", "display")
 #: Groups an already-built engine fixes: given together with ``engine=``, they are refused.
-ENGINE_GROUPS = ("model", "strategy", "attention", "xl3m", "dca", "decoding")
+ENGINE_GROUPS = ("model", "strategy", "encoding", "attention", "xl3m", "dca", "decoding")
 #: Groups that belong to one strategy: given (not at their defaults) with another, they are refused.
 STRATEGY_GROUPS = {"attention": "lm-infinite", "xl3m": "xl3m", "dca": "dca"}
 

@@ -63,6 +63,7 @@ def _engine_value(resolved: Resolved, name: str) -> Any:
         return getattr(resolved, name)
     parts = {
         "attention": resolved.config,
+        "encoding": resolved.config,  # the prefill step: an LMInfiniteConfig field, every strategy's setting
         "xl3m": resolved.xl3m,
         "dca": resolved.dca,
         "generation": resolved.generation,

@@ -114,6 +114,19 @@ def test_attention_settings_with_another_strategy_are_refused(capsys: pytest.Cap
     assert "n_local=9: settings of strategy='lm-infinite' have no effect" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("strategy", ["dca", "xl3m", "vanilla"])
+def test_the_prefill_step_is_every_strategys_setting(strategy: str) -> None:
+    # chunk_size sets how many prompt tokens go through the model per forward, whatever the strategy.
+    for command in ("ask", "encode"):
+        parser = cli.build_parser()
+        inputs = ["d", "q"] if command == "ask" else ["d", "-o", "s.lminf"]
+        args = parser.parse_args([command, *inputs, "--strategy", strategy, "--chunk-size", "512"])
+        groups = cli.ASK_GROUPS if command == "ask" else cli.ENCODE_GROUPS
+        assert cli._settings(args, parser, groups).config.chunk_size == 512
+    for cls in (LangChainLLM, ChatLMInfinite, LlamaIndexLLM):
+        assert cls(strategy=strategy, chunk_size=512).chunk_size == 512
+
+
 def test_the_cli_builds_the_strategy_it_is_given(tiny_model_dir: str) -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["ask", "doc.txt", "q", "--model", tiny_model_dir, "--strategy", "vanilla"])

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-local", type=int, default=4096)
     parser.add_argument("--cache-mode", default="window", choices=["window", "full"])
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder for speed.md/.json/.png")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -171,7 +172,8 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors. "
         f"{machine_line()}.\n"
         f"Command: `python -m bench speed --vanilla {' '.join(map(str, args.vanilla))} --patched "
-        f"{' '.join(map(str, args.patched))}{dca_option} --dtype {args.dtype} --decode-steps {args.decode_steps}`\n\n"
+        f"{' '.join(map(str, args.patched))}{dca_option} --dtype {args.dtype} --decode-steps {args.decode_steps}"
+        f"{'' if args.results == HERE / 'results' else ' --results ' + str(args.results)}`\n\n"
         "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     )
     lines = []
@@ -188,14 +190,14 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         lines.append("| " + " | ".join(cells) + " |")
     text = head + "\n".join(lines) + "\n"
     print(text)
-    write_result("speed.md", text)
-    (HERE / "results" / "speed.json").write_text(
+    write_result("speed.md", text, args.results)
+    (args.results / "speed.json").write_text(
         json.dumps({f"{m}-{n}": r for (m, n), r in rows.items()}, indent=1), encoding="utf-8"
     )
-    plot(rows)
+    plot(rows, args.results / "speed.png")
 
 
-def plot(rows: dict[tuple[str, int], dict[str, float]]) -> None:
+def plot(rows: dict[tuple[str, int], dict[str, float]], path: Path) -> None:
     try:
         import matplotlib
 
@@ -217,7 +219,7 @@ def plot(rows: dict[tuple[str, int], dict[str, float]]) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(HERE / "results" / "speed.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

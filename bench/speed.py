@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,6 +94,10 @@ MEMORY_DECODE_STEPS = 4
 def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, float] | None:
     """Timings from one fresh subprocess, memory from another (see ``MEMORY_ENV``)."""
     timing = _subprocess_row(args, mode, n_tokens, args.decode_steps, {})
+    if timing is not None and not args.memory:  # timings only: the memory run takes twice as long again
+        row = {**timing, "peak_gib": math.nan, "peak_gib_default_malloc": timing["peak_gib"]}
+        print(f"{mode:8s} {n_tokens:7d}: {row}", flush=True)
+        return row
     memory = _subprocess_row(args, mode, n_tokens, MEMORY_DECODE_STEPS, MEMORY_ENV) if timing else None
     if timing is None or memory is None:
         return None
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-local", type=int, default=4096)
     parser.add_argument("--cache-mode", default="window", choices=["window", "full"])
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument(
+        "--memory", action=argparse.BooleanOptionalAction, default=True, help="the separate memory run (default: on)"
+    )
     parser.add_argument("--results", type=Path, default=HERE / "results", help="folder for speed.md/.json/.png")
     parser.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -167,12 +175,18 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         f"# Prefill and decode speed, SmolLM2-135M-Instruct, {args.dtype}\n\n"
         f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, cache_mode={args.cache_mode}, "
         f"prefill chunk 2048. {dca_line}Vanilla: "
-        "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. Memory: peak RSS rise during "
-        f"prefill + {MEMORY_DECODE_STEPS} decode steps (beyond the weights), in a separate run with "
-        "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors. "
+        "transformers SDPA, one forward, DynamicCache. Text: pydoc_data.topics. "
+        + (
+            f"Memory: peak RSS rise during prefill + {MEMORY_DECODE_STEPS} decode steps (beyond the weights), in a "
+            "separate run with MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors. "
+            if args.memory
+            else "Memory not measured (--no-memory). "
+        )
+        + 
         f"{machine_line()}.\n"
         f"Command: `python -m bench speed --vanilla {' '.join(map(str, args.vanilla))} --patched "
         f"{' '.join(map(str, args.patched))}{dca_option} --dtype {args.dtype} --decode-steps {args.decode_steps}"
+        f"{'' if args.memory else ' --no-memory'}"
         f"{'' if args.results == HERE / 'results' else ' --results ' + str(args.results)}`\n\n"
         "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     )
@@ -186,7 +200,10 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
                 cells += [
                     f"{rows[(m, n)][key] / base[key]:.2f}×" if base and (m, n) in rows else "–" for m in patched
                 ]
-        cells += [f"{rows[(m, n)]['peak_gib']:.2f}" if (m, n) in rows else "–" for m in modes]
+        cells += [
+            f"{rows[(m, n)]['peak_gib']:.2f}" if (m, n) in rows and not math.isnan(rows[(m, n)]["peak_gib"]) else "–"
+            for m in modes
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     text = head + "\n".join(lines) + "\n"
     print(text)

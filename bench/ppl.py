@@ -174,7 +174,7 @@ def write_tables(
     table = "\n".join(lines) + "\n"
     print(table)
     write_result("ppl.md", table, args.results)
-    plot(columns, n_buckets, args.results / "ppl.png", f"{model} on {text.strip('`')}")
+    plot(columns, n_buckets, args.results / "ppl.png", f"{model} on {text.replace('`', '')}")
 
 
 def target_line(name: str, patched: list[float], base: list[float], past: str) -> str:

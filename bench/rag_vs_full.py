@@ -25,7 +25,7 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   *setup* time) and every question continues from a copy of that state: per-question time is the question's
   tokens plus the answer.
 * ``xl3m`` — the whole document through ``Engine(strategy="xl3m")`` (told where the question starts), once per
-  ``--xl3m-context`` budget (``default``: ``XL3MConfig``'s, a quarter of the training length; ``full``: the
+  ``--xl3m-context`` budget (``default``: ``XL3MConfig``'s, an eighth of the training length; ``full``: the
   training length less question and answer; or a number of tokens). The document is read once in segments
   (``Engine.encode``, the setup) and every question uses that state; "facts in prompt" counts questions whose
   fact sentences all start inside the chosen segments (XL3M's recall).
@@ -293,7 +293,7 @@ def run_full(
 # ---- (a') XL3M segment selection ----------------------------------------------------------------------------
 def run_xl3m(
     context: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument,
-    settings: GenerationSettings,
+    settings: GenerationSettings, segment_tokens: int | None = None,
 ) -> MethodRun:  # fmt: skip
     """The document read once in segments (``Engine.encode``: the setup), then every question through
     ``Engine(strategy="xl3m")`` with that state, told where the question starts: per-question time is scoring
@@ -305,8 +305,9 @@ def run_xl3m(
         context_tokens, budget = training, "the training length"
     else:
         context_tokens, budget = int(context), f"{int(context)} tokens"
-    label = f"xl3m, segments of {XL3MConfig().segment_tokens}, context {budget}"
-    config = XL3MConfig(context_tokens=context_tokens)
+    segment_tokens = segment_tokens or XL3MConfig().segment_tokens
+    label = f"xl3m, segments of {segment_tokens}, context {budget}"
+    config = XL3MConfig(context_tokens=context_tokens, segment_tokens=segment_tokens)
     engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=config, reuse_prefixes=False)
     doc_ids = engine.tokenize(doc.text)
     print(f"{label}:", flush=True)
@@ -492,7 +493,7 @@ def run_grid(
                     _release_memory()
             if "xl3m" in args.methods:
                 for context in args.xl3m_context:
-                    runs.append(run_xl3m(context, model, tokenizer, doc, settings))
+                    runs.append(run_xl3m(context, model, tokenizer, doc, settings, args.xl3m_segment_tokens))
                     _release_memory()
             if "dca" in args.methods:
                 chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
@@ -633,7 +634,7 @@ def command_line(args: argparse.Namespace) -> str:
     if "full" in args.methods:
         parts.append(f"--configs {' '.join(args.configs)} --n-local {args.n_local}")
     if "xl3m" in args.methods:
-        parts.append(f"--xl3m-context {' '.join(args.xl3m_context)}")
+        parts.append(f"--xl3m-context {' '.join(args.xl3m_context)} --xl3m-segment-tokens {args.xl3m_segment_tokens}")
     if "vector" in args.methods or "bm25" in args.methods:
         parts.append(f"--rag-top-k {args.rag_top_k} --chunk-tokens {args.chunk_tokens} "
                      f"--chunk-overlap {args.chunk_overlap}")  # fmt: skip
@@ -782,6 +783,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="XL3M context budgets to run: 'default' (XL3MConfig's), 'full' (the training length less question and "
         "answer) or tokens",
     )  # fmt: skip
+    parser.add_argument(
+        "--xl3m-segment-tokens", type=int, default=XL3MConfig().segment_tokens, help="XL3M's segment length"
+    )
     parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
     parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")
     parser.add_argument("--chunk-overlap", type=int, default=32, help="chunk overlap, MiniLM word pieces")

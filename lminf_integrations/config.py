@@ -235,7 +235,7 @@ class XL3MConfig:
     within ``context_tokens``; the answer is generated from those segments and the question.
     """
 
-    segment_tokens: int = setting(1024, "most tokens per segment (cut at paragraph, then sentence boundaries)")
+    segment_tokens: int = setting(512, "most tokens per segment (cut at paragraph, then sentence boundaries)")
     question_tokens: int = setting(
         64,
         "for a prompt given as one text: its last tokens before the chat template's closing part are taken as the "
@@ -244,7 +244,13 @@ class XL3MConfig:
     context_tokens: int | None = setting(
         None,
         "most segment tokens kept for the answer (never more than fit in the training length with the question and "
-        "answer); None: a quarter of the model's training length (README: 'Choosing a strategy')",
+        "answer); None: an eighth of the model's training length (README: 'Choosing a strategy')",
+    )
+    candidates: int | None = setting(
+        8,
+        "segments ranked best by where the question's attention falls (a cheap first pass) that are then scored by "
+        "likelihood, at least twice as many as fit in the answer's context; None: every segment is scored by "
+        "likelihood (slower on long documents)",
     )
     score: XL3MScore = setting(
         "loglik",
@@ -259,6 +265,8 @@ class XL3MConfig:
             _require(
                 _is_int(self.context_tokens) and self.context_tokens >= 1, "context_tokens must be None or an int >= 1"
             )
+        if self.candidates is not None:
+            _require(_is_int(self.candidates) and self.candidates >= 1, "candidates must be None or an int >= 1")
         _require(self.score in ("loglik", "entropy"), f"score must be 'loglik' or 'entropy', got {self.score!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from ..ops import cached_causal
 from .base import Strategy, kv_bytes_per_token
 from .lm_infinite.patch import is_patched, unpatch_model
 
@@ -66,6 +67,7 @@ class Vanilla(Strategy):
     def prepare(self, model: PreTrainedModel) -> None:
         if is_patched(model):
             unpatch_model(model)
+        cached_causal.release(model)  # transformers' own attention, as another strategy may have left it
 
     def new_cache(self, model: PreTrainedModel) -> FullCache:
         return FullCache(config=model.config)

@@ -104,10 +104,15 @@ class SegmentBlock:
 
     def row_cache(self, row: int) -> FullCache:
         """A cache of row ``row`` alone (a copy: the block is never written to), as a prompt's prefix."""
+        return self.prefix_cache(row, self.lengths[row])
+
+    def prefix_cache(self, row: int, length: int) -> FullCache:
+        """A cache of row ``row``'s first ``length`` positions (the prefix every row of the block was read after)."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"prefix length {length} outside row {row} of {self.lengths[row]} positions")
         cache = FullCache()
-        n = self.lengths[row]
         for index, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
-            cache.update(keys[row : row + 1, :, :n].clone(), values[row : row + 1, :, :n].clone(), index)
+            cache.update(keys[row : row + 1, :, :length].clone(), values[row : row + 1, :, :length].clone(), index)
         return cache
 
 

@@ -1,0 +1,158 @@
+"""A cheap first ranking of a document's segments: where the model's own attention, asked the question, looks.
+
+Scoring every segment by the likelihood of the question after it (:func:`.scoring.score_rows`) costs the question's
+tokens through the whole model once per segment, which at a hundred segments dominates a question's time. This
+pass costs one forward of the question alone: the question is read after the shared prefix, its query vectors are
+recorded at every layer, and at the middle half of the layers they are matched against the keys every segment
+already has in the document's state (computed when the segments were read). For each attention head and question
+token, each segment is represented by its best-matching key (its largest attention logit, the shared prefix left
+out); a softmax over the segments gives the head's weight on each, averaged over the question's tokens; a
+segment's score is its largest weight in any head.
+
+Why these choices (measured on ``python -m bench rag-vs-full`` documents; README, "Choosing a strategy"):
+
+- The largest weight in any head, not a sum over heads: most heads spread their attention evenly over segments of
+  similar text, while a few (the "retrieval heads" of Wu et al., 2024) put most of it on the text the question
+  asks about. Summing buries those few under the rest; the maximum keeps them, with no list of heads to learn per
+  model.
+- The best key per segment, not the attention mass over all of its keys (a log-sum-exp per segment): both ranked
+  the segments a question needs among the first few alike, and the maximum costs a comparison per logit where
+  the mass costs an exponential.
+- The middle half of the layers: it holds such heads in the models studied (and in the default model), and halves
+  the pass's cost.
+
+The question sees only the prefix here, not the segment, so this is a ranking to narrow the field, not the
+decision: the best few segments are then scored by likelihood as before (:class:`.strategy.XL3M`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ...hf_compat import cache_kwargs
+from ...models import input_device
+from ..vanilla import FullCache
+from .scoring import SegmentBlock, grouped_attention
+
+RECORDING_ATTENTION = "lminf_xl3m_recording"
+# Logit elements (rows × heads × query tokens × keys) computed at once when matching queries against keys: a few
+# MiB, so that each chunk's logits are reduced while still in the CPU's caches (larger chunks ran slower).
+_MATCH_ELEMENTS = 1 << 21
+
+# Per layer index: the (rotated) queries and the attention's scale, while a recording forward runs.
+_RECORDED: contextvars.ContextVar[dict[int, tuple[torch.Tensor, float]] | None] = contextvars.ContextVar(
+    "lminf_xl3m_recorded", default=None
+)
+
+
+def recording_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """:func:`.scoring.grouped_attention`, keeping each layer's queries (after the position rotation) on the way."""
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+        recorded[int(getattr(module, "layer_idx", len(recorded)))] = (query.detach(), scale)
+    return grouped_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(RECORDING_ATTENTION, recording_attention)
+AttentionMaskInterface.register(RECORDING_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _recording(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, float]]]:
+    """``model`` recording its queries for the duration (the caller holds the model's lock)."""
+    previous = model.config._attn_implementation
+    recorded: dict[int, tuple[torch.Tensor, float]] = {}
+    token = _RECORDED.set(recorded)
+    model.set_attn_implementation(RECORDING_ATTENTION)
+    try:
+        yield recorded
+    finally:
+        model.set_attn_implementation(previous)
+        _RECORDED.reset(token)
+
+
+@torch.inference_mode()
+def question_queries(
+    model: PreTrainedModel, prefix: FullCache, query: Sequence[int], start: int
+) -> dict[int, tuple[torch.Tensor, float]]:
+    """Per layer, the queries ``[heads, tokens, head_dim]`` of ``query`` read after ``prefix`` at positions
+    ``start, start + 1, ...`` (where it would stand after a segment), and the layer's attention scale."""
+    positions = torch.arange(start, start + len(query), device=input_device(model))[None]
+    tokens = torch.tensor([list(query)], device=input_device(model))
+    with _recording(model) as recorded:
+        model.get_decoder()(input_ids=tokens, position_ids=positions, use_cache=True, **cache_kwargs(prefix))
+    return {layer: (queries[0], scale) for layer, (queries, scale) in recorded.items()}
+
+
+def middle_layers(n_layers: int) -> list[int]:
+    """The middle half of a model's layers (at least one)."""
+    first, last = n_layers // 4, max(n_layers // 4 + 1, (3 * n_layers) // 4)
+    return list(range(first, last))
+
+
+def _row_best_logits(
+    queries: torch.Tensor, scale: float, keys: torch.Tensor, prefix: int, lengths: torch.Tensor
+) -> torch.Tensor:
+    """``[heads, tokens, rows]``: per head and query token, its largest attention logit over each row's own keys
+    (positions ``prefix`` to the row's length; the shared prefix and the padding left out)."""
+    heads, n_tokens, dim = queries.shape
+    rows, kv_heads, width, _ = keys.shape
+    groups = heads // kv_heads
+    # Each key head with its query heads, in the keys' dtype: the products are summed in fp32 by the matmul, and
+    # only the largest per row is kept, so storing them at the keys' precision costs the ranking nothing visible.
+    grouped = queries.reshape(kv_heads, groups * n_tokens, dim).to(keys.dtype)
+    per_chunk = max(1, _MATCH_ELEMENTS // max(1, heads * n_tokens * (width - prefix)))
+    seen = torch.arange(prefix, width, device=keys.device)[None, :] < lengths.to(keys.device)[:, None]
+    out = []
+    for first in range(0, rows, per_chunk):
+        logits = torch.matmul(grouped, keys[first : first + per_chunk, :, prefix:].transpose(-1, -2))
+        logits.masked_fill_(~seen[first : first + per_chunk, None, None, :], float("-inf"))
+        out.append(logits.amax(-1).float() * scale)  # [chunk, kv_heads, groups*tokens]
+    return torch.cat(out).reshape(rows, heads, n_tokens).permute(1, 2, 0)
+
+
+@torch.inference_mode()
+def attention_scores(
+    queries: dict[int, tuple[torch.Tensor, float]],
+    places: Sequence[tuple[SegmentBlock, int]],
+    prefix: int,
+    layers: Sequence[int],
+) -> list[float]:
+    """Each segment's score (``places[i]``: its block and row, read after ``prefix`` shared tokens): its largest
+    weight, in any head of ``layers``, among all segments represented by their best-matching keys, averaged over
+    the question's tokens."""
+    by_block: dict[int, tuple[SegmentBlock, list[int]]] = {}
+    for index, (block, _) in enumerate(places):
+        by_block.setdefault(id(block), (block, []))[1].append(index)
+    best = torch.full((len(places),), float("-inf"))
+    for layer in layers:
+        query, scale = queries[layer]
+        logits = torch.empty(query.shape[0], query.shape[1], len(places))
+        for block, indices in by_block.values():
+            rows = [places[i][1] for i in indices]
+            # The rows from the first to the last used, as a view (a repeated segment is one row, used twice).
+            low, high = min(rows), max(rows) + 1
+            lengths = torch.tensor(block.lengths[low:high])
+            row_logits = _row_best_logits(query.to(block.keys[layer].device), scale, block.keys[layer][low:high],
+                                          prefix, lengths).cpu()  # fmt: skip
+            logits[:, :, indices] = row_logits[:, :, [row - low for row in rows]]
+        share = logits.softmax(-1).mean(1)  # [heads, segments]: each head's weight per segment, token-averaged
+        best = torch.maximum(best, share.amax(0))
+    return best.tolist()

@@ -18,8 +18,9 @@ Methods, all on the same prompts (the default runs the first three; ``--methods`
 * ``lambda`` – LM-Infinite Λ-attention only (``top_k=0``);
 * ``lambda+topk`` – Λ-attention plus top-k middle attention for the last prompt token and the answer;
 * ``xl3m`` – ``Engine(strategy="xl3m")`` with the default ``XL3MConfig``, told that the question is the prompt's
-  tokens after the filler (``QUESTION``): the unpatched model reads the prompt in segments, scores each by the
-  question's likelihood after it and answers from the best ones within its training length. Its *recall* is
+  tokens after the filler (``QUESTION``): the unpatched model reads the prompt in segments, ranks them by where
+  the question's attention falls, scores the best few by the question's likelihood after each and answers from
+  the best ones within its context budget. Its *recall* is
   whether the segment holding the key line's start was among the chosen ones (a prompt that fits the training
   length with the answer is read whole: recall by definition).
 * ``dca`` – ``Engine(strategy="dca")`` with the default ``DCAConfig``: every key stays visible, at distances no
@@ -66,6 +67,7 @@ from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
+from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE
 
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -516,11 +518,13 @@ def main(argv: list[str] | None = None) -> None:
     if "vanilla" in args.methods:
         details.append(f"vanilla: prompts up to {args.vanilla_max} tokens ('–': not run).")
     if "xl3m" in args.methods:
-        budget = "the training length less question and answer" if xl3m.context_tokens is None else (
+        training = int(model.config.max_position_embeddings)
+        budget = f"{training // CONTEXT_SHARE} tokens" if xl3m.context_tokens is None else (
             f"{xl3m.context_tokens} tokens")  # fmt: skip
         details.append(
-            f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, score {xl3m.score}, "
-            f"context up to {budget}); question = the prompt's last {len(parts.question)} tokens; recall = the "
+            f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, the {xl3m.candidates} best "
+            f"of a first attention pass scored by {xl3m.score}, context up to {budget}); question = the prompt's "
+            f"last {len(parts.question)} tokens; recall = the "
             "segment holding the key line's start was chosen (a prompt within the training length is read whole)."
         )
     if "dca" in args.methods:

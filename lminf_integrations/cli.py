@@ -196,12 +196,20 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _selection(details: dict[str, Any] | None) -> str:
-    """What the strategy chose, for people: XL3M's segments by token positions and score."""
+    """What the strategy chose, for people: XL3M's segments by token positions and scores."""
     xl3m = (details or {}).get("xl3m")
     if xl3m is None:
         return "[selection: none: the whole prompt was read (strategy other than xl3m, or a prompt that fits)]"
-    chosen = ", ".join(f"{c['start']}-{c['end']} ({c['score']:+.3f})" for c in xl3m["chosen"])
-    return f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, tokens {chosen}]"
+    chosen = ", ".join(
+        f"{c['start']}-{c['end']} (likelihood {c['score']:+.3f}"
+        + (f", attention {c['attention']:.3f})" if "attention" in c else ")")
+        for c in xl3m["chosen"]
+    )
+    if xl3m.get("scored", xl3m["segments"]) < xl3m["segments"]:
+        scored = f"{xl3m['scored']} scored by likelihood after the attention pass"
+    else:
+        scored = "all scored by likelihood"
+    return f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, {scored}; tokens {chosen}]"
 
 
 def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

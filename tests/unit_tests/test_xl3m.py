@@ -4,6 +4,7 @@ strategy through the engine and ``lminf``."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -239,7 +240,9 @@ def test_lminf_ask_with_xl3m_shows_its_selection(
     common = ["--model", tiny_model_dir, "--dtype", "fp32", "--max-new-tokens", "3", "--no-progress"]
     assert cli.main(["ask", str(document), "Code of room 7?", *common, "--strategy", "xl3m", "--show-selection"]) == 0
     err = capsys.readouterr().err
-    assert "[xl3m: " in err and " segments, tokens " in err
+    assert "[xl3m: " in err and " segments, 8 scored by likelihood after the attention pass; tokens " in err
+    chosen = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", err)
+    assert chosen and len(chosen) == int(re.search(r"\[xl3m: (\d+) of ", err).group(1))  # type: ignore[union-attr]
     state = tmp_path / "s.lminf"
     assert cli.main(["encode", str(document), "-o", str(state), *common[:4], "--strategy", "xl3m"]) == 0
     assert "saved " in capsys.readouterr().err

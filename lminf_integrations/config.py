@@ -244,7 +244,8 @@ class XL3MConfig:
     context_tokens: int | None = setting(
         None,
         "most segment tokens kept for the answer (never more than fit in the training length with the question and "
-        "answer); None: an eighth of the model's training length (README: 'Choosing a strategy')",
+        "answer); None: an eighth of the model's training length, and at least two segments (README: 'Choosing a "
+        "strategy')",
     )
     candidates: int | None = setting(
         8,

@@ -43,6 +43,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "segment_tokens": {"strategy": "xl3m", "segment_tokens": 512},
     "question_tokens": {"strategy": "xl3m", "question_tokens": 32},
     "context_tokens": {"strategy": "xl3m", "context_tokens": 2048},
+    "candidates": {"strategy": "xl3m", "candidates": 12},
     "score": {"strategy": "xl3m", "score": "entropy"},
     "dca_chunk_size": {"strategy": "dca", "dca_chunk_size": 4096},
     "dca_local_window": {"strategy": "dca", "dca_local_window": 512},

@@ -169,6 +169,12 @@ def test_budget_setting(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -
     "".join(stream)
     assert stream.result is not None and stream.result.details is not None
     assert sum(c["end"] - c["start"] for c in stream.result.details["xl3m"]["chosen"]) <= 60
+    # By default the context holds an eighth of the training length (32 tokens here), and at least two segments.
+    wide = _engine(model, tokenizer, segment_tokens=64)
+    stream = wide.stream(TEXT + "\nWhat is the code of room 7?", GenerationSettings(max_new_tokens=2))
+    "".join(stream)
+    assert stream.result is not None and stream.result.details is not None
+    assert 32 < sum(c["end"] - c["start"] for c in stream.result.details["xl3m"]["chosen"]) <= 2 * 64 - SINK
     with pytest.raises(ValueError, match="segment_tokens=512 exceeds the model's training length 256"):
         _engine(model, tokenizer, segment_tokens=512)
     narrow = _engine(model, tokenizer, context_tokens=10)

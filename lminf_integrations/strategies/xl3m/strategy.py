@@ -277,7 +277,8 @@ class XL3M(Strategy):
         room = limit - layout.head - q - layout.tail - max_new_tokens - _MARGIN
         # The default model answered more questions from a few chosen segments than from a full training length
         # of them (README, 'Choosing a strategy'); never past the training length.
-        budget = min(cfg.context_tokens or limit // CONTEXT_SHARE, room)
+        # At least two segments by default, so that a model with a short training length still has a choice.
+        budget = min(cfg.context_tokens or max(limit // CONTEXT_SHARE, 2 * cfg.segment_tokens), room)
         with self._lock:  # one document's segments are read once even if two questions come at once
             if isinstance(state, SegmentedDocument) and _covers(state, layout):
                 document = state  # the document before the question, cut as this prompt cuts it: nothing to redo

@@ -153,7 +153,7 @@ def test_the_attention_pass_narrows_likelihood_scoring(tiny: tuple[PreTrainedMod
     everything = _plan(tiny, None)
     assert everything["scored"] == everything["segments"] > 8
     assert all("attention" not in chosen for chosen in everything["chosen"])
-    fit = -(-(TRAINING_LENGTH // CONTEXT_SHARE) // 48)  # the default context
+    fit = -(-max(TRAINING_LENGTH // CONTEXT_SHARE, 2 * 48) // 48)  # the default context: at least two segments
     narrowed = _plan(tiny, 1)
     assert narrowed["scored"] == 2 * fit
     narrowed = _plan(tiny, 5)

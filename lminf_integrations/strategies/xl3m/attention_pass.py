@@ -120,10 +120,12 @@ def _row_best_logits(
     grouped = queries.reshape(kv_heads, groups * n_tokens, dim).to(keys.dtype)
     per_chunk = max(1, _MATCH_ELEMENTS // max(1, heads * n_tokens * (width - prefix)))
     seen = torch.arange(prefix, width, device=keys.device)[None, :] < lengths.to(keys.device)[:, None]
+    # Padding hidden by adding -inf (an add ran faster than a masked fill here).
+    hidden = torch.zeros(seen.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~seen, float("-inf"))
     out = []
     for first in range(0, rows, per_chunk):
         logits = torch.matmul(grouped, keys[first : first + per_chunk, :, prefix:].transpose(-1, -2))
-        logits.masked_fill_(~seen[first : first + per_chunk, None, None, :], float("-inf"))
+        logits.add_(hidden[first : first + per_chunk, None, None, :])
         out.append(logits.amax(-1).float() * scale)  # [chunk, kv_heads, groups*tokens]
     return torch.cat(out).reshape(rows, heads, n_tokens).permute(1, 2, 0)
 

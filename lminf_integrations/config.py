@@ -230,9 +230,10 @@ class DCAConfig:
 class XL3MConfig:
     """Settings of XL3M segment selection (Wang et al., 2024, arXiv 2405.17755).
 
-    The prompt's body is cut into segments at natural boundaries; the model reads each segment on its own, then the
-    question after it, and the segments it is most certain about the question with are kept, in document order,
-    within ``context_tokens``; the answer is generated from those segments and the question.
+    The prompt's body is cut into segments at natural boundaries; the model reads each segment on its own. For a
+    question, the ``candidates`` segments its attention favours most are read with the question after each, and the
+    segments the model is most certain about the question with are kept, in document order, within
+    ``context_tokens``; the answer is generated from those segments and the question.
     """
 
     segment_tokens: int = setting(512, "most tokens per segment (cut at paragraph, then sentence boundaries)")

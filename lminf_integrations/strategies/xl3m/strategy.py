@@ -2,13 +2,15 @@
 
 XL3M (Wang et al., 2024, arXiv 2405.17755), training-free: the prompt's body is cut into segments at natural
 boundaries (:mod:`.segments`); the unpatched model reads each segment (after the prompt's opening and the
-document's first tokens, within its training length), then the question after it, and how certain it is about the
-question given the segment ranks the segments (:mod:`.scoring`); the best, in document order, within a token
-budget, are read again with the question and answered from. Every token of the document is read by the model;
-each segment's keys and values are computed once and kept (:class:`.scoring.SegmentStore`, and in a document
-state: :class:`SegmentedDocument`), so another question about the same document costs its own tokens per segment
-(scored in batches) and the reading of the chosen text after the first chosen segment, whose keys and values
-from the reading are exactly those of the answer prompt's beginning.
+document's first tokens, within its training length). For a question, a cheap pass ranks the segments by where the
+question's attention falls among their kept keys (:mod:`.attention_pass`); the model then reads the question after
+each of the best few, and how certain it is about the question given the segment ranks them (:mod:`.scoring`);
+the best, in document order, within a token budget, are read again with the question and answered from. Every
+token of the document is read by the model; each segment's keys and values are computed once and kept
+(:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`), so another question about
+the same document costs one pass of its tokens, its tokens after each candidate segment, and the reading of the
+chosen text after the first chosen segment, whose keys and values from the reading are exactly those of the
+answer prompt's beginning.
 
 Reusing the chosen segments' keys and values for the answer instead of reading them again (rotated to their new
 positions) was tried and dropped: segments read apart do not attend to each other, and the default model then
@@ -276,8 +278,8 @@ class XL3M(Strategy):
         query = ids[layout.body_end : len(ids) - layout.tail]
         room = limit - layout.head - q - layout.tail - max_new_tokens - _MARGIN
         # The default model answered more questions from a few chosen segments than from a full training length
-        # of them (README, 'Choosing a strategy'); never past the training length.
-        # At least two segments by default, so that a model with a short training length still has a choice.
+        # of them (README, 'Choosing a strategy'); at least two segments by default, so that a model with a short
+        # training length still has a choice; never past the training length.
         budget = min(cfg.context_tokens or max(limit // CONTEXT_SHARE, 2 * cfg.segment_tokens), room)
         with self._lock:  # one document's segments are read once even if two questions come at once
             if isinstance(state, SegmentedDocument) and _covers(state, layout):
@@ -325,8 +327,8 @@ class XL3M(Strategy):
         return max(self.config.candidates, 2 * fit)
 
     def _attention(self, model: PreTrainedModel, document: SegmentedDocument, query: list[int]) -> list[float]:
-        """Each segment's share of the question's attention (:mod:`.attention_pass`), the question read after the
-        shared prefix where it would stand after a full segment."""
+        """Each segment's score from the attention pass (:mod:`.attention_pass`), the question read after the shared
+        prefix where it would stand after a full segment."""
         block, row = document.places[0]
         queries = question_queries(
             model, block.prefix_cache(row, document.prefix), query, document.prefix + self.config.segment_tokens

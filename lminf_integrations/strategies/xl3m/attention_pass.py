@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ...hf_compat import cache_kwargs
 from ...models import input_device
 from ..vanilla import FullCache
-from .scoring import SegmentBlock, grouped_attention
+from .scoring import SegmentBlock, attention_implementation, grouped_attention, rows_by_block
 
 RECORDING_ATTENTION = "lminf_xl3m_recording"
 # Logit elements (rows × heads × query tokens × keys) computed at once when matching queries against keys: a few
@@ -77,14 +77,12 @@ AttentionMaskInterface.register(RECORDING_ATTENTION, sdpa_mask)
 @contextlib.contextmanager
 def _recording(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, float]]]:
     """``model`` recording its queries for the duration (the caller holds the model's lock)."""
-    previous = model.config._attn_implementation
     recorded: dict[int, tuple[torch.Tensor, float]] = {}
     token = _RECORDED.set(recorded)
-    model.set_attn_implementation(RECORDING_ATTENTION)
     try:
-        yield recorded
+        with attention_implementation(model, RECORDING_ATTENTION):
+            yield recorded
     finally:
-        model.set_attn_implementation(previous)
         _RECORDED.reset(token)
 
 
@@ -107,11 +105,20 @@ def middle_layers(n_layers: int) -> list[int]:
     return list(range(first, last))
 
 
+def _padding_bias(
+    lengths: torch.Tensor, prefix: int, width: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[rows, width - prefix]``: 0 at each row's own keys, -inf at its padding (added to logits: an add ran faster
+    than a masked fill here)."""
+    seen = torch.arange(prefix, width, device=device)[None, :] < lengths.to(device)[:, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+
+
 def _row_best_logits(
-    queries: torch.Tensor, scale: float, keys: torch.Tensor, prefix: int, lengths: torch.Tensor
+    queries: torch.Tensor, scale: float, keys: torch.Tensor, prefix: int, hidden: torch.Tensor
 ) -> torch.Tensor:
     """``[heads, tokens, rows]``: per head and query token, its largest attention logit over each row's own keys
-    (positions ``prefix`` to the row's length; the shared prefix and the padding left out)."""
+    (positions from ``prefix`` on; ``hidden``: :func:`_padding_bias` of the rows)."""
     heads, n_tokens, dim = queries.shape
     rows, kv_heads, width, _ = keys.shape
     groups = heads // kv_heads
@@ -119,9 +126,6 @@ def _row_best_logits(
     # only the largest per row is kept, so storing them at the keys' precision costs the ranking nothing visible.
     grouped = queries.reshape(kv_heads, groups * n_tokens, dim).to(keys.dtype)
     per_chunk = max(1, _MATCH_ELEMENTS // max(1, heads * n_tokens * (width - prefix)))
-    seen = torch.arange(prefix, width, device=keys.device)[None, :] < lengths.to(keys.device)[:, None]
-    # Padding hidden by adding -inf (an add ran faster than a masked fill here).
-    hidden = torch.zeros(seen.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~seen, float("-inf"))
     out = []
     for first in range(0, rows, per_chunk):
         logits = torch.matmul(grouped, keys[first : first + per_chunk, :, prefix:].transpose(-1, -2))
@@ -140,21 +144,23 @@ def attention_scores(
     """Each segment's score (``places[i]``: its block and row, read after ``prefix`` shared tokens): its largest
     weight, in any head of ``layers``, among all segments represented by their best-matching keys, averaged over
     the question's tokens."""
-    by_block: dict[int, tuple[SegmentBlock, list[int]]] = {}
-    for index, (block, _) in enumerate(places):
-        by_block.setdefault(id(block), (block, []))[1].append(index)
+    groups = []
+    for block, indices in rows_by_block(places, range(len(places))):
+        rows = [places[i][1] for i in indices]
+        # The rows from the first to the last used, as a view (a repeated segment is one row, used twice).
+        low, high = min(rows), max(rows) + 1
+        keys = block.keys[0]
+        hidden = _padding_bias(torch.tensor(block.lengths[low:high]), prefix, keys.shape[2], keys.dtype, keys.device)
+        groups.append((block, indices, low, high, [row - low for row in rows], hidden))
     best = torch.full((len(places),), float("-inf"))
     for layer in layers:
         query, scale = queries[layer]
         logits = torch.empty(query.shape[0], query.shape[1], len(places))
-        for block, indices in by_block.values():
-            rows = [places[i][1] for i in indices]
-            # The rows from the first to the last used, as a view (a repeated segment is one row, used twice).
-            low, high = min(rows), max(rows) + 1
-            lengths = torch.tensor(block.lengths[low:high])
-            row_logits = _row_best_logits(query.to(block.keys[layer].device), scale, block.keys[layer][low:high],
-                                          prefix, lengths).cpu()  # fmt: skip
-            logits[:, :, indices] = row_logits[:, :, [row - low for row in rows]]
+        for block, indices, low, high, picked, hidden in groups:
+            keys = block.keys[layer][low:high]
+            logits[:, :, indices] = _row_best_logits(query.to(keys.device), scale, keys, prefix, hidden).cpu()[
+                :, :, picked
+            ]
         share = logits.softmax(-1).mean(1)  # [heads, segments]: each head's weight per segment, token-averaged
         best = torch.maximum(best, share.amax(0))
     return best.tolist()

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +70,10 @@ AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
-def _scoring_attention(model: PreTrainedModel) -> Iterator[None]:
-    """``model`` with :func:`grouped_attention` for the duration (the caller holds the model's lock)."""
+def attention_implementation(model: PreTrainedModel, name: str = SCORING_ATTENTION) -> Iterator[None]:
+    """``model`` with the registered attention ``name`` for the duration (the caller holds the model's lock)."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(SCORING_ATTENTION)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
@@ -83,6 +83,17 @@ def _scoring_attention(model: PreTrainedModel) -> Iterator[None]:
 def segment_key(model: PreTrainedModel, ids: Sequence[int]) -> tuple[int, str]:
     """What identifies a read segment: the model and its tokens (prefix included)."""
     return id(model), hashlib.sha256(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+def rows_by_block(
+    places: Sequence[tuple[SegmentBlock, int]], indices: Iterable[int]
+) -> list[tuple[SegmentBlock, list[int]]]:
+    """``indices`` (into ``places``: each segment's block and row) grouped by block, in order of first appearance."""
+    by_block: dict[int, tuple[SegmentBlock, list[int]]] = {}
+    for index in indices:
+        block = places[index][0]
+        by_block.setdefault(id(block), (block, []))[1].append(index)
+    return list(by_block.values())
 
 
 @dataclass
@@ -205,7 +216,7 @@ def score_rows(
         positions = lengths[:, None] + torch.arange(q)[None, :]
         tokens = torch.tensor([list(query)] * len(chosen))
         device = input_device(model)
-        with _scoring_attention(model):
+        with attention_implementation(model):
             logits = model(
                 input_ids=tokens.to(device),
                 attention_mask=mask.to(device),

@@ -32,7 +32,7 @@ from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import Vanilla
 from .attention_pass import attention_scores, middle_layers, question_queries
-from .scoring import SegmentBlock, SegmentStore, score_rows, segment_key
+from .scoring import SegmentBlock, SegmentStore, rows_by_block, score_rows, segment_key
 from .segments import split
 
 # Tokens kept free besides the question, template and answer when the budget is derived (a safety margin).
@@ -345,11 +345,7 @@ class XL3M(Strategy):
     ) -> dict[int, float]:
         """The score of each of ``candidates`` (segment indices), the rows of one block scored together."""
         scores: dict[int, float] = {}
-        by_block: dict[int, tuple[SegmentBlock, list[int]]] = {}
-        for index in candidates:
-            block = document.places[index][0]
-            by_block.setdefault(id(block), (block, []))[1].append(index)
-        for block, indices in by_block.values():
+        for block, indices in rows_by_block(document.places, candidates):
             rows = [document.places[i][1] for i in indices]
             for index, value in zip(
                 indices, score_rows(model, block, rows, query, self.config.score, scored), strict=True

@@ -249,7 +249,7 @@ class XL3MConfig:
         "strategy')",
     )
     candidates: int | None = setting(
-        8,
+        6,
         "segments ranked best by where the question's attention falls (a cheap first pass) that are then scored by "
         "likelihood, at least twice as many as fit in the answer's context; None: every segment is scored by "
         "likelihood (slower on long documents)",

@@ -15,7 +15,7 @@ from lminf_integrations import cli
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.strategies.vanilla import FullCache
-from lminf_integrations.strategies.xl3m.scoring import SegmentStore, read, read_block, score_rows
+from lminf_integrations.strategies.xl3m.scoring import SegmentStore, question_start, read, read_block, score_rows
 from lminf_integrations.strategies.xl3m.segments import split
 from lminf_integrations.strategies.xl3m.strategy import XL3M, SegmentedDocument, _choose, template_parts
 from tests.tiny_models import tiny_llama
@@ -183,6 +183,43 @@ def test_budget_setting(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -
     assert isinstance(engine.strategy, XL3M)
 
 
+def test_question_start_skips_the_leading_line_breaks_only(default_tokenizer: PreTrainedTokenizerBase) -> None:
+    for text in ["\n\nQuestion: what?", " \n What is it", "\nAnswer:", "What is it?\n\n"]:
+        ids = list(default_tokenizer(text, add_special_tokens=False).input_ids)
+        start = question_start(default_tokenizer, ids)
+        assert default_tokenizer.decode(ids[:start]).strip() == "" and default_tokenizer.decode(ids[start]).strip()
+        assert (start > 0) == (text != text.lstrip())
+    blank = list(default_tokenizer("\n\n", add_special_tokens=False).input_ids)
+    assert question_start(default_tokenizer, blank) == 0  # nothing but blanks: everything counts
+
+
+def test_the_line_breaks_joining_a_segment_to_the_question_are_not_scored(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """A chosen segment's likelihood score is the mean log-probability of the question from its first word on,
+    read after the prefix and the segment (an independent plain forward): the line breaks before the question say
+    how the segment ended, not whether it answers, so they only condition."""
+    model, tokenizer = tiny
+    query = list(tokenizer("\n\nWhat is the code of room 7?", add_special_tokens=False).input_ids)
+    engine = _engine(model, tokenizer, candidates=None, question_tokens=len(query))
+    ids = engine.tokenize(TEXT + "\n\nWhat is the code of room 7?")
+    assert ids[-len(query) :] == query
+    blank = next(i for i, token in enumerate(query) if tokenizer.decode([token]).strip())
+    assert blank >= 2  # the question starts with two line-break tokens: one conditions anyway, one is the junction
+    engine.strategy.prepare(model)
+    plan = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plan is not None
+    for chosen in plan.details["chosen"]:
+        with torch.inference_mode():
+            whole = [*ids[:SINK], *ids[chosen["start"] : chosen["end"]], *query]
+            logits = model(torch.tensor([whole])).logits[0].float()
+        logp = logits[len(whole) - len(query) : -1].log_softmax(-1)
+        per_token = logp.gather(-1, torch.tensor(query[1:])[:, None])[:, 0]
+        expected = float(per_token[blank - 1 :].mean())
+        bound = max(2 * network_bound(logits, torch.float32, reduction=128, layers=2), 1e-4)  # details round to 4
+        assert abs(chosen["score"] - expected) <= bound, (chosen["score"], expected, float(per_token.mean()))
+
+
 def test_the_answer_continues_the_first_chosen_segment(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
     """The plan hands the engine the first chosen segment as read (no second reading), and it is the same cache
     as reading the answer prompt's beginning afresh."""
@@ -246,7 +283,8 @@ def test_lminf_ask_with_xl3m_shows_its_selection(
     common = ["--model", tiny_model_dir, "--dtype", "fp32", "--max-new-tokens", "3", "--no-progress"]
     assert cli.main(["ask", str(document), "Code of room 7?", *common, "--strategy", "xl3m", "--show-selection"]) == 0
     err = capsys.readouterr().err
-    assert "[xl3m: " in err and " segments, 8 scored by likelihood after the attention pass; tokens " in err
+    scored = XL3MConfig().candidates  # the default: more than twice the two 512-token segments that fit
+    assert "[xl3m: " in err and f" segments, {scored} scored by likelihood after the attention pass; tokens " in err
     chosen = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", err)
     assert chosen and len(chosen) == int(re.search(r"\[xl3m: (\d+) of ", err).group(1))  # type: ignore[union-attr]
     state = tmp_path / "s.lminf"

@@ -10,7 +10,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
-from lminf_integrations.strategies.xl3m.attention_pass import attention_scores, middle_layers, question_queries
+from lminf_integrations.strategies.xl3m.attention_pass import attention_scores, question_queries, ranking_layers
 from lminf_integrations.strategies.xl3m.scoring import read, read_block
 from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE, XL3M
 from tests.tiny_models import tiny_llama
@@ -120,10 +120,11 @@ def test_first_layer_scores_equal_eager_attention_over_all_segments(arch: str) -
     assert error <= bound, (got, expected.tolist(), bound)
 
 
-def test_middle_layers() -> None:
-    assert middle_layers(30) == list(range(7, 22))
-    assert middle_layers(2) == [0]
-    assert middle_layers(1) == [0]
+def test_ranking_layers() -> None:
+    assert ranking_layers(30) == list(range(8, 22, 2))  # every other layer of the middle half, 7..21
+    assert ranking_layers(4) == [2]
+    assert ranking_layers(2) == [0]
+    assert ranking_layers(1) == [0]
 
 
 TRAINING_LENGTH = 256
@@ -167,28 +168,37 @@ def test_the_attention_pass_narrows_likelihood_scoring(tiny: tuple[PreTrainedMod
 def test_the_chosen_segments_are_the_best_scored_of_the_best_attended(
     tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
-    """The candidates are the top of an independent recomputation of the attention pass, and the chosen are the
-    candidates with the best likelihood scores."""
+    """The candidates are the top of an independent recomputation of the attention pass over the question's words
+    (the line breaks before it condition them only), and the chosen are the candidates with the best likelihood
+    scores."""
     model, tokenizer = tiny
-    config = XL3MConfig(segment_tokens=48, question_tokens=12, candidates=5)
+    query = list(tokenizer("\n\nWhat is the code of room 7?", add_special_tokens=False).input_ids)
+    words = next(i for i, token in enumerate(query) if tokenizer.decode([token]).strip())
+    assert words >= 1
+    config = XL3MConfig(segment_tokens=48, question_tokens=len(query), candidates=5)
     engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=config, reuse_prefixes=False)
-    ids = engine.tokenize(TEXT + "\nWhat is the code of room 7?")
+    ids = engine.tokenize(TEXT + "\n\nWhat is the code of room 7?")
+    assert ids[-len(query) :] == query
     strategy = engine.strategy
     assert isinstance(strategy, XL3M)
     strategy.prepare(model)
     plan = strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
     assert plan is not None
-    document = strategy.read_document(model, tokenizer, ids[: len(ids) - 12], lambda done, total: None)
+    document = strategy.read_document(model, tokenizer, ids[: -len(query)], lambda done, total: None)
     block, row = document.places[0]
-    queries = question_queries(model, block.prefix_cache(row, document.prefix), ids[-12:], document.prefix + 48)
-    attention = attention_scores(queries, document.places, document.prefix, [0])  # the tiny model's middle half
+    prefix = block.prefix_cache(row, document.prefix)
+    every = question_queries(model, prefix, query, document.prefix + 48)
+    queries = {layer: (q[:, words:], scale) for layer, (q, scale) in every.items()}
+    attention = attention_scores(queries, document.places, document.prefix, [0])  # the tiny model's ranking layer
     best = sorted(range(len(attention)), key=lambda i: -attention[i])[:5]
-    likelihood = strategy._score(model, document, ids[-12:], None, best)
+    likelihood = strategy._score(model, document, query, len(query) - words, best)
     starts = {document.spans[i][0]: i for i in best}
     chosen = [starts[c["start"]] for c in plan.details["chosen"]]  # every chosen segment is a candidate
     assert sorted(chosen, key=lambda i: -likelihood[i]) == sorted(best, key=lambda i: -likelihood[i])[: len(chosen)]
     for c in plan.details["chosen"]:
         assert abs(c["attention"] - attention[starts[c["start"]]]) <= 1e-4
+    with pytest.raises(ValueError, match="leaves no token"):
+        question_queries(model, prefix, query, document.prefix + 48, len(query))
 
 
 def test_candidates_setting_is_checked() -> None:

@@ -31,8 +31,8 @@ from ...config import XL3MConfig
 from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import Vanilla
-from .attention_pass import attention_scores, middle_layers, question_queries
-from .scoring import SegmentBlock, SegmentStore, rows_by_block, score_rows, segment_key
+from .attention_pass import attention_scores, question_queries, ranking_layers
+from .scoring import SegmentBlock, SegmentStore, question_start, rows_by_block, score_rows, segment_key
 from .segments import split
 
 # Tokens kept free besides the question, template and answer when the budget is derived (a safety margin).
@@ -266,8 +266,9 @@ class XL3M(Strategy):
 
         ``None`` when the whole prompt fits in the model's training length with the answer: nothing to choose.
         ``question_tokens`` overrides the setting when the caller knows where the question starts, ``scored_tokens``
-        (default: all of them) says how many of its last tokens rank the segments; ``state``: a
-        :class:`SegmentedDocument` of a prefix of ``ids`` (its segments are used, not read again).
+        (default: all from its first word, see :func:`.scoring.question_start`) says how many of its last tokens
+        rank the segments; ``state``: a :class:`SegmentedDocument` of a prefix of ``ids`` (its segments are used,
+        not read again).
         """
         limit = getattr(model.config, "max_position_embeddings", None) or len(ids) + max_new_tokens
         if len(ids) + max_new_tokens <= limit:
@@ -291,11 +292,13 @@ class XL3M(Strategy):
                 document = self._segments(model, tokenizer, ids, layout, report, len(ids))
             candidates = list(range(len(document.spans)))
             attention: list[float] | None = None
+            # The question's words rank the segments; the line breaks joining it to the text before condition them.
+            first = len(query) - scored_tokens if scored_tokens else question_start(tokenizer, query)
             wanted = self._candidate_count(budget)
             if wanted is not None and wanted < len(candidates):
-                attention = self._attention(model, document, query)
+                attention = self._attention(model, document, query, max(0, min(first, len(query) - 1)))
                 candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[:wanted])
-            scores = self._score(model, document, query, scored_tokens, candidates)
+            scores = self._score(model, document, query, len(query) - first, candidates)
         lengths = [end - start for start, end in document.spans]
         sink = document.prefix - layout.head
         picked = _choose([scores[i] for i in candidates], [lengths[i] for i in candidates], budget - sink)
@@ -326,14 +329,16 @@ class XL3M(Strategy):
         fit = -(-max(budget, 1) // self.config.segment_tokens)
         return max(self.config.candidates, 2 * fit)
 
-    def _attention(self, model: PreTrainedModel, document: SegmentedDocument, query: list[int]) -> list[float]:
+    def _attention(
+        self, model: PreTrainedModel, document: SegmentedDocument, query: list[int], first: int
+    ) -> list[float]:
         """Each segment's score from the attention pass (:mod:`.attention_pass`), the question read after the shared
-        prefix where it would stand after a full segment."""
+        prefix where it would stand after a full segment, its tokens from ``first`` on matched."""
         block, row = document.places[0]
         queries = question_queries(
-            model, block.prefix_cache(row, document.prefix), query, document.prefix + self.config.segment_tokens
+            model, block.prefix_cache(row, document.prefix), query, document.prefix + self.config.segment_tokens, first
         )
-        return attention_scores(queries, document.places, document.prefix, middle_layers(len(block.keys)))
+        return attention_scores(queries, document.places, document.prefix, ranking_layers(len(block.keys)))
 
     def _score(
         self,

@@ -208,6 +208,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _warm_up(model: Any, mode: str, ids: torch.Tensor, chunk: int) -> None:
+    """The same kind of prefill and a decoding step on a throwaway cache, untimed: on CUDA the band's FlexAttention
+    kernels compile for each shape on first use (the window filling up, then full), and the libraries initialise."""
+    cache: Any = DynamicCache(config=model.config) if mode == "vanilla" else new_cache(model)
+    step = ids.shape[1] if mode == "vanilla" else chunk
+    for s in range(0, ids.shape[1], step):
+        model.get_decoder()(input_ids=ids[:, s : s + step], **cache_kwargs(cache))
+    model(input_ids=ids[:, -1:], **cache_kwargs(cache), logits_to_keep=1)
+    del cache
+
+
 @torch.inference_mode()
 def measure(
     model: Any, mode: str, n_tokens: int, chunk: int, decode_steps: int, device: torch.device, n_local: int = 4096
@@ -220,6 +231,7 @@ def measure(
     else:
         patch_model(model, LMInfiniteConfig(n_local=n_local, cache_mode="window", chunk_size=chunk))
         cache = new_cache(model)
+    _warm_up(model, mode, ids[:, : min(n_tokens, n_local + 2 * chunk)], chunk)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -6,7 +6,8 @@ log-sum-exp (one softmax over all of them):
 * **local band** – keys within ``n_local`` positions, ordinary logits, through PyTorch's fused CPU flash kernel.
   In a prefill chunk, the keys every query sees take one unmasked call; the rest of the band is cut into blocks of
   ``BLOCK`` queries whose keys are one fixed-length slice each, so all blocks go in *one* batched call with a small
-  mask on the edges (no n×n mask, no Python loop over blocks or heads);
+  mask on the edges (no n×n mask, no Python loop over blocks or heads). On CUDA the band is one FlexAttention
+  call over a sliding-window block mask (:mod:`...ops.flex_band`);
 * **global** – the first ``n_global`` tokens once they fall out of the window, seen at distance
   ``distance_limit``: queries are rotated to position ``distance_limit`` and keys to position 0; a handful of keys,
   so their float32 logits go straight into the merge;
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from ...config import LMInfiniteConfig
-from ...ops import decode_kernel
+from ...ops import decode_kernel, flex_band
 from ...ops.partial import Part, combine, flash
 from ...ops.rope import rotate, rotation, shift_positions
 
@@ -208,6 +209,8 @@ def _local_band(query: torch.Tensor, prepared: PreparedKeys, window: int, first:
     last = start + keys.shape[-2] - 1
     if start > max(0, first - window + 1):
         raise RuntimeError(f"cache kept keys from position {start}, but a query at {first} needs the full window")
+    if n_queries > 1 and flex_band.applies(query.device):
+        return [flex_band.band(query, keys, values, window, first - start, scale)]  # one call; the CPU's cut below
     if n_queries == 1:
         # One query sees every key of its window, in any order: no mask at all.
         keep = min(keys.shape[-2], window)

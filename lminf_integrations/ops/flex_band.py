@@ -1,0 +1,74 @@
+"""The local band off the CPU: one FlexAttention call over a sliding-window block mask.
+
+On a CPU the band goes through PyTorch's fused CPU flash kernel, cut into blocks that keep its work near the band
+(:mod:`..strategies.lm_infinite.attention`). FlexAttention (``torch.nn.attention.flex_attention``) does that cut
+itself: its block mask lists, per tile of queries, the tiles of keys that hold any visible key, so a compiled call
+(Triton kernels on CUDA) computes only the tiles on the band, pairs grouped-query heads itself and returns the
+log-sum-exp that the exact merge with the global and top-k parts needs.
+
+The CPU path stays where it is: compiled FlexAttention on a CPU does not return the log-sum-exp, and uncompiled it
+materialises every logit. Tests set :data:`FLEX_ON_CPU` to run this path uncompiled on a CPU, where it is exact
+and small inputs keep it cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from .partial import Part
+
+#: Take this path on the CPU too, uncompiled (tests: the path CUDA takes, checked on a CPU).
+FLEX_ON_CPU = False
+_MASKS_KEPT = 32  # block masks kept per process: a prefill uses a few shapes (its chunks, and the last one)
+
+
+def applies(device: torch.device) -> bool:
+    """Whether the band on ``device`` goes through FlexAttention."""
+    return device.type == "cuda" or (device.type == "cpu" and FLEX_ON_CPU)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled() -> Callable[..., Any]:
+    # Compiled once per process; each new shape compiles once more, and a prefill has few (its chunk, the window).
+    return torch.compile(flex_attention)
+
+
+def _band_rule(offset: torch.Tensor, window: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Query row ``r`` stands at key index ``offset + r`` and sees the ``window`` keys up to its own. The numbers are
+    tensors, so that a compiled kernel does not specialise on them (no recompiling per chunk)."""
+
+    def visible(batch: torch.Tensor, head: torch.Tensor, row: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        at = row + offset
+        return (key <= at) & (at - key < window)
+
+    return visible
+
+
+@functools.lru_cache(maxsize=_MASKS_KEPT)
+def band_mask(n_queries: int, n_keys: int, offset: int, window: int, device: torch.device) -> BlockMask:
+    """The block mask of :func:`_band_rule` for ``n_queries`` rows over ``n_keys`` keys."""
+    rule = _band_rule(torch.tensor(offset, device=device), torch.tensor(window, device=device))
+    return create_block_mask(rule, B=None, H=None, Q_LEN=n_queries, KV_LEN=n_keys, device=device)
+
+
+def band(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int, first_index: int, scale: float
+) -> Part:
+    """Ordinary attention of ``query (B, H, Lq, D)`` to the keys within ``window`` positions: row ``r`` is the query
+    at index ``first_index + r`` of ``keys``/``values (B, Hkv, Lk, D)`` and sees keys ``(first_index + r - window,
+    first_index + r]``. Returns ``(out (B, H, Lq, D), logsumexp (B, H, Lq) float32)``."""
+    n_queries = query.shape[-2]
+    if first_index + n_queries > keys.shape[-2]:
+        raise ValueError(f"queries up to key index {first_index + n_queries - 1}, but {keys.shape[-2]} keys")
+    low = max(0, first_index - window + 1)  # keys before the first query's window are never seen
+    keys, values = keys[:, :, low : first_index + n_queries], values[:, :, low : first_index + n_queries]
+    mask = band_mask(n_queries, keys.shape[-2], first_index - low, window, query.device)
+    attend = cast("Callable[..., Any]", flex_attention) if query.device.type == "cpu" else _compiled()
+    grouped = query.shape[1] != keys.shape[1]
+    out, lse = attend(query, keys, values, block_mask=mask, scale=scale, enable_gqa=grouped, return_lse=True)
+    return out, lse.float()

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from . import flex
+from .flex import Part  # a partial attention: output (B, H, Lq, D) in any memory layout, log-sum-exp
+
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 #: Use :func:`plain_attention` on the CPU too (tests set it, to check on a CPU the path other devices take).
@@ -32,13 +35,15 @@ def flash(
     (B, Lq, H, D) memory, logsumexp (B, H, Lq) float32)``. The causal mask is top-left aligned; grouped-query
     attention is paired inside (keys never repeated); ``attn_mask`` is added to the logits.
 
-    On a CPU, PyTorch's fused flash kernel; elsewhere, :func:`plain_attention` (exact; the GPU kernels' own
-    log-sum-exp outputs are for the GPU issue to measure against it)."""
+    On a CPU, PyTorch's fused flash kernel; elsewhere FlexAttention for several queries without an added mask
+    (:func:`.flex.attention`), and :func:`plain_attention` (exact, unfused) for the rest."""
     if query.device.type == "cpu" and not PLAIN_ON_CPU:
         out, lse = _cpu_flash(query, keys, values, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[:2]
         return out, lse
     if dropout_p:
         raise ValueError("dropout is not supported here (inference only)")
+    if attn_mask is None and query.shape[-2] > 1 and flex.applies(query.device):
+        return flex.attention(query, keys, values, is_causal, scale if scale is not None else query.shape[-1] ** -0.5)
     return plain_attention(query, keys, values, is_causal, attn_mask, scale)
 
 
@@ -83,8 +88,6 @@ def plain_attention(
     return out.transpose(1, 2), lse
 
 
-# A partial attention: its output (B, H, Lq, D), in any memory layout, and its log-sum-exp (B, H, Lq).
-Part = tuple[torch.Tensor, torch.Tensor]
 
 
 def combine(parts: list[Part], scores: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:

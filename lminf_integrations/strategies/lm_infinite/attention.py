@@ -7,7 +7,7 @@ log-sum-exp (one softmax over all of them):
   In a prefill chunk, the keys every query sees take one unmasked call; the rest of the band is cut into blocks of
   ``BLOCK`` queries whose keys are one fixed-length slice each, so all blocks go in *one* batched call with a small
   mask on the edges (no n×n mask, no Python loop over blocks or heads). On CUDA the band is one FlexAttention
-  call over a sliding-window block mask (:mod:`...ops.flex_band`);
+  call over a sliding-window block mask (:mod:`...ops.flex`);
 * **global** – the first ``n_global`` tokens once they fall out of the window, seen at distance
   ``distance_limit``: queries are rotated to position ``distance_limit`` and keys to position 0; a handful of keys,
   so their float32 logits go straight into the merge;
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ...config import LMInfiniteConfig
-from ...ops import decode_kernel, flex_band
+from ...ops import decode_kernel, flex
 from ...ops.partial import Part, combine, flash
 from ...ops.rope import rotate, rotation, shift_positions
 
@@ -209,8 +209,8 @@ def _local_band(query: torch.Tensor, prepared: PreparedKeys, window: int, first:
     last = start + keys.shape[-2] - 1
     if start > max(0, first - window + 1):
         raise RuntimeError(f"cache kept keys from position {start}, but a query at {first} needs the full window")
-    if n_queries > 1 and flex_band.applies(query.device):
-        return [flex_band.band(query, keys, values, window, first - start, scale)]  # one call; the CPU's cut below
+    if n_queries > 1 and flex.applies(query.device):
+        return [flex.band(query, keys, values, window, first - start, scale)]  # one call; the CPU's cut below
     if n_queries == 1:
         # One query sees every key of its window, in any order: no mask at all.
         keep = min(keys.shape[-2], window)

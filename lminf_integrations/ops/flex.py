@@ -1,4 +1,5 @@
-"""The local band off the CPU: one FlexAttention call over a sliding-window block mask.
+"""Partial attentions off the CPU through FlexAttention: LM-Infinite's local band in one call over a sliding-window
+block mask, and :func:`.partial.flash`'s unmasked and causal calls (Dual Chunk Attention's parts).
 
 On a CPU the band goes through PyTorch's fused CPU flash kernel, cut into blocks that keep its work near the band
 (:mod:`..strategies.lm_infinite.attention`). FlexAttention (``torch.nn.attention.flex_attention``) does that cut
@@ -20,7 +21,9 @@ from typing import Any, cast
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .partial import Part
+# A partial attention (:mod:`.partial` merges them): its output (B, H, Lq, D), in any memory layout, and its
+# log-sum-exp (B, H, Lq).
+Part = tuple[torch.Tensor, torch.Tensor]
 
 #: Take this path on the CPU too, uncompiled (tests: the path CUDA takes, checked on a CPU).
 FLEX_ON_CPU = False
@@ -28,7 +31,7 @@ _MASKS_KEPT = 32  # block masks kept per process: a prefill uses a few shapes (i
 
 
 def applies(device: torch.device) -> bool:
-    """Whether the band on ``device`` goes through FlexAttention."""
+    """Whether partial attentions of several queries on ``device`` go through FlexAttention."""
     return device.type == "cuda" or (device.type == "cpu" and FLEX_ON_CPU)
 
 
@@ -68,6 +71,20 @@ def band(
     low = max(0, first_index - window + 1)  # keys before the first query's window are never seen
     keys, values = keys[:, :, low : first_index + n_queries], values[:, :, low : first_index + n_queries]
     mask = band_mask(n_queries, keys.shape[-2], first_index - low, window, query.device)
+    return _attend(query, keys, values, mask, scale)
+
+
+def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, is_causal: bool, scale: float) -> Part:
+    """:func:`.partial.flash`'s contract without an added mask: every key, or (``is_causal``) row ``r`` sees keys
+    ``[0, r]`` (top-left aligned)."""
+    if is_causal:
+        return band(query, keys, values, max(query.shape[-2], 1), 0, scale)
+    return _attend(query, keys, values, None, scale)
+
+
+def _attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: BlockMask | None, scale: float
+) -> Part:
     attend = cast("Callable[..., Any]", flex_attention) if query.device.type == "cpu" else _compiled()
     grouped = query.shape[1] != keys.shape[1]
     out, lse = attend(query, keys, values, block_mask=mask, scale=scale, enable_gqa=grouped, return_lse=True)

@@ -1,7 +1,8 @@
-"""The local band as CUDA computes it (``ops.flex_band``: one FlexAttention call over a sliding-window block mask),
-checked on the CPU, uncompiled: against exact float64 attention, then the whole LM-Infinite stack through the path a
-CUDA device takes (the band through FlexAttention, every other part through ``plain_attention``, no CPU decoding
-kernel) against the naive reference. The compiled CUDA kernels themselves are checked by ``python -m bench gpu``."""
+"""Partial attentions as CUDA computes them (``ops.flex``: LM-Infinite's band in one FlexAttention call over a
+sliding-window block mask, unmasked and causal calls of several queries through FlexAttention too), checked on the
+CPU, uncompiled: against exact float64 attention, then the LM-Infinite and Dual Chunk Attention stacks through the
+path a CUDA device takes (those through FlexAttention, every other part through ``plain_attention``, no CPU decoding
+kernel) against their references. The compiled CUDA kernels themselves are checked by ``python -m bench gpu``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from lminf_integrations.ops import flex_band, partial
+from lminf_integrations.ops import flex, partial
 from lminf_integrations.ops.partial import plain_attention
 from tests import tolerances
-from tests.unit_tests import test_attention
+from tests.unit_tests import test_attention, test_dca
 from tests.unit_tests.test_plain_attention import _exact, _lse_bound
 
 
@@ -45,9 +46,25 @@ def test_band_is_exact_windowed_attention_with_its_log_sum_exp(
     k = torch.randn(1, kv_heads, n_keys, 16, generator=generator)
     v = torch.randn(1, kv_heads, n_keys, 16, generator=generator)
     scale = 16**-0.5
-    out, lse = flex_band.band(q, k, v, window, first_index, scale)
+    out, lse = flex.band(q, k, v, window, first_index, scale)
     assert out.shape == q.shape and lse.shape == q.shape[:-1] and lse.dtype == torch.float32
     mask = _band_mask(n_queries, n_keys, first_index, window).expand(1, heads, n_queries, n_keys)
+    expected, expected_lse, bound = _exact(q, k, v, mask, scale)
+    tolerances.assert_close(out.double(), expected, bound)
+    tolerances.assert_close(lse.double(), expected_lse, _lse_bound(q, k, expected_lse, scale))
+
+
+@pytest.mark.parametrize("n_queries,n_keys", [(5, 5), (7, 19), (140, 140)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unmasked_and_causal_calls_are_exact_with_their_log_sum_exp(n_queries: int, n_keys: int, causal: bool) -> None:
+    generator = torch.Generator().manual_seed(n_queries * 100 + n_keys)
+    q = torch.randn(2, 6, n_queries, 16, generator=generator)
+    k, v = torch.randn(2, 2, n_keys, 16, generator=generator), torch.randn(2, 2, n_keys, 16, generator=generator)
+    scale = 16**-0.5
+    mask = torch.zeros(2, 6, n_queries, n_keys)
+    if causal:  # top-left: query i sees keys 0..i
+        mask.masked_fill_(torch.ones(n_queries, n_keys, dtype=torch.bool).triu(1), -math.inf)
+    out, lse = flex.attention(q, k, v, causal, scale)
     expected, expected_lse, bound = _exact(q, k, v, mask, scale)
     tolerances.assert_close(out.double(), expected, bound)
     tolerances.assert_close(lse.double(), expected_lse, _lse_bound(q, k, expected_lse, scale))
@@ -56,37 +73,38 @@ def test_band_is_exact_windowed_attention_with_its_log_sum_exp(
 def test_band_refuses_queries_past_the_keys() -> None:
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8)
     with pytest.raises(ValueError, match="queries up to key index 6, but 6 keys"):
-        flex_band.band(q, k, k, 3, 3, 1.0)
+        flex.band(q, k, k, 3, 3, 1.0)
 
 
-def test_only_cuda_takes_the_flex_band_by_default() -> None:
-    assert flex_band.applies(torch.device("cuda")) and not flex_band.applies(torch.device("cpu"))
+def test_only_cuda_takes_flex_attention_by_default() -> None:
+    assert flex.applies(torch.device("cuda")) and not flex.applies(torch.device("cpu"))
 
 
 @pytest.fixture
 def cuda_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """What runs on a CUDA device, on the CPU: the band through FlexAttention, every other partial attention
-    through plain_attention, decoding without the CPU-only C++ kernel. Checks that the band did go through it."""
+    """What runs on a CUDA device, on the CPU: the band and other calls of several queries without a mask through
+    FlexAttention, every other partial attention through plain_attention, decoding without the CPU-only C++ kernel.
+    Checks afterwards that both were used."""
     calls = []
 
     def counted(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
         return plain_attention(*args)
 
-    bands = []
-    band = flex_band.band
+    flexed = []
+    attend = flex._attend
 
-    def counted_band(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        bands.append(1)
-        return band(*args)
+    def counted_flex(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        flexed.append(1)
+        return attend(*args)
 
-    monkeypatch.setattr(flex_band, "FLEX_ON_CPU", True)
-    monkeypatch.setattr(flex_band, "band", counted_band)
+    monkeypatch.setattr(flex, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(flex, "_attend", counted_flex)
     monkeypatch.setattr(partial, "PLAIN_ON_CPU", True)
     monkeypatch.setattr(partial, "plain_attention", counted)
     monkeypatch.setenv("LMINF_DECODE_KERNEL", "0")
     yield
-    assert bands and calls
+    assert flexed and calls
 
 
 @pytest.mark.usefixtures("cuda_path")
@@ -96,3 +114,9 @@ def test_lm_infinite_through_the_cuda_path_equals_the_reference(
     arch: str, cache: str, top_k: int, distance_limit: int | None
 ) -> None:
     test_attention.test_long_input_equals_naive_reference(arch, cache, top_k, distance_limit)
+
+
+@pytest.mark.usefixtures("cuda_path")
+@pytest.mark.parametrize("arch", test_attention.ARCHITECTURES)
+def test_dca_through_the_cuda_path_equals_the_reference(arch: str) -> None:
+    test_dca.test_long_input_equals_the_dense_reference(arch, 12, 4)

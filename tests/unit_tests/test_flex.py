@@ -15,6 +15,7 @@ import torch
 
 from lminf_integrations.ops import flex, partial
 from lminf_integrations.ops.partial import plain_attention
+from lminf_integrations.strategies.lm_infinite import attention as lm_attention
 from tests import tolerances
 from tests.unit_tests import test_attention, test_dca
 from tests.unit_tests.test_plain_attention import _exact, _lse_bound
@@ -83,8 +84,8 @@ def test_only_cuda_takes_flex_attention_by_default() -> None:
 @pytest.fixture
 def cuda_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """What runs on a CUDA device, on the CPU: the band and other calls of several queries without a mask through
-    FlexAttention, every other partial attention through plain_attention, decoding without the CPU-only C++ kernel.
-    Checks afterwards that both were used."""
+    FlexAttention, a decoding step over a full window through scaled_dot_product_attention, every other partial
+    attention through plain_attention, no CPU-only C++ decoding kernel. Checks afterwards that they were used."""
     calls = []
 
     def counted(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,13 +99,21 @@ def cuda_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         flexed.append(1)
         return attend(*args)
 
+    fused = []
+    one_softmax = lm_attention._fused_one_softmax
+
+    def counted_fused(*args: Any) -> torch.Tensor:
+        fused.append(1)
+        return one_softmax(*args)
+
     monkeypatch.setattr(flex, "FLEX_ON_CPU", True)
     monkeypatch.setattr(flex, "_attend", counted_flex)
+    monkeypatch.setattr(lm_attention, "_fused_one_softmax", counted_fused)
     monkeypatch.setattr(partial, "PLAIN_ON_CPU", True)
     monkeypatch.setattr(partial, "plain_attention", counted)
     monkeypatch.setenv("LMINF_DECODE_KERNEL", "0")
     yield
-    assert flexed and calls
+    assert flexed and (calls or fused)  # decoding over a full window takes the fused call, not plain_attention
 
 
 @pytest.mark.usefixtures("cuda_path")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ...config import LMInfiniteConfig
 from ...ops import decode_kernel, flex
@@ -153,6 +154,8 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
         op = _decode_op(query, prepared.local_keys)
         if op is not None:
             return op(query, prepared.local_keys, prepared.local_values, prepared.mask, scale)
+        if flex.applies(query.device):  # off the CPU: PyTorch's fused attention (no log-sum-exp is needed here)
+            return _fused_one_softmax(query, prepared.local_keys, prepared.local_values, prepared.mask, scale)
         out, _ = flash(
             query, prepared.local_keys, prepared.local_values, 0.0, False, attn_mask=prepared.mask, scale=scale
         )
@@ -180,6 +183,16 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
         if needs_top_k:
             parts.append(_top_k_part(far_query, prepared, cfg, first, scale))
     return combine(parts, scores, query.dtype)
+
+
+def _fused_one_softmax(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One softmax over all of ``keys`` through ``scaled_dot_product_attention`` (CUDA picks its fused kernel);
+    returns ``(B, Lq, H, D)``, contiguous."""
+    grouped = query.shape[1] != keys.shape[1]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=grouped)
+    return out.transpose(1, 2).contiguous()
 
 
 def _decode_op(query: torch.Tensor, keys: torch.Tensor) -> Any:

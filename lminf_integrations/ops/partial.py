@@ -88,8 +88,6 @@ def plain_attention(
     return out.transpose(1, 2), lse
 
 
-
-
 def combine(parts: list[Part], scores: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
     """One softmax over every part's keys, exactly; returns ``(B, Lq, H, D)`` in ``dtype``, contiguous.
 

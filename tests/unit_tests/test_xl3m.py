@@ -220,6 +220,28 @@ def test_the_line_breaks_joining_a_segment_to_the_question_are_not_scored(
         assert abs(chosen["score"] - expected) <= bound, (chosen["score"], expected, float(per_token.mean()))
 
 
+def test_planning_records_no_autograd_graph(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading, the attention pass and likelihood scoring run the model with gradients off, even when the caller
+    (the engine plans outside inference mode) has them on and the weights require them."""
+    model, tokenizer = tiny
+    engine = _engine(model, tokenizer)
+    ids = engine.tokenize(TEXT + "\nWhat is the code of room 7?")
+    engine.strategy.prepare(model)
+    grad_on: list[bool] = []
+    forward = type(model.model).forward
+
+    def watched(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        grad_on.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.model), "forward", watched)
+    assert any(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+    assert engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None) is not None
+    assert grad_on and not any(grad_on)
+
+
 def test_the_answer_continues_the_first_chosen_segment(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
     """The plan hands the engine the first chosen segment as read (no second reading), and it is the same cache
     as reading the answer prompt's beginning afresh."""

@@ -4,10 +4,10 @@ Scoring every segment by the likelihood of the question after it (:func:`.scorin
 tokens through the whole model once per segment, which at a hundred segments dominates a question's time. This
 pass costs one forward of the question alone: the question is read after the shared prefix, its query vectors are
 recorded at every layer, and at every other layer of the middle half they are matched against the keys every
-segment already has in the document's state (computed when the segments were read). For each attention head and question
-token, each segment is represented by its best-matching key (its largest attention logit, the shared prefix left
-out); a softmax over the segments gives the head's weight on each, averaged over the question's tokens; a
-segment's score is its largest weight in any head.
+segment already has in the document's state (computed when the segments were read). For each attention head and
+question token, each segment is represented by its best-matching key (its largest attention logit, the shared
+prefix left out); a softmax over the segments gives the head's weight on each, averaged over the question's tokens
+(its words: the line breaks before them only condition them); a segment's score is its largest weight in any head.
 
 Why these choices (measured on ``python -m bench rag-vs-full`` documents; README, "Choosing a strategy"):
 

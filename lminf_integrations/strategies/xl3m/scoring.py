@@ -175,7 +175,6 @@ def read_block(
     return SegmentBlock(keys, values, [start + len(segment) for segment in segments])
 
 
-@torch.inference_mode()
 def question_start(tokenizer: PreTrainedTokenizerBase, query: Sequence[int]) -> int:
     """How many of ``query``'s first tokens only join it to the text before: its leading line breaks and spaces.
 
@@ -189,6 +188,7 @@ def question_start(tokenizer: PreTrainedTokenizerBase, query: Sequence[int]) -> 
     return blank if blank < len(query) else 0
 
 
+@torch.inference_mode()
 def score_rows(
     model: PreTrainedModel,
     block: SegmentBlock,

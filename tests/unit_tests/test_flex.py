@@ -18,7 +18,7 @@ from lminf_integrations.ops.partial import plain_attention
 from lminf_integrations.strategies.lm_infinite import attention as lm_attention
 from tests import tolerances
 from tests.unit_tests import test_attention, test_dca
-from tests.unit_tests.test_plain_attention import _exact, _lse_bound
+from tests.unit_tests.test_plain_attention import _exact, _lse_bound, grouped_case
 
 
 def _band_mask(n_queries: int, n_keys: int, first_index: int, window: int) -> torch.Tensor:
@@ -58,17 +58,10 @@ def test_band_is_exact_windowed_attention_with_its_log_sum_exp(
 @pytest.mark.parametrize("n_queries,n_keys", [(5, 5), (7, 19), (140, 140)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_unmasked_and_causal_calls_are_exact_with_their_log_sum_exp(n_queries: int, n_keys: int, causal: bool) -> None:
-    generator = torch.Generator().manual_seed(n_queries * 100 + n_keys)
-    q = torch.randn(2, 6, n_queries, 16, generator=generator)
-    k, v = torch.randn(2, 2, n_keys, 16, generator=generator), torch.randn(2, 2, n_keys, 16, generator=generator)
-    scale = 16**-0.5
-    mask = torch.zeros(2, 6, n_queries, n_keys)
-    if causal:  # top-left: query i sees keys 0..i
-        mask.masked_fill_(torch.ones(n_queries, n_keys, dtype=torch.bool).triu(1), -math.inf)
-    out, lse = flex.attention(q, k, v, causal, scale)
-    expected, expected_lse, bound = _exact(q, k, v, mask, scale)
-    tolerances.assert_close(out.double(), expected, bound)
-    tolerances.assert_close(lse.double(), expected_lse, _lse_bound(q, k, expected_lse, scale))
+    case = grouped_case(n_queries, n_keys, causal)
+    out, lse = flex.attention(case.q, case.k, case.v, causal, case.scale)
+    tolerances.assert_close(out.double(), case.expected, case.bound)
+    tolerances.assert_close(lse.double(), case.expected_lse, case.lse_bound)
 
 
 def test_band_refuses_queries_past_the_keys() -> None:
@@ -116,16 +109,17 @@ def cuda_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert flexed and (calls or fused)  # decoding over a full window takes the fused call, not plain_attention
 
 
-@pytest.mark.usefixtures("cuda_path")
-@pytest.mark.parametrize("arch", test_attention.ARCHITECTURES)
-@pytest.mark.parametrize("cache,top_k,distance_limit", [("window", 0, None), ("full", 2, 5)])
-def test_lm_infinite_through_the_cuda_path_equals_the_reference(
-    arch: str, cache: str, top_k: int, distance_limit: int | None
-) -> None:
-    test_attention.test_long_input_equals_naive_reference(arch, cache, top_k, distance_limit)
+# Each stack's own reference test, run through the CUDA path: LM-Infinite with a window cache (decoding over a
+# full window), with the full cache and top-k keys, and Dual Chunk Attention (12-token chunks, a 4-token window).
+STACKS = {
+    "lm-infinite, window": lambda arch: test_attention.test_long_input_equals_naive_reference(arch, "window", 0, None),
+    "lm-infinite, full, top-k": lambda arch: test_attention.test_long_input_equals_naive_reference(arch, "full", 2, 5),
+    "dca": lambda arch: test_dca.test_long_input_equals_the_dense_reference(arch, 12, 4),
+}
 
 
 @pytest.mark.usefixtures("cuda_path")
 @pytest.mark.parametrize("arch", test_attention.ARCHITECTURES)
-def test_dca_through_the_cuda_path_equals_the_reference(arch: str) -> None:
-    test_dca.test_long_input_equals_the_dense_reference(arch, 12, 4)
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_every_attention_through_the_cuda_path_equals_its_reference(stack: str, arch: str) -> None:
+    STACKS[stack](arch)

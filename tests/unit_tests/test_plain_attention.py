@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -52,24 +53,46 @@ def _lse_bound(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float
     )
 
 
-@pytest.mark.parametrize("n_queries,n_keys", [(5, 5), (7, 19), (40, 40)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_plain_attention_is_exact_attention_with_its_log_sum_exp(n_queries: int, n_keys: int, causal: bool) -> None:
+@dataclass
+class Case:
+    """Random grouped-query inputs (6 query heads, 2 key heads) and the exact float64 output and log-sum-exp, with
+    the bounds a float32 computation stays within (:func:`_exact`, :func:`_lse_bound`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    expected: torch.Tensor
+    bound: torch.Tensor
+    expected_lse: torch.Tensor
+    lse_bound: torch.Tensor
+
+
+def grouped_case(n_queries: int, n_keys: int, causal: bool) -> Case:
+    """A :class:`Case`; ``causal``: query i sees keys 0..i (top-left aligned)."""
     generator = torch.Generator().manual_seed(n_queries * 100 + n_keys)
     q = torch.randn(2, 6, n_queries, 16, generator=generator)
     k, v = torch.randn(2, 2, n_keys, 16, generator=generator), torch.randn(2, 2, n_keys, 16, generator=generator)
     scale = 16**-0.5
     mask = torch.zeros(2, 6, n_queries, n_keys)
-    if causal:  # top-left: query i sees keys 0..i
+    if causal:
         mask.masked_fill_(torch.ones(n_queries, n_keys, dtype=torch.bool).triu(1), -math.inf)
-    out, lse = plain_attention(q, k, v, causal, None, scale)
     expected, expected_lse, bound = _exact(q, k, v, mask, scale)
-    tolerances.assert_close(out.double(), expected, bound)
-    tolerances.assert_close(lse.double(), expected_lse, _lse_bound(q, k, expected_lse, scale))
+    return Case(q, k, v, scale, expected, bound, expected_lse, _lse_bound(q, k, expected_lse, scale))
+
+
+@pytest.mark.parametrize("n_queries,n_keys", [(5, 5), (7, 19), (40, 40)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_plain_attention_is_exact_attention_with_its_log_sum_exp(n_queries: int, n_keys: int, causal: bool) -> None:
+    case = grouped_case(n_queries, n_keys, causal)
+    q, k, v, scale = case.q, case.k, case.v, case.scale
+    out, lse = plain_attention(q, k, v, causal, None, scale)
+    tolerances.assert_close(out.double(), case.expected, case.bound)
+    tolerances.assert_close(lse.double(), case.expected_lse, case.lse_bound)
     # The same contract as PyTorch's CPU kernel (which the CPU uses): outputs agree to both computations' rounding.
     kernel_out, kernel_lse = partial._cpu_flash(q, k, v, 0.0, causal, scale=scale)[:2]
-    tolerances.assert_close(out.double(), kernel_out.double(), 2 * bound)
-    tolerances.assert_close(lse.double(), kernel_lse.double(), 2 * _lse_bound(q, k, expected_lse, scale))
+    tolerances.assert_close(out.double(), kernel_out.double(), 2 * case.bound)
+    tolerances.assert_close(lse.double(), kernel_lse.double(), 2 * case.lse_bound)
     assert out.transpose(1, 2).is_contiguous()  # (B, Lq, H, D) memory, as the CPU kernel writes
 
 

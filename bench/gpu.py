@@ -40,6 +40,7 @@ from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
+from lminf_integrations.ops import flex
 from tests.tolerances import network_bound
 from tests.unit_tests import dca_reference, reference
 from tests.unit_tests.test_attention import ARCHITECTURES, LAYERS, REDUCTION, _ids, _tiny
@@ -338,6 +339,11 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
         "",
         f"## Speed and memory ({args.shape} shape, random weights, {args.dtype}; LM-Infinite prefill in "
         f"{args.chunk}-token steps, n_local={args.n_local}, window cache; {args.decode_steps} decoding steps)",
+        "",
+        f"LM-Infinite's band on {args.device}: "
+        + ("FlexAttention, compiled (`ops/flex.py`)" if flex.applies(torch.device(args.device)) else
+           "PyTorch's CPU flash kernel")
+        + ". Each row follows an untimed warm-up of the same kind (kernel compiles happen there).",
         "",
         "| mode | tokens | prefill s | prefill tok/s | decode tok/s | peak memory beyond weights GiB |",
         "|---|---|---|---|---|---|",

@@ -294,9 +294,10 @@ class XL3M(Strategy):
             attention: list[float] | None = None
             # The question's words rank the segments; the line breaks joining it to the text before condition them.
             first = len(query) - scored_tokens if scored_tokens else question_start(tokenizer, query)
+            first = max(0, min(first, len(query) - 1))  # at least one token ranks them
             wanted = self._candidate_count(budget)
             if wanted is not None and wanted < len(candidates):
-                attention = self._attention(model, document, query, max(0, min(first, len(query) - 1)))
+                attention = self._attention(model, document, query, first)
                 candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[:wanted])
             scores = self._score(model, document, query, len(query) - first, candidates)
         lengths = [end - start for start, end in document.spans]

@@ -19,10 +19,10 @@ Methods, all on the same prompts (the default runs the first three; ``--methods`
 * ``lambda+topk`` – Λ-attention plus top-k middle attention for the last prompt token and the answer;
 * ``xl3m`` – ``Engine(strategy="xl3m")`` with the default ``XL3MConfig``, told that the question is the prompt's
   tokens after the filler (``QUESTION``): the unpatched model reads the prompt in segments, ranks them by where
-  the question's attention falls, scores the best few by the question's likelihood after each and answers from
-  the best ones within its context budget. Its *recall* is
-  whether the segment holding the key line's start was among the chosen ones (a prompt that fits the training
-  length with the answer is read whole: recall by definition).
+  the question's attention falls, scores the best few by the question's likelihood after each, keeps the best
+  ones within its context budget and answers from their best passages. Its *recall* is whether the whole key line
+  is in what the answer read (the kept passages; a prompt that fits the training length with the answer is read
+  whole: recall by definition).
 * ``dca`` – ``Engine(strategy="dca")`` with the default ``DCAConfig``: every key stays visible, at distances no
   larger than the training length (Dual Chunk Attention). Its cache keeps every key, so it shares the encode
   chain as Λ does; its prefill is quadratic like vanilla's, which bounds the lengths it can be run at here.
@@ -91,6 +91,7 @@ class PasskeyPrompt:
     shared_prefix: int  # tokens before the key line (instruction + filler lines), shared with other prompts
     key_index: int = 0  # which of the cell's keys (--keys)
     question_tokens: int = 0  # the closing question's tokens (QUESTION), the prompt's last ones
+    key_tokens: int = 0  # the key line's tokens, from key_start on
 
     @property
     def actual_depth(self) -> float:
@@ -145,7 +146,9 @@ def make_prompt(parts: PromptParts, length: int, depth: float, seed: int, key_in
     before = round(depth * n_lines)
     prefix = parts.instruction + parts.filler * before
     ids = prefix + key_ids + parts.filler * (n_lines - before) + parts.question
-    return PasskeyPrompt(length, depth, key, ids, len(prefix), len(prefix), key_index, len(parts.question))
+    return PasskeyPrompt(
+        length, depth, key, ids, len(prefix), len(prefix), key_index, len(parts.question), len(key_ids)
+    )
 
 
 def make_prompts(
@@ -318,12 +321,19 @@ class XL3MRunner:
         return answer, (details or {}).get("xl3m")
 
 
+def answered_from(selection: dict[str, Any]) -> list[dict[str, Any]]:
+    """The spans XL3M's answer read: the kept passages, or the chosen segments whole (``passage_tokens=None``)."""
+    return list(selection.get("passages", selection["chosen"]))
+
+
 def key_chosen(prompt: PasskeyPrompt, selection: dict[str, Any] | None) -> bool:
-    """XL3M's recall: the segment holding the key line's first token is among the chosen ones (a prompt read
+    """XL3M's recall: the key line, from its first token to its last, is in what the answer read (a prompt read
     whole holds it by definition)."""
     if selection is None:
         return True
-    return any(c["start"] <= prompt.key_start < c["end"] for c in selection["chosen"])
+    end = prompt.key_start + max(prompt.key_tokens, 1)
+    kept = answered_from(selection)
+    return all(any(c["start"] <= t < c["end"] for c in kept) for t in (prompt.key_start, end - 1))
 
 
 def run_xl3m(runner: XL3MRunner, prompts: list[PasskeyPrompt]) -> list[dict[str, object]]:
@@ -349,14 +359,15 @@ def run_xl3m(runner: XL3MRunner, prompts: list[PasskeyPrompt]) -> list[dict[str,
                 "read_whole": selection is None,
                 "segments": None if selection is None else selection["segments"],
                 "chosen": None if selection is None else selection["chosen"],
+                "passages": None if selection is None else selection.get("passages"),
                 "seconds": round(seconds, 2),
             }
         )
         chosen = "read whole" if selection is None else f"{len(selection['chosen'])}/{selection['segments']} segments"
         print(
             f"{'xl3m':12s} {len(prompt.token_ids):7d} tokens depth {prompt.depth:.2f}: "
-            f"{'ok ' if ok else 'MISS'} {answer!r} (key {prompt.key}; {chosen}, key segment "
-            f"{'chosen' if recall else 'NOT chosen'}; {seconds:.1f} s)",
+            f"{'ok ' if ok else 'MISS'} {answer!r} (key {prompt.key}; {chosen}, key line "
+            f"{'read' if recall else 'NOT read'}; {seconds:.1f} s)",
             flush=True,
         )
     return rows
@@ -395,7 +406,7 @@ def render_table(
     # (label, method, row field) of every line shown: each method's accuracy, and XL3M's recall after it.
     shown = [(m, m, "correct") for m in methods]
     if "xl3m" in methods:
-        shown.append(("xl3m recall (key segment chosen)", "xl3m", "key_chosen"))
+        shown.append(("xl3m recall (key line read)", "xl3m", "key_chosen"))
     lines = [*header, "", "Accuracy over all depths (correct/asked, 95% Wilson interval; '–': not run):", ""]
     lines += ["| method " + columns[0], columns[1]]
     for label, method, column in shown:
@@ -523,9 +534,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{xl3m.context_tokens} tokens")  # fmt: skip
         details.append(
             f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, the {xl3m.candidates} best "
-            f"of a first attention pass scored by {xl3m.score}, context up to {budget}); question = the prompt's "
-            f"last {len(parts.question)} tokens; recall = the "
-            "segment holding the key line's start was chosen (a prompt within the training length is read whole)."
+            f"of a first attention pass scored by {xl3m.score}, context up to {budget}, answered from their "
+            f"passages of up to {xl3m.passage_tokens} tokens within {xl3m.passage_margin} of the best); question = "
+            f"the prompt's "
+            f"last {len(parts.question)} tokens; recall = the whole key line is in what the answer read (a prompt "
+            "within the training length is read whole)."
         )
     if "dca" in args.methods:
         chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))

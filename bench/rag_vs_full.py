@@ -1,4 +1,4 @@
-"""The same questions about the same long documents, answered six ways by one model (SmolLM2-135M-Instruct).
+"""The same questions about the same long documents, answered eight ways by one model (SmolLM2-135M-Instruct).
 
     python -m bench rag-vs-full                                         # 16K and 32K tokens, 10 questions each
                                                                         # (~12 min on a quiet 2-core CPU)
@@ -26,9 +26,12 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   tokens plus the answer.
 * ``xl3m`` — the whole document through ``Engine(strategy="xl3m")`` (told where the question starts), once per
   ``--xl3m-context`` budget (``default``: ``XL3MConfig``'s, an eighth of the training length; ``full``: the
-  training length less question and answer; or a number of tokens). The document is read once in segments
+  training length less question and answer; or a number of tokens) and ``--xl3m-passage-tokens`` value (the
+  answer read from the chosen segments' best passages of that many tokens, or ``none``: the segments whole). The
+  document is read once in segments
   (``Engine.encode``, the setup) and every question uses that state; "facts in prompt" counts questions whose
-  fact sentences all start inside the chosen segments (XL3M's recall).
+  fact sentences are all whole in the text the answer read (the kept passages, or the chosen segments with
+  ``passage_tokens=None``: XL3M's recall); the JSON's ``retrieved`` holds those spans.
 * ``dca`` — the whole document with Dual Chunk Attention (``Engine(strategy="dca")``, default ``DCAConfig``):
   every key visible, at distances within the training length. Encoded once (setup) and continued per question
   as ``full`` is.
@@ -39,6 +42,11 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   one-off loading time is printed, not counted). The ``--rag-top-k`` (4) best chunks, in document order, are
   the context. Setup = splitting + embedding every chunk; per-question time includes retrieval.
 * ``bm25`` — ``BM25Retriever`` (llama-index-retrievers-bm25) over the same chunks, same top-k.
+* ``oracle`` and ``oracle-facts`` — the model's own ceiling: each question answered by the unpatched model from
+  only what it needs, as a perfect selection would give it: ``oracle``, the document's first tokens and the
+  ``--xl3m-segment-tokens`` segments holding the question's facts, cut as XL3M cuts the document (XL3M's prompt
+  had it chosen exactly those segments); ``oracle-facts``, the fact sentences alone. What the model misses here,
+  no selection can give it. No setup; recall is the whole of it by construction.
 * ``vanilla`` — the unpatched model (transformers' own attention) on the first ``T - q - a`` tokens of the
   document, ``T`` its training length (8192, ``--vanilla-length``), ``q`` the longest question part of this
   document, ``a`` ``--max-new-tokens``: the longest prefix whose every question and answer fit in ``T``. The
@@ -103,10 +111,11 @@ from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model, model_name
-from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE
+from lminf_integrations.strategies.xl3m.segments import split as segment_spans
+from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE, SINK_TOKENS
 from lminf_integrations.streaming import DeltaStreamer
 
-METHODS = ("full", "vector", "bm25", "xl3m", "dca", "vanilla")
+METHODS = ("full", "vector", "bm25", "xl3m", "dca", "vanilla", "oracle", "oracle-facts")
 DEFAULT_CONFIGS = ("lambda", "topk:5:8")  # top-k as the passkey bench's default
 
 
@@ -293,7 +302,7 @@ def run_full(
 # ---- (a') XL3M segment selection ----------------------------------------------------------------------------
 def run_xl3m(
     context: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument,
-    settings: GenerationSettings, segment_tokens: int | None = None,
+    settings: GenerationSettings, segment_tokens: int | None = None, passage_tokens: int | None | str = "default",
 ) -> MethodRun:  # fmt: skip
     """The document read once in segments (``Engine.encode``: the setup), then every question through
     ``Engine(strategy="xl3m")`` with that state, told where the question starts: per-question time is scoring
@@ -306,8 +315,14 @@ def run_xl3m(
     else:
         context_tokens, budget = int(context), f"{int(context)} tokens"
     segment_tokens = segment_tokens or XL3MConfig().segment_tokens
-    label = f"xl3m, segments of {segment_tokens}, context {budget}"
-    config = XL3MConfig(context_tokens=context_tokens, segment_tokens=segment_tokens)
+    passages = XL3MConfig().passage_tokens if passage_tokens == "default" else passage_tokens
+    assert passages is None or isinstance(passages, int)
+    label = (
+        f"xl3m, segments of {segment_tokens}, "
+        + ("whole" if passages is None else f"passages of {passages}")
+        + f", context {budget}"
+    )
+    config = XL3MConfig(context_tokens=context_tokens, segment_tokens=segment_tokens, passage_tokens=passages)
     engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=config, reuse_prefixes=False)
     doc_ids = engine.tokenize(doc.text)
     print(f"{label}:", flush=True)
@@ -323,12 +338,13 @@ def run_xl3m(
                     if clock.feed(delta):
                         break
             details = stream.result.details if stream.result is not None else None
-            chosen = details["xl3m"]["chosen"] if details else []
-            found = details is None or all(  # no details: the prompt fitted and was read whole
-                any(c["start"] <= doc.facts[i].token_start < c["end"] for c in chosen) for i in question.facts
-            )
+            # What the answer read: the kept passages (or, with passage_tokens=None, the chosen segments whole).
+            kept = details["xl3m"].get("passages", details["xl3m"]["chosen"]) if details else []
+            read = tokenizer.decode([token for c in kept for token in doc_ids[c["start"] : c["end"]]])
+            # The same test as RAG's: every fact sentence whole in the text read (no details: read whole).
+            found = details is None or all(doc.facts[i].sentence in read for i in question.facts)
             timed = clock.result()
-            run.answers.append(record(label, doc, question, timed, found, len(doc_ids) + len(q_ids), chosen))
+            run.answers.append(record(label, doc, question, timed, found, len(doc_ids) + len(q_ids), kept))
             _progress(run.answers[-1])
         del state
     run.peak_gib = memory["peak_gib"]
@@ -455,6 +471,44 @@ def run_vanilla(
     return run
 
 
+# ---- (e) the model's own ceiling: the needed text alone ------------------------------------------------------
+def oracle_ids(
+    doc: FactDocument, question: Question, tokenizer: PreTrainedTokenizerBase, segment_tokens: int | None
+) -> list[int]:
+    """The context of a perfect choice (no question part): with ``segment_tokens``, the document's first tokens and
+    the segments holding the question's facts, cut and joined as XL3M cuts and joins them; without, the fact
+    sentences alone, in document order, a blank line apart."""
+    order = sorted(question.facts, key=lambda i: doc.facts[i].token_start)
+    if segment_tokens is None:
+        return _ids(tokenizer, "\n\n".join(doc.facts[i].sentence for i in order))
+    doc_ids = _ids(tokenizer, doc.text)
+    body = segment_spans(doc_ids[SINK_TOKENS:], tokenizer, segment_tokens)
+    spans = [(SINK_TOKENS + a, SINK_TOKENS + b) for a, b in body]
+    needed = sorted({next(n for n, (a, b) in enumerate(spans) if a <= doc.facts[i].token_start < b) for i in order})
+    return doc_ids[:SINK_TOKENS] + [token for n in needed for token in doc_ids[slice(*spans[n])]]
+
+
+@torch.inference_mode()
+def run_oracle(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument, settings: GenerationSettings,
+    segment_tokens: int | None,
+) -> MethodRun:  # fmt: skip
+    """Each question answered by the unpatched model from only what it needs (:func:`oracle_ids`): what a perfect
+    selection would give the model, so the model's own short-context ability on these questions."""
+    label = (
+        "oracle: the fact sentences alone" if segment_tokens is None
+        else f"oracle: the {segment_tokens}-token segments holding the facts"
+    )  # fmt: skip
+    run = MethodRun(label, doc.n_tokens, 0.0)
+    for question in doc.questions:
+        ids = oracle_ids(doc, question, tokenizer, segment_tokens) + _ids(tokenizer, suffix(question))
+        started = time.perf_counter()
+        timed = vanilla_answer(model, tokenizer, ids, settings, started)
+        run.answers.append(record(label, doc, question, timed, True, len(ids)))
+        _progress(run.answers[-1])
+    return run
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -493,8 +547,11 @@ def run_grid(
                     _release_memory()
             if "xl3m" in args.methods:
                 for context in args.xl3m_context:
-                    runs.append(run_xl3m(context, model, tokenizer, doc, settings, args.xl3m_segment_tokens))
-                    _release_memory()
+                    for passages in args.xl3m_passage_tokens:
+                        runs.append(
+                            run_xl3m(context, model, tokenizer, doc, settings, args.xl3m_segment_tokens, passages)
+                        )
+                        _release_memory()
             if "dca" in args.methods:
                 chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
                 label = f"dca, chunk {chunk}, local window {local}"
@@ -513,6 +570,10 @@ def run_grid(
                 print("vanilla, truncated:", flush=True)
                 runs.append(run_vanilla(model, tokenizer, doc, settings, length))
                 _release_memory()
+            for method, segment_tokens in (("oracle", args.xl3m_segment_tokens), ("oracle-facts", None)):
+                if method in args.methods:
+                    print(f"{method}:", flush=True)
+                    runs.append(run_oracle(model, tokenizer, doc, settings, segment_tokens))
     finally:
         if initial is None:
             unpatch_model(model)
@@ -633,8 +694,12 @@ def command_line(args: argparse.Namespace) -> str:
     ]
     if "full" in args.methods:
         parts.append(f"--configs {' '.join(args.configs)} --n-local {args.n_local}")
-    if "xl3m" in args.methods:
-        parts.append(f"--xl3m-context {' '.join(args.xl3m_context)} --xl3m-segment-tokens {args.xl3m_segment_tokens}")
+    if "xl3m" in args.methods or "oracle" in args.methods:
+        passages = " ".join(str(p).lower() for p in args.xl3m_passage_tokens)
+        parts.append(
+            f"--xl3m-context {' '.join(args.xl3m_context)} --xl3m-segment-tokens {args.xl3m_segment_tokens} "
+            f"--xl3m-passage-tokens {passages}"
+        )
     if "vector" in args.methods or "bm25" in args.methods:
         parts.append(f"--rag-top-k {args.rag_top_k} --chunk-tokens {args.chunk_tokens} "
                      f"--chunk-overlap {args.chunk_overlap}")  # fmt: skip
@@ -723,9 +788,13 @@ def _short(method: str) -> str:
         return "full " + method.split("LM-Infinite ")[1].split(" (")[0].replace(" from layer ", "@")
     if method.startswith("xl3m"):
         budget = method.rsplit("context ", 1)[1]
-        return "xl3m " + budget.replace("the training length", "T").replace("default (", "(").replace(" tokens", "")
+        cut = "whole " if ", whole," in method else ""
+        budget = budget.replace("the training length", "T").replace("default (", "(").replace(" tokens", "")
+        return f"xl3m {cut}{budget}"
     if method.startswith("dca"):
         return "dca"
+    if method.startswith("oracle"):
+        return "oracle: facts" if "sentences" in method else "oracle: segments"
     return method.split(",")[0].replace(" (all-MiniLM-L6-v2)", "")
 
 
@@ -786,6 +855,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--xl3m-segment-tokens", type=int, default=XL3MConfig().segment_tokens, help="XL3M's segment length"
     )
+    parser.add_argument(
+        "--xl3m-passage-tokens", nargs="+", type=_passages, default=[XL3MConfig().passage_tokens],
+        help="XL3M's passage lengths to run, 'none' for the chosen segments whole (one XL3M run per value)",
+    )  # fmt: skip
     parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
     parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")
     parser.add_argument("--chunk-overlap", type=int, default=32, help="chunk overlap, MiniLM word pieces")
@@ -810,6 +883,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as error:
             parser.error(str(error))
     return args
+
+
+def _passages(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def _off_main_thread(work: Callable[[], Any]) -> Any:

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +56,24 @@ def _add_settings(parser: argparse.ArgumentParser, groups: Sequence[str]) -> Non
             kwargs.update(type=_json_or_name, metavar="JSON")
         else:
             kind = next(kind for kind in (int, float, str) if annotation in (kind, kind | None))
-            kwargs.update(type=kind, metavar={int: "N", float: "X", str: "NAME"}[kind])
+            metavar = {int: "N", float: "X", str: "NAME"}[kind]
+            if setting.default is not None and annotation == kind | None:  # None must be sayable: "none"
+                kwargs.update(type=_or_none(kind), metavar=f"{metavar}|none")
+            else:
+                kwargs.update(type=kind, metavar=metavar)
         if "action" not in kwargs and setting.default is not None:
             kwargs["help"] += " (default: %(default)s)"
         section.add_argument(*setting.flags, **kwargs)
+
+
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """An argparse type reading ``kind``, or ``none`` (any case) as None."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def _takes_mapping(annotation: Any) -> bool:
@@ -200,16 +214,22 @@ def _selection(details: dict[str, Any] | None) -> str:
     xl3m = (details or {}).get("xl3m")
     if xl3m is None:
         return "[selection: none: the whole prompt was read (strategy other than xl3m, or a prompt that fits)]"
-    chosen = ", ".join(
-        f"{c['start']}-{c['end']} (likelihood {c['score']:+.3f}"
-        + (f", attention {c['attention']:.3f})" if "attention" in c else ")")
-        for c in xl3m["chosen"]
-    )
+
+    def spans(parts: list[dict[str, Any]]) -> str:
+        return ", ".join(
+            f"{c['start']}-{c['end']} (likelihood {c['score']:+.3f}"
+            + (f", attention {c['attention']:.3f})" if "attention" in c else ")")
+            for c in parts
+        )
+
     if xl3m.get("scored", xl3m["segments"]) < xl3m["segments"]:
         scored = f"{xl3m['scored']} scored by likelihood after the attention pass"
     else:
         scored = "all scored by likelihood"
-    return f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, {scored}; tokens {chosen}]"
+    text = f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, {scored}; tokens {spans(xl3m['chosen'])}"
+    if "passages" in xl3m:
+        text += f"; answered from {len(xl3m['passages'])} of their passages: tokens {spans(xl3m['passages'])}"
+    return text + "]"
 
 
 def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -233,7 +233,8 @@ class XL3MConfig:
     The prompt's body is cut into segments at natural boundaries; the model reads each segment on its own. For a
     question, the ``candidates`` segments its attention favours most are read with the question after each, and the
     segments the model is most certain about the question with are kept, in document order, within
-    ``context_tokens``; the answer is generated from those segments and the question.
+    ``context_tokens``. Those segments are cut again into passages of ``passage_tokens``, chosen the same way; the
+    answer is generated from the passages scoring within ``passage_margin`` of the best, and the question.
     """
 
     segment_tokens: int = setting(512, "most tokens per segment (cut at paragraph, then sentence boundaries)")
@@ -251,13 +252,24 @@ class XL3MConfig:
     candidates: int | None = setting(
         6,
         "segments ranked best by where the question's attention falls (a cheap first pass) that are then scored by "
-        "likelihood, at least twice as many as fit in the answer's context; None: every segment is scored by "
-        "likelihood (slower on long documents)",
+        "likelihood, at least twice as many as fit in the answer's context (and as many of the chosen segments' "
+        "passages); None: every segment and passage is scored by likelihood (slower on long documents)",
     )
     score: XL3MScore = setting(
         "loglik",
         "how segments are ranked: 'loglik' (mean log-likelihood of the question's tokens after the segment), "
         "'entropy' (certainty of the next token after the question)",
+    )
+    passage_tokens: int | None = setting(
+        40,
+        "the chosen segments are cut again into passages of at most this many tokens (at sentence and line ends), "
+        "ranked and scored as segments are, and the answer is read from the passages scoring within "
+        "passage_margin of the best; None: from the chosen segments whole (README: 'Choosing a strategy')",
+    )
+    passage_margin: float = setting(
+        0.6,
+        "how far below the best passage's score (mean log-likelihood per question token, in nats) a passage may "
+        "score and still be kept",
     )
 
     def __post_init__(self) -> None:
@@ -270,6 +282,15 @@ class XL3MConfig:
         if self.candidates is not None:
             _require(_is_int(self.candidates) and self.candidates >= 1, "candidates must be None or an int >= 1")
         _require(self.score in ("loglik", "entropy"), f"score must be 'loglik' or 'entropy', got {self.score!r}")
+        if self.passage_tokens is not None:
+            _require(
+                _is_int(self.passage_tokens) and self.passage_tokens >= 8, "passage_tokens must be None or an int >= 8"
+            )
+        _require(
+            isinstance(self.passage_margin, int | float) and not isinstance(self.passage_margin, bool)
+            and self.passage_margin >= 0,
+            "passage_margin must be a number >= 0",
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

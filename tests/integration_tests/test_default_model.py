@@ -115,9 +115,11 @@ def test_xl3m_ranks_the_segment_with_the_planted_fact_first(
     default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
     """A short real-model slice of XL3M: six segments of Python's reference text, one with a planted fact; the
-    model's log-likelihood of the question and answer stem after each ranks the planted one first."""
+    model's log-likelihood of the question and answer stem after each ranks the planted one first, and among that
+    segment's passages, the one holding the fact."""
     import pydoc_data.topics
 
+    from lminf_integrations.config import XL3MConfig
     from lminf_integrations.strategies.xl3m.scoring import read, read_block, score_rows
     from lminf_integrations.strategies.xl3m.segments import split
 
@@ -140,3 +142,9 @@ def test_xl3m_ranks_the_segment_with_the_planted_fact_first(
     block = read_block(model, read(model, ids[:4]), segments)
     scores = score_rows(model, block, range(len(segments)), query, "loglik")
     assert max(range(len(scores)), key=lambda i: scores[i]) == planted, scores
+    # Within it, the default-length passage holding the fact scores best (what the answer is read from).
+    cuts = split(segments[planted], tokenizer, XL3MConfig().passage_tokens or 40)
+    passages = [segments[planted][start:end] for start, end in cuts]
+    assert len(passages) > 3
+    scores = score_rows(model, read_block(model, read(model, ids[:4]), passages), range(len(passages)), query, "loglik")
+    assert "48213" in tokenizer.decode(passages[max(range(len(scores)), key=lambda i: scores[i])]), scores

@@ -15,6 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from bench import rag_vs_full
 from bench.facts import FactDocument, answer_line, codes_in, has_code, make_document, score
 from lminf_integrations import is_patched
+from lminf_integrations.config import XL3MConfig
+from lminf_integrations.strategies.xl3m.strategy import XL3M
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +174,25 @@ def test_vanilla_keeps_room_for_question_and_answer(tokenizer: PreTrainedTokeniz
         rag_vs_full.vanilla_keep(document, tokenizer, 30, 20)
 
 
+def test_oracle_context_is_what_a_perfect_selection_gives(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase], document: FactDocument
+) -> None:
+    """The ``oracle`` context is XL3M's answer prompt had it chosen exactly the segments holding the facts: the
+    segments as the strategy itself cuts the document, not as the harness would."""
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    doc_ids = list(tokenizer(document.text, add_special_tokens=False)["input_ids"])
+    read = XL3M(XL3MConfig(segment_tokens=256)).read_document(model, tokenizer, doc_ids, lambda done, total: None)
+    for question in document.questions:
+        starts = [document.facts[i].token_start for i in question.facts]
+        holding = [(a, b) for a, b in read.spans if any(a <= start < b for start in starts)]
+        expected = doc_ids[: read.prefix] + [token for a, b in holding for token in doc_ids[a:b]]
+        assert rag_vs_full.oracle_ids(document, question, tokenizer, 256) == expected
+        sentences = tokenizer.decode(rag_vs_full.oracle_ids(document, question, tokenizer, None))
+        in_order = sorted(question.facts, key=lambda i: document.facts[i].char_start)
+        assert sentences == "\n\n".join(document.facts[i].sentence for i in in_order)
+        assert len(holding) == len(set(holding)) <= len(question.facts)
+
+
 # ---- a tiny end-to-end slice ----------------------------------------------------------------------------------
 def test_every_method_answers_every_question(
     tmp_path: Path, tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -187,12 +208,14 @@ def test_every_method_answers_every_question(
     assert is_patched(model) == was_patched  # left as it came
     payload = json.loads((tmp_path / "rag-vs-full.json").read_text(encoding="utf-8"))
     methods = [row["method"] for row in payload["rows"]]
-    assert len(methods) == 7 and methods[0].startswith("full") and methods[1].startswith("full")
+    assert len(methods) == 9 and methods[0].startswith("full") and methods[1].startswith("full")
     assert methods[2].startswith("xl3m") and methods[3].startswith("dca") and methods[4].startswith("vector RAG")
     assert methods[5].startswith("BM25") and methods[6].startswith("vanilla")
-    assert len([line for line in text.splitlines() if line.startswith("| 2048 |")]) == 7
+    assert methods[7] == "oracle: the 512-token segments holding the facts"
+    assert methods[8] == "oracle: the fact sentences alone"
+    assert len([line for line in text.splitlines() if line.startswith("| 2048 |")]) == 9
     answers = payload["answers"]
-    assert len(answers) == 7 * 3
+    assert len(answers) == 9 * 3
     document = payload["documents"][0]
     assert document["tokens"] == 2048 and len(document["questions"]) == 3
     facts = document["facts"]
@@ -215,6 +238,8 @@ def test_every_method_answers_every_question(
             assert len(answer["retrieved"]) == 3 and answer["retrieval_s"] > 0
         if answer["method"].startswith(("full", "dca")):  # the whole document, every fact in the prompt
             assert answer["facts_in_prompt"] and answer["prompt_tokens"] > 2048
+        if answer["method"].startswith("oracle"):  # only the facts' text: every fact, and far less than all
+            assert answer["facts_in_prompt"] and answer["prompt_tokens"] <= 512 * len(needed) + 64
         if answer["method"].startswith("vanilla"):
             assert answer["prompt_tokens"] <= 1024 - 4
             if all(f["token_start"] + 20 < keep for f in needed):

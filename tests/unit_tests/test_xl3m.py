@@ -260,6 +260,88 @@ def test_the_answer_continues_the_first_chosen_segment(tiny: tuple[PreTrainedMod
         assert (got_keys - keys).abs().max() <= bound and (got_values - values).abs().max() <= bound
 
 
+def _plain_score(model: PreTrainedModel, context: list[int], query: list[int], first: int) -> tuple[float, float]:
+    """An uncached forward of ``context + query``: the mean log-probability of ``query[first:]`` (the question from
+    its first word), and how far a batched, cached computation of it may be (rounded to 4 places in details)."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([[*context, *query]])).logits[0].float()
+    logp = logits[len(context) : -1].log_softmax(-1)
+    per_token = logp.gather(-1, torch.tensor(query[1:])[:, None])[:, 0]
+    bound = max(2 * network_bound(logits, torch.float32, reduction=128, layers=2), 1e-4)
+    return float(per_token[max(first, 1) - 1 :].mean()), bound
+
+
+def test_the_answer_reads_the_best_passages_of_the_chosen_segments(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """The chosen segments are cut into passages; each is scored as an independent plain forward of prefix +
+    passage + question scores; those within ``passage_margin`` of the best are kept, in document order, and the
+    answer prompt is the prefix, them and the question, continuing the first one's keys and values as read.
+    ``passage_tokens=None`` answers from the same segments whole."""
+    model, tokenizer = tiny
+    question = "\n\nWhat is the code of room 7?"
+    query = list(tokenizer(question, add_special_tokens=False).input_ids)
+    words = question_start(tokenizer, query)
+    settings: dict[str, object] = {"segment_tokens": 96, "candidates": None, "question_tokens": len(query)}
+    whole = _engine(model, tokenizer, passage_tokens=None, **settings)
+    ids = whole.tokenize(TEXT + question)
+    whole.strategy.prepare(model)
+    plan = whole.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plan is not None and "passages" not in plan.details
+    chosen = plan.details["chosen"]
+    assert plan.ids == ids[:SINK] + [t for c in chosen for t in ids[c["start"] : c["end"]]] + query
+
+    passages = [
+        (c["start"] + a, c["start"] + b) for c in chosen for a, b in split(ids[c["start"] : c["end"]], tokenizer, 16)
+    ]
+    assert len(passages) > 3
+    scored = [_plain_score(model, ids[:SINK] + ids[a:b], query, words) for a, b in passages]
+    scores, bound = [score for score, _ in scored], max(bound for _, bound in scored)
+    order = sorted(range(len(passages)), key=lambda i: -scores[i])
+    best, second, third = (scores[i] for i in order[:3])
+    assert second - third > 4 * bound  # room for a margin that keeps exactly the best two
+    margin = best - second + (second - third) / 2
+    engine = _engine(model, tokenizer, passage_tokens=16, passage_margin=margin, **settings)
+    engine.strategy.prepare(model)
+    plan = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plan is not None and plan.details["chosen"] == chosen  # the same segments
+    kept = plan.details["passages"]
+    assert [(p["start"], p["end"]) for p in kept] == sorted(passages[i] for i in order[:2])
+    for p in kept:
+        assert abs(p["score"] - scores[passages.index((p["start"], p["end"]))]) <= bound
+    assert plan.ids == ids[:SINK] + [t for p in kept for t in ids[p["start"] : p["end"]]] + query
+    assert plan.prefix_length == SINK + kept[0]["end"] - kept[0]["start"]
+    assert isinstance(plan.prefix_cache, FullCache)
+    fresh = read(model, plan.ids[: plan.prefix_length]).key_values()
+    for (keys, values), (got_keys, got_values) in zip(fresh, plan.prefix_cache.key_values(), strict=True):
+        kv_bound = network_bound(keys, torch.float32, reduction=128, layers=2)
+        assert (got_keys - keys).abs().max() <= kv_bound and (got_values - values).abs().max() <= kv_bound
+
+
+def test_the_attention_pass_narrows_passage_scoring(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """``candidates`` passages (by the attention pass over the chosen segments' keys) are scored by likelihood; as
+    many candidates as passages keep what scoring them all keeps."""
+    model, tokenizer = tiny
+    ids = _engine(model, tokenizer).tokenize(TEXT + "\nWhat is the code of room 7?")
+
+    def plan(candidates: int | None) -> dict:
+        engine = _engine(model, tokenizer, segment_tokens=96, passage_tokens=16, candidates=candidates)
+        engine.strategy.prepare(model)
+        result = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+        assert result is not None
+        return result.details
+
+    everything, wide, one = plan(None), plan(1000), plan(1)
+    assert all("attention" not in p for p in everything["passages"])
+    assert [p["start"] for p in wide["passages"]] == [p["start"] for p in everything["passages"]]
+    assert len(one["passages"]) == 1 and 0 < one["passages"][0]["attention"] <= 1
+    with pytest.raises(ValueError, match="passage_tokens must be None or an int >= 8"):
+        XL3MConfig(passage_tokens=4)
+    for margin in (-0.1, True, "1"):
+        with pytest.raises(ValueError, match="passage_margin must be a number >= 0"):
+            XL3MConfig(passage_margin=margin)  # type: ignore[arg-type]
+
+
 def test_a_document_state_is_read_once_saved_and_loaded(
     tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path
 ) -> None:
@@ -307,8 +389,15 @@ def test_lminf_ask_with_xl3m_shows_its_selection(
     err = capsys.readouterr().err
     scored = XL3MConfig().candidates  # the default: more than twice the two 512-token segments that fit
     assert "[xl3m: " in err and f" segments, {scored} scored by likelihood after the attention pass; tokens " in err
-    chosen = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", err)
+    segments, passages = err.split("; answered from ")
+    chosen = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", segments)
     assert chosen and len(chosen) == int(re.search(r"\[xl3m: (\d+) of ", err).group(1))  # type: ignore[union-attr]
+    kept = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", passages)
+    assert kept and passages.startswith(f"{len(kept)} of their passages: tokens ")
+    no_passages = ["--strategy", "xl3m", "--show-selection", "--passage-tokens", "none"]
+    assert cli.main(["ask", str(document), "Code of room 7?", *common, *no_passages]) == 0
+    err = capsys.readouterr().err
+    assert "[xl3m: " in err and "passages" not in err
     state = tmp_path / "s.lminf"
     assert cli.main(["encode", str(document), "-o", str(state), *common[:4], "--strategy", "xl3m"]) == 0
     assert "saved " in capsys.readouterr().err

@@ -10,7 +10,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
-from lminf_integrations.strategies.xl3m.attention_pass import attention_scores, question_queries, ranking_layers
+from lminf_integrations.strategies.xl3m.attention_pass import (
+    attention_scores,
+    question_queries,
+    ranking_layers,
+    span_attention_scores,
+)
 from lminf_integrations.strategies.xl3m.scoring import read, read_block
 from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE, XL3M
 from tests.tiny_models import tiny_llama
@@ -88,14 +93,36 @@ def test_first_layer_scores_equal_eager_attention_over_all_segments(arch: str) -
     queries = question_queries(model, prefix, query, START)
     got = attention_scores(queries, places, PREFIX, [0])
 
+    weights, owners = _question_after_segments(model, prefix_ids, [segments[i] for i in order], query)
+    n = PREFIX + owners.numel() + QUESTION
+    in_segments = weights[:, :, PREFIX : n - QUESTION]
+    # A weight is exp(logit) over one normaliser, so a segment's best key weight over the sum of every segment's
+    # best is the softmax over segments of their best logits.
+    best = torch.stack([in_segments[:, :, owners == s].amax(-1) for s in range(len(order))], -1)
+    expected = (best / best.sum(-1, keepdim=True)).mean(1).amax(0)
+    query, scale = queries[0]
+    keys = torch.cat([block.keys[0][r, :, PREFIX:] for block, r in places], 1)  # [kv_heads, keys, dim]
+    logits = query.double() @ keys.double().repeat_interleave(query.shape[0] // keys.shape[0], 0).mT * scale
+    # Each share is a sum of at most n weights, each within the weight bound: the bound again, plus the sum's.
+    bound = _weight_bound(logits) + sum_bound(torch.float32, n)
+    error = (torch.tensor(got, dtype=torch.float64) - expected).abs().max()
+    assert error <= bound, (got, expected.tolist(), bound)
+
+
+def _question_after_segments(
+    model: PreTrainedModel, prefix_ids: list[int], segments: list[list[int]], query: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eager forward of the prefix, each segment (at the positions it is read at, seeing the prefix and itself)
+    and the question at ``START`` (seeing all of it): the first layer's weights of the question's tokens
+    ``[heads, question, keys]``, and which segment each key after the prefix belongs to."""
     ids, positions, owner = list(prefix_ids), list(range(PREFIX)), [-1] * PREFIX
-    for index, segment in enumerate(order):
-        ids += segments[segment]
-        positions += range(PREFIX, PREFIX + len(segments[segment]))
-        owner += [index] * len(segments[segment])
+    for index, segment in enumerate(segments):
+        ids += segment
+        positions += range(PREFIX, PREFIX + len(segment))
+        owner += [index] * len(segment)
     ids += query
-    positions += range(START, START + QUESTION)
-    owner += [-2] * QUESTION
+    positions += range(START, START + len(query))
+    owner += [-2] * len(query)
     n = len(ids)
     owners = torch.tensor(owner)
     mask = torch.zeros(n, n, dtype=torch.bool)
@@ -105,19 +132,42 @@ def test_first_layer_scores_equal_eager_attention_over_all_segments(arch: str) -
         else:  # the prefix causally; a segment: the prefix and itself causally
             mask[i, :PREFIX] = owners[:PREFIX] < 0 if owner[i] >= 0 else torch.arange(PREFIX) <= i
             mask[i, : i + 1] |= owners[: i + 1] == owner[i]
-    weights = _eager_attentions(model, ids, positions, mask)[0][:, n - QUESTION :]  # [heads, question, keys]
-    in_segments = weights[:, :, PREFIX : n - QUESTION]
-    # A weight is exp(logit) over one normaliser, so a segment's best key weight over the sum of every segment's
-    # best is the softmax over segments of their best logits.
-    best = torch.stack([in_segments[:, :, owners[PREFIX : n - QUESTION] == s].amax(-1) for s in range(len(order))], -1)
+    weights = _eager_attentions(model, ids, positions, mask)[0][:, n - len(query) :]
+    return weights, owners[PREFIX : n - len(query)]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_first_layer_span_scores_equal_eager_attention_over_the_spans(arch: str) -> None:
+    """Passages inside segments already read (key ranges of block rows, some keys in none, rows out of order): at
+    the first layer, per head and question token, each span's best key weight among the spans' best, averaged over
+    the question's tokens, the largest over heads — from one eager forward of the prefix, the segments and the
+    question. Spans that are whole rows score as the segment attention pass scores the rows."""
+    model = _tiny(arch)
+    generator = torch.Generator().manual_seed(7)
+    prefix_ids = torch.randint(0, VOCAB, (PREFIX,), generator=generator).tolist()
+    segments = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (12, 9, 10)]
+    query = torch.randint(0, VOCAB, (QUESTION,), generator=generator).tolist()
+    prefix = read(model, prefix_ids)
+    first, second = read_block(model, prefix, segments[:2]), read_block(model, prefix, segments[2:])
+    rows = [(first, 0), (first, 1), (second, 0)]  # segment i is rows[i]
+    spans = [(1, 4, 9), (0, 0, 5), (0, 5, 12), (2, 2, 10), (1, 0, 3)]  # (segment, first key, end) after the prefix
+    queries = question_queries(model, prefix, query, START)
+    got = span_attention_scores(queries, [(*rows[i], PREFIX + a, PREFIX + b) for i, a, b in spans], [0])
+
+    weights, owners = _question_after_segments(model, prefix_ids, segments, query)
+    columns = [torch.nonzero(owners == i)[:, 0] for i in range(len(segments))]  # each segment's keys, in order
+    best = torch.stack([weights[:, :, PREFIX + columns[i][a:b]].amax(-1) for i, a, b in spans], -1)
     expected = (best / best.sum(-1, keepdim=True)).mean(1).amax(0)
-    query, scale = queries[0]
-    keys = torch.cat([block.keys[0][r, :, PREFIX:] for block, r in places], 1)  # [kv_heads, keys, dim]
-    logits = query.double() @ keys.double().repeat_interleave(query.shape[0] // keys.shape[0], 0).mT * scale
-    # Each share is a sum of at most n weights, each within the weight bound: the bound again, plus the sum's.
-    bound = _weight_bound(logits) + sum_bound(torch.float32, n)
+    query_0, scale = queries[0]
+    keys = torch.cat([rows[i][0].keys[0][rows[i][1], :, PREFIX : PREFIX + len(segments[i])] for i in range(3)], 1)
+    logits = query_0.double() @ keys.double().repeat_interleave(query_0.shape[0] // keys.shape[0], 0).mT * scale
+    bound = _weight_bound(logits) + sum_bound(torch.float32, weights.shape[-1])
     error = (torch.tensor(got, dtype=torch.float64) - expected).abs().max()
     assert error <= bound, (got, expected.tolist(), bound)
+
+    whole = span_attention_scores(queries, [(*rows[i], PREFIX, PREFIX + len(segments[i])) for i in (2, 0, 1)], [0])
+    by_rows = attention_scores(queries, [rows[i] for i in (2, 0, 1)], PREFIX, [0])
+    assert max(abs(a - b) for a, b in zip(whole, by_rows, strict=True)) <= bound
 
 
 def test_ranking_layers() -> None:
@@ -191,7 +241,7 @@ def test_the_chosen_segments_are_the_best_scored_of_the_best_attended(
     queries = {layer: (q[:, words:], scale) for layer, (q, scale) in every.items()}
     attention = attention_scores(queries, document.places, document.prefix, [0])  # the tiny model's ranking layer
     best = sorted(range(len(attention)), key=lambda i: -attention[i])[:5]
-    likelihood = strategy._score(model, document, query, len(query) - words, best)
+    likelihood = strategy._score(model, document.places, query, len(query) - words, best)
     starts = {document.spans[i][0]: i for i in best}
     chosen = [starts[c["start"]] for c in plan.details["chosen"]]  # every chosen segment is a candidate
     assert sorted(chosen, key=lambda i: -likelihood[i]) == sorted(best, key=lambda i: -likelihood[i])[: len(chosen)]

@@ -168,3 +168,32 @@ def attention_scores(
         share = logits.softmax(-1).mean(1)  # [heads, segments]: each head's weight per segment, token-averaged
         best = torch.maximum(best, share.amax(0))
     return best.tolist()
+
+
+@torch.inference_mode()
+def span_attention_scores(
+    queries: dict[int, tuple[torch.Tensor, float]],
+    spans: Sequence[tuple[SegmentBlock, int, int, int]],
+    layers: Sequence[int],
+) -> list[float]:
+    """Each of ``spans`` (a block, a row, and the row's key positions ``[first, end)``: a passage inside a segment
+    already read) scored among them as :func:`attention_scores` scores whole segments: per head and question token,
+    each span's best-matching key; a softmax over the spans; averaged over the tokens; the largest in any head."""
+    by_row: dict[tuple[int, int], list[int]] = {}
+    for index, (block, row, _, _) in enumerate(spans):
+        by_row.setdefault((id(block), row), []).append(index)
+    best = torch.full((len(spans),), float("-inf"))
+    for layer in layers:
+        query, scale = queries[layer]
+        heads, n_tokens, dim = query.shape
+        logits = torch.empty(heads, n_tokens, len(spans))
+        for indices in by_row.values():
+            block, row = spans[indices[0]][0], spans[indices[0]][1]
+            low, high = min(spans[i][2] for i in indices), max(spans[i][3] for i in indices)
+            keys = block.keys[layer][row, :, low:high]  # [kv_heads, keys, dim]
+            grouped = query.to(keys.device, keys.dtype).reshape(keys.shape[0], -1, dim)  # each key head's queries
+            row_logits = torch.matmul(grouped, keys.transpose(-1, -2)).float().reshape(heads, n_tokens, -1).cpu()
+            for i in indices:
+                logits[:, :, i] = row_logits[:, :, spans[i][2] - low : spans[i][3] - low].amax(-1) * scale
+        best = torch.maximum(best, logits.softmax(-1).mean(1).amax(0))
+    return best.tolist()

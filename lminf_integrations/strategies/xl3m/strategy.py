@@ -5,12 +5,13 @@ boundaries (:mod:`.segments`); the unpatched model reads each segment (after the
 document's first tokens, within its training length). For a question, a cheap pass ranks the segments by where the
 question's attention falls among their kept keys (:mod:`.attention_pass`); the model then reads the question after
 each of the best few, and how certain it is about the question given the segment ranks them (:mod:`.scoring`);
-the best, in document order, within a token budget, are read again with the question and answered from. Every
-token of the document is read by the model; each segment's keys and values are computed once and kept
-(:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`), so another question about
-the same document costs one pass of its tokens, its tokens after each candidate segment, and the reading of the
-chosen text after the first chosen segment, whose keys and values from the reading are exactly those of the
-answer prompt's beginning.
+the best, in document order, within a token budget, are chosen; they are cut again into passages of a few
+sentences, ranked and scored the same way, and the passages scoring nearly as well as the best are read again with
+the question and answered from. Every token of the document is read by the model; each segment's keys and values
+are computed once and kept (:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`),
+so another question about the same document costs one pass of its tokens, its tokens after each candidate segment
+and each candidate passage, the reading of those passages, and the reading of the kept text after the first kept
+part, whose keys and values from the reading are exactly those of the answer prompt's beginning.
 
 Reusing the chosen segments' keys and values for the answer instead of reading them again (rotated to their new
 positions) was tried and dropped: segments read apart do not attend to each other, and the default model then
@@ -31,7 +32,7 @@ from ...config import XL3MConfig
 from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import Vanilla
-from .attention_pass import attention_scores, question_queries, ranking_layers
+from .attention_pass import attention_scores, question_queries, ranking_layers, span_attention_scores
 from .scoring import SegmentBlock, SegmentStore, question_start, rows_by_block, score_rows, segment_key
 from .segments import split
 
@@ -161,6 +162,9 @@ class XL3M(Strategy):
         self.config = config
         self.vanilla = Vanilla()
         self.segments = SegmentStore()
+        # Passages are read per question (a few short ones); kept apart so that a document's segments are not
+        # pushed out by them, and bounded well below the segments' store.
+        self.passages = SegmentStore(self.segments.max_bytes // 8)
         self._lock = threading.Lock()
 
     def check(self, model: PreTrainedModel) -> None:
@@ -295,32 +299,94 @@ class XL3M(Strategy):
             # The question's words rank the segments; the line breaks joining it to the text before condition them.
             first = len(query) - scored_tokens if scored_tokens else question_start(tokenizer, query)
             first = max(0, min(first, len(query) - 1))  # at least one token ranks them
+            queries = None
             wanted = self._candidate_count(budget)
             if wanted is not None and wanted < len(candidates):
-                attention = self._attention(model, document, query, first)
+                queries = self._queries(model, document, query, first)
+                attention = attention_scores(
+                    queries, document.places, document.prefix, ranking_layers(len(document.places[0][0].keys))
+                )
                 candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[:wanted])
-            scores = self._score(model, document, query, len(query) - first, candidates)
-        lengths = [end - start for start, end in document.spans]
-        sink = document.prefix - layout.head
-        picked = _choose([scores[i] for i in candidates], [lengths[i] for i in candidates], budget - sink)
-        chosen = [candidates[i] for i in picked]
-        if not chosen:
-            raise ValueError(
-                f"no segment fits the answer's context: {budget} tokens (the model reads {limit}; the question and "
-                f"template take {layout.head + q + layout.tail}, the answer {max_new_tokens}) for segments of up to "
-                f"{cfg.segment_tokens}: lower segment_tokens or max_new_tokens, or raise context_tokens"
-            )
-        kept = [token for index in chosen for token in ids[slice(*document.spans[index])]]
-        selection = [
-            {"start": document.spans[i][0], "end": document.spans[i][1], "score": round(scores[i], 4)}
-            | ({} if attention is None else {"attention": round(attention[i], 4)})
-            for i in chosen
-        ]
+            scores = self._score(model, document.places, query, len(query) - first, candidates)
+            lengths = [end - start for start, end in document.spans]
+            sink = document.prefix - layout.head
+            picked = _choose([scores[i] for i in candidates], [lengths[i] for i in candidates], budget - sink)
+            chosen = [candidates[i] for i in picked]
+            if not chosen:
+                raise ValueError(
+                    f"no segment fits the answer's context: {budget} tokens (the model reads {limit}; the question "
+                    f"and template take {layout.head + q + layout.tail}, the answer {max_new_tokens}) for segments "
+                    f"of up to {cfg.segment_tokens}: lower segment_tokens or max_new_tokens, or raise context_tokens"
+                )
+            selection = [
+                {"start": document.spans[i][0], "end": document.spans[i][1], "score": round(scores[i], 4)}
+                | ({} if attention is None else {"attention": round(attention[i], 4)})
+                for i in chosen
+            ]
+            details: dict[str, Any] = {
+                "segments": len(document.spans), "scored": len(candidates), "chosen": selection, "query_tokens": q
+            }  # fmt: skip
+            # What the answer reads: the chosen segments, or their best passages; each read after exactly the prefix
+            # the answer prompt starts with, so the first one's keys and values are the answer prompt's beginning.
+            parts: list[tuple[tuple[int, int], tuple[SegmentBlock, int]]] = [
+                (document.spans[i], document.places[i]) for i in chosen
+            ]
+            if cfg.passage_tokens is not None:
+                if queries is None:
+                    queries = self._queries(model, document, query, first)
+                parts, details["passages"] = self._passages(
+                    model, tokenizer, ids, document, chosen, query, first, queries
+                )
+        kept = [token for (start, end), _ in parts for token in ids[start:end]]
         new_ids = ids[: document.prefix] + kept + ids[layout.body_end :]
-        details = {"segments": len(document.spans), "scored": len(candidates), "chosen": selection, "query_tokens": q}
-        # The first chosen segment was read after exactly the prefix the answer prompt starts with.
-        block, row = document.places[chosen[0]]
-        return Plan(new_ids, details, block.row_cache(row), document.prefix + lengths[chosen[0]])
+        (start, end), (block, row) = parts[0]
+        return Plan(new_ids, details, block.row_cache(row), document.prefix + end - start)
+
+    def _passages(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: list[int],
+        document: SegmentedDocument,
+        chosen: Sequence[int],
+        query: list[int],
+        first: int,
+        queries: dict[int, tuple[torch.Tensor, float]],
+    ) -> tuple[list[tuple[tuple[int, int], tuple[SegmentBlock, int]]], list[dict[str, Any]]]:
+        """The chosen segments' passages the answer reads (each span with where its keys and values are, in document
+        order) and their details: cut at natural boundaries, the ``candidates`` best by where the question's
+        attention falls among their keys (already read with their segments), those read alone after the prefix and
+        scored as segments are, and kept when within ``passage_margin`` of the best.
+
+        Why (README, 'Choosing a strategy'): given only the fact sentences, the default model answered every
+        multi-fact question it missed when given the two segments holding them; a passage of a few sentences is
+        what it can copy from without being led astray by the text around it.
+        """
+        cfg = self.config
+        assert cfg.passage_tokens is not None
+        spans: list[tuple[int, int]] = []
+        keys: list[tuple[SegmentBlock, int, int, int]] = []
+        for index in chosen:
+            start, end = document.spans[index]
+            block, row = document.places[index]
+            for a, b in split(ids[start:end], tokenizer, cfg.passage_tokens):
+                spans.append((start + a, start + b))
+                keys.append((block, row, document.prefix + a, document.prefix + b))
+        candidates = list(range(len(spans)))
+        attention: list[float] | None = None
+        if cfg.candidates is not None and cfg.candidates < len(spans):
+            attention = span_attention_scores(queries, keys, ranking_layers(len(document.places[0][0].keys)))
+            candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[: cfg.candidates])
+        places = self.passages.locate(model, ids[: document.prefix], [ids[slice(*spans[i])] for i in candidates])
+        scores = self._score(model, places, query, len(query) - first, range(len(candidates)))
+        best = max(scores.values())
+        kept = [n for n in range(len(candidates)) if scores[n] >= best - cfg.passage_margin]
+        details = [
+            {"start": spans[candidates[n]][0], "end": spans[candidates[n]][1], "score": round(scores[n], 4)}
+            | ({} if attention is None else {"attention": round(attention[candidates[n]], 4)})
+            for n in kept
+        ]
+        return [(spans[candidates[n]], places[n]) for n in kept], details
 
     def _candidate_count(self, budget: int) -> int | None:
         """How many segments the attention pass hands to likelihood scoring: the setting, and at least twice as many
@@ -330,29 +396,28 @@ class XL3M(Strategy):
         fit = -(-max(budget, 1) // self.config.segment_tokens)
         return max(self.config.candidates, 2 * fit)
 
-    def _attention(
+    def _queries(
         self, model: PreTrainedModel, document: SegmentedDocument, query: list[int], first: int
-    ) -> list[float]:
-        """Each segment's score from the attention pass (:mod:`.attention_pass`), the question read after the shared
-        prefix where it would stand after a full segment, its tokens from ``first`` on matched."""
+    ) -> dict[int, tuple[torch.Tensor, float]]:
+        """The question's queries for the attention pass (:mod:`.attention_pass`): read after the shared prefix where
+        it would stand after a full segment, its tokens from ``first`` on."""
         block, row = document.places[0]
-        queries = question_queries(
+        return question_queries(
             model, block.prefix_cache(row, document.prefix), query, document.prefix + self.config.segment_tokens, first
         )
-        return attention_scores(queries, document.places, document.prefix, ranking_layers(len(block.keys)))
 
     def _score(
         self,
         model: PreTrainedModel,
-        document: SegmentedDocument,
+        places: Sequence[tuple[SegmentBlock, int]],
         query: list[int],
         scored: int | None,
         candidates: Sequence[int],
     ) -> dict[int, float]:
-        """The score of each of ``candidates`` (segment indices), the rows of one block scored together."""
+        """The score of each of ``candidates`` (indices into ``places``), the rows of one block scored together."""
         scores: dict[int, float] = {}
-        for block, indices in rows_by_block(document.places, candidates):
-            rows = [document.places[i][1] for i in indices]
+        for block, indices in rows_by_block(places, candidates):
+            rows = [places[i][1] for i in indices]
             for index, value in zip(
                 indices, score_rows(model, block, rows, query, self.config.score, scored), strict=True
             ):

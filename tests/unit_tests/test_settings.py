@@ -44,6 +44,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "question_tokens": {"strategy": "xl3m", "question_tokens": 32},
     "context_tokens": {"strategy": "xl3m", "context_tokens": 2048},
     "candidates": {"strategy": "xl3m", "candidates": 12},
+    "passage_tokens": {"strategy": "xl3m", "passage_tokens": 24},
+    "passage_margin": {"strategy": "xl3m", "passage_margin": 1.5},
     "score": {"strategy": "xl3m", "score": "entropy"},
     "dca_chunk_size": {"strategy": "dca", "dca_chunk_size": 4096},
     "dca_local_window": {"strategy": "dca", "dca_local_window": 512},

@@ -332,8 +332,6 @@ class XL3M(Strategy):
                 (document.spans[i], document.places[i]) for i in chosen
             ]
             if cfg.passage_tokens is not None:
-                if queries is None:
-                    queries = self._queries(model, document, query, first)
                 parts, details["passages"] = self._passages(
                     model, tokenizer, ids, document, chosen, query, first, queries
                 )
@@ -351,12 +349,13 @@ class XL3M(Strategy):
         chosen: Sequence[int],
         query: list[int],
         first: int,
-        queries: dict[int, tuple[torch.Tensor, float]],
+        queries: dict[int, tuple[torch.Tensor, float]] | None,
     ) -> tuple[list[tuple[tuple[int, int], tuple[SegmentBlock, int]]], list[dict[str, Any]]]:
         """The chosen segments' passages the answer reads (each span with where its keys and values are, in document
-        order) and their details: cut at natural boundaries, the ``candidates`` best by where the question's
-        attention falls among their keys (already read with their segments), those read alone after the prefix and
-        scored as segments are, and kept when within ``passage_margin`` of the best.
+        order) and their details (``queries``: the segments' attention pass's, if it ran): cut at natural
+        boundaries, the ``candidates`` best by where the question's attention falls among their keys (already read
+        with their segments), those read alone after the prefix and scored as segments are, and kept when within
+        ``passage_margin`` of the best.
 
         Why (README, 'Choosing a strategy'): given only the fact sentences, the default model answered every
         multi-fact question it missed when given the two segments holding them; a passage of a few sentences is
@@ -375,6 +374,8 @@ class XL3M(Strategy):
         candidates = list(range(len(spans)))
         attention: list[float] | None = None
         if cfg.candidates is not None and cfg.candidates < len(spans):
+            if queries is None:  # the segments skipped the attention pass: read the question only now it is needed
+                queries = self._queries(model, document, query, first)
             attention = span_attention_scores(queries, keys, ranking_layers(len(document.places[0][0].keys)))
             candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[: cfg.candidates])
         places = self.passages.locate(model, ids[: document.prefix], [ids[slice(*spans[i])] for i in candidates])

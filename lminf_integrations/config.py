@@ -233,8 +233,9 @@ class XL3MConfig:
     The prompt's body is cut into segments at natural boundaries; the model reads each segment on its own. For a
     question, the ``candidates`` segments its attention favours most are read with the question after each, and the
     segments the model is most certain about the question with are kept, in document order, within
-    ``context_tokens``. Those segments are cut again into passages of ``passage_tokens``, chosen the same way; the
-    answer is generated from the passages scoring within ``passage_margin`` of the best, and the question.
+    ``context_tokens``. Those segments are cut again into passages (sentences, at most ``passage_tokens`` long),
+    chosen the same way; the answer is generated from the passages scoring within ``passage_margin`` of the best,
+    and the question.
     """
 
     segment_tokens: int = setting(512, "most tokens per segment (cut at paragraph, then sentence boundaries)")
@@ -262,9 +263,10 @@ class XL3MConfig:
     )
     passage_tokens: int | None = setting(
         40,
-        "the chosen segments are cut again into passages of at most this many tokens (at sentence and line ends), "
-        "ranked and scored as segments are, and the answer is read from the passages scoring within "
-        "passage_margin of the best; None: from the chosen segments whole (README: 'Choosing a strategy')",
+        "the chosen segments are cut again into passages, a sentence or line each (shorter ones joined to the next, "
+        "longer ones cut at this many tokens), ranked and scored as segments are, and the answer is read from the "
+        "passages scoring within passage_margin of the best; None: from the chosen segments whole (README: "
+        "'Choosing a strategy')",
     )
     passage_margin: float = setting(
         0.6,

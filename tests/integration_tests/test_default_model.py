@@ -121,7 +121,8 @@ def test_xl3m_ranks_the_segment_with_the_planted_fact_first(
 
     from lminf_integrations.config import XL3MConfig
     from lminf_integrations.strategies.xl3m.scoring import read, read_block, score_rows
-    from lminf_integrations.strategies.xl3m.segments import split
+    from lminf_integrations.strategies.xl3m.segments import sentences, split
+    from lminf_integrations.strategies.xl3m.strategy import PASSAGE_MIN_TOKENS
 
     model, tokenizer = default_model
     Engine(model=model, tokenizer=tokenizer, strategy="xl3m").strategy.prepare(model)  # the unpatched model
@@ -142,9 +143,10 @@ def test_xl3m_ranks_the_segment_with_the_planted_fact_first(
     block = read_block(model, read(model, ids[:4]), segments)
     scores = score_rows(model, block, range(len(segments)), query, "loglik")
     assert max(range(len(scores)), key=lambda i: scores[i]) == planted, scores
-    # Within it, the default-length passage holding the fact scores best (what the answer is read from).
-    cuts = split(segments[planted], tokenizer, XL3MConfig().passage_tokens or 40)
+    # Within it, the passage holding the fact sentence whole scores best (what the answer is read from).
+    cuts = sentences(segments[planted], tokenizer, XL3MConfig().passage_tokens or 40, PASSAGE_MIN_TOKENS)
     passages = [segments[planted][start:end] for start, end in cuts]
     assert len(passages) > 3
     scores = score_rows(model, read_block(model, read(model, ids[:4]), passages), range(len(passages)), query, "loglik")
-    assert "48213" in tokenizer.decode(passages[max(range(len(scores)), key=lambda i: scores[i])]), scores
+    best = tokenizer.decode(passages[max(range(len(scores)), key=lambda i: scores[i])])
+    assert "The locker number of the red lantern is 48213." in best, (best, scores)

@@ -16,8 +16,14 @@ from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.strategies.vanilla import FullCache
 from lminf_integrations.strategies.xl3m.scoring import SegmentStore, question_start, read, read_block, score_rows
-from lminf_integrations.strategies.xl3m.segments import split
-from lminf_integrations.strategies.xl3m.strategy import XL3M, SegmentedDocument, _choose, template_parts
+from lminf_integrations.strategies.xl3m.segments import sentences, split
+from lminf_integrations.strategies.xl3m.strategy import (
+    PASSAGE_MIN_TOKENS,
+    XL3M,
+    SegmentedDocument,
+    _choose,
+    template_parts,
+)
 from tests.tiny_models import tiny_llama
 from tests.tolerances import network_bound
 
@@ -43,6 +49,29 @@ def test_segments_cover_the_text_at_paragraph_ends(default_tokenizer: PreTrained
         )
     with pytest.raises(ValueError, match="max_tokens"):
         split(ids, default_tokenizer, 0)
+
+
+def test_passages_are_sentences_short_ones_joined_long_ones_cut(default_tokenizer: PreTrainedTokenizerBase) -> None:
+    """A passage is one sentence or line; one shorter than ``min_tokens`` joins the next, one longer than
+    ``max_tokens`` is cut as segments are."""
+    ids = list(default_tokenizer(TEXT, add_special_tokens=False).input_ids)
+    pieces = [default_tokenizer.decode(ids[a:b]) for a, b in sentences(ids, default_tokenizer, 40, 8)]
+    assert "".join(pieces) == default_tokenizer.decode(ids)
+    # "Nobody else knows it." is under 8 tokens: it joins the next paragraph's first sentence.
+    assert pieces[:5] == [
+        "Room 0 is on floor 0.", " Its code is 1000.", " Nobody else knows it.\n\nRoom 1 is on floor 1.",
+        " Its code is 1001.", " Nobody else knows it.\n\nRoom 2 is on floor 2.",
+    ]  # fmt: skip
+    text = "A " + "very " * 60 + "long sentence. Short. And one more sentence here, a normal one."
+    long = list(default_tokenizer(text, add_special_tokens=False).input_ids)
+    spans = sentences(long, default_tokenizer, 16, 8)
+    assert spans[0][0] == 0 and spans[-1][1] == len(long)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(0 < end - start <= 16 for start, end in spans)
+    assert default_tokenizer.decode(long[spans[-1][0] :]) == " Short. And one more sentence here, a normal one."
+    assert default_tokenizer.decode(long[: spans[-1][0]]).endswith("long sentence.")
+    with pytest.raises(ValueError, match="min_tokens"):
+        sentences(long, default_tokenizer, 8, 16)
 
 
 def test_choose_takes_the_best_that_fit_in_document_order() -> None:
@@ -244,9 +273,9 @@ def test_planning_records_no_autograd_graph(
 
 def test_the_answer_continues_the_first_chosen_segment(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
     """The plan hands the engine the first chosen segment as read (no second reading), and it is the same cache
-    as reading the answer prompt's beginning afresh."""
+    as reading the answer prompt's beginning afresh (answered from whole segments: passages, below)."""
     model, tokenizer = tiny
-    engine = _engine(model, tokenizer)
+    engine = _engine(model, tokenizer, passage_tokens=None)
     ids = engine.tokenize(TEXT + "\nWhat is the code of room 7?")
     engine.strategy.prepare(model)
     plan = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
@@ -292,7 +321,9 @@ def test_the_answer_reads_the_best_passages_of_the_chosen_segments(
     assert plan.ids == ids[:SINK] + [t for c in chosen for t in ids[c["start"] : c["end"]]] + query
 
     passages = [
-        (c["start"] + a, c["start"] + b) for c in chosen for a, b in split(ids[c["start"] : c["end"]], tokenizer, 16)
+        (c["start"] + a, c["start"] + b)
+        for c in chosen
+        for a, b in sentences(ids[c["start"] : c["end"]], tokenizer, 16, PASSAGE_MIN_TOKENS)
     ]
     assert len(passages) > 3
     scored = [_plain_score(model, ids[:SINK] + ids[a:b], query, words) for a, b in passages]

@@ -1,4 +1,5 @@
-"""Cutting a prompt's body into segments at natural boundaries: paragraphs first, then sentences, then words.
+"""Cutting a prompt's body into segments at natural boundaries (paragraphs first, then sentences, then words), and
+segments into sentences.
 
 Works on token ids (what the engine has), reading each token's text to find the boundaries, so a segment is an
 exact slice of the prompt and two prompts sharing a body share its segments.
@@ -53,4 +54,21 @@ def split(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, max_tokens: in
             end = best + 1
         spans.append((start, end))
         start = end
+    return spans
+
+
+def sentences(
+    ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, max_tokens: int, min_tokens: int
+) -> list[tuple[int, int]]:
+    """``[start, end)`` spans covering ``ids`` in order, one per sentence or line: a piece shorter than
+    ``min_tokens`` is joined to the next one, and one longer than ``max_tokens`` is cut as :func:`split` cuts."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
+    strengths = boundary_strengths(ids, tokenizer)
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i, strength in enumerate(strengths):
+        if (strength >= _SENTENCE and i + 1 - start >= min_tokens) or i == len(ids) - 1:
+            spans.extend((start + a, start + b) for a, b in split(ids[start : i + 1], tokenizer, max_tokens))
+            start = i + 1
     return spans

@@ -5,8 +5,8 @@ boundaries (:mod:`.segments`); the unpatched model reads each segment (after the
 document's first tokens, within its training length). For a question, a cheap pass ranks the segments by where the
 question's attention falls among their kept keys (:mod:`.attention_pass`); the model then reads the question after
 each of the best few, and how certain it is about the question given the segment ranks them (:mod:`.scoring`);
-the best, in document order, within a token budget, are chosen; they are cut again into passages of a few
-sentences, ranked and scored the same way, and the passages scoring nearly as well as the best are read again with
+the best, in document order, within a token budget, are chosen; they are cut again into passages (a sentence or
+line each), ranked and scored the same way, and the passages scoring nearly as well as the best are read again with
 the question and answered from. Every token of the document is read by the model; each segment's keys and values
 are computed once and kept (:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`),
 so another question about the same document costs one pass of its tokens, its tokens after each candidate segment
@@ -34,7 +34,7 @@ from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import Vanilla
 from .attention_pass import attention_scores, question_queries, ranking_layers, span_attention_scores
 from .scoring import SegmentBlock, SegmentStore, question_start, rows_by_block, score_rows, segment_key
-from .segments import split
+from .segments import sentences, split
 
 # Tokens kept free besides the question, template and answer when the budget is derived (a safety margin).
 _MARGIN = 16
@@ -42,6 +42,9 @@ _MARGIN = 16
 CONTEXT_SHARE = 8
 # The document's first tokens, read before every segment (with the prompt's opening) as the shared prefix.
 SINK_TOKENS = 4
+# A sentence or line shorter than this joins the next one in a passage: a heading, a line of code or "Remember it."
+# is too short to be scored against the question alone (README, 'Choosing a strategy').
+PASSAGE_MIN_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -353,13 +356,14 @@ class XL3M(Strategy):
     ) -> tuple[list[tuple[tuple[int, int], tuple[SegmentBlock, int]]], list[dict[str, Any]]]:
         """The chosen segments' passages the answer reads (each span with where its keys and values are, in document
         order) and their details (``queries``: the segments' attention pass's, if it ran): cut at natural
-        boundaries, the ``candidates`` best by where the question's attention falls among their keys (already read
-        with their segments), those read alone after the prefix and scored as segments are, and kept when within
-        ``passage_margin`` of the best.
+        boundaries (a sentence or line each, see :func:`.segments.sentences`), the ``candidates`` best by where the
+        question's attention falls among their keys (already read with their segments), those read alone after the
+        prefix and scored as segments are, and kept when within ``passage_margin`` of the best.
 
         Why (README, 'Choosing a strategy'): given only the fact sentences, the default model answered every
-        multi-fact question it missed when given the two segments holding them; a passage of a few sentences is
-        what it can copy from without being led astray by the text around it.
+        multi-fact question it missed when given the two segments holding them; a passage of one sentence is what it
+        can copy from without being led astray by the text around it (a pass key after a line of filler, in the same
+        passage, was answered "a magical number").
         """
         cfg = self.config
         assert cfg.passage_tokens is not None
@@ -368,7 +372,7 @@ class XL3M(Strategy):
         for index in chosen:
             start, end = document.spans[index]
             block, row = document.places[index]
-            for a, b in split(ids[start:end], tokenizer, cfg.passage_tokens):
+            for a, b in sentences(ids[start:end], tokenizer, cfg.passage_tokens, PASSAGE_MIN_TOKENS):
                 spans.append((start + a, start + b))
                 keys.append((block, row, document.prefix + a, document.prefix + b))
         candidates = list(range(len(spans)))

@@ -20,9 +20,10 @@ Methods, all on the same prompts (the default runs the first three; ``--methods`
 * ``xl3m`` – ``Engine(strategy="xl3m")`` with the default ``XL3MConfig``, told that the question is the prompt's
   tokens after the filler (``QUESTION``): the unpatched model reads the prompt in segments, ranks them by where
   the question's attention falls, scores the best few by the question's likelihood after each, keeps the best
-  ones within its context budget and answers from their best passages. Its *recall* is whether the whole key line
-  is in what the answer read (the kept passages; a prompt that fits the training length with the answer is read
-  whole: recall by definition).
+  ones within its context budget and answers from their best passages. Its *recall* is whether the key's sentence
+  ("The pass key is 48213.", the key line's first) is whole in what the answer read (the kept passages; a prompt
+  that fits the training length with the answer is read whole: recall by definition). The rest of the key line
+  repeats it: a passage of one sentence may hold the key without it.
 * ``dca`` – ``Engine(strategy="dca")`` with the default ``DCAConfig``: every key stays visible, at distances no
   larger than the training length (Dual Chunk Attention). Its cache keeps every key, so it shares the encode
   chain as Λ does; its prefill is quadratic like vanilla's, which bounds the lengths it can be run at here.
@@ -74,7 +75,8 @@ INSTRUCTION = (
     "I will quiz you about the important information there.\n\n"
 )
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
+KEY_SENTENCE = " The pass key is {key}."  # what a reader needs of the key line
+KEY_LINE = KEY_SENTENCE + " Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
 METHODS = ("vanilla", "lambda", "lambda+topk", "xl3m", "dca")
@@ -91,7 +93,7 @@ class PasskeyPrompt:
     shared_prefix: int  # tokens before the key line (instruction + filler lines), shared with other prompts
     key_index: int = 0  # which of the cell's keys (--keys)
     question_tokens: int = 0  # the closing question's tokens (QUESTION), the prompt's last ones
-    key_tokens: int = 0  # the key line's tokens, from key_start on
+    key_tokens: int = 0  # the key sentence's tokens (KEY_SENTENCE, or the whole key line), from key_start on
 
     @property
     def actual_depth(self) -> float:
@@ -116,6 +118,13 @@ class PromptParts:
 
     def key_line(self, key: str) -> list[int]:
         return list(self.tokenizer(KEY_LINE.format(key=key), add_special_tokens=False)["input_ids"])
+
+    def key_sentence_tokens(self, key: str) -> int:
+        """How many of the key line's first tokens are its first sentence (the whole line, should a tokenizer join
+        that sentence's last token with the next)."""
+        line = self.key_line(key)
+        sentence = list(self.tokenizer(KEY_SENTENCE.format(key=key), add_special_tokens=False)["input_ids"])
+        return len(sentence) if line[: len(sentence)] == sentence else len(line)
 
 
 def draw_key(seed: int, length: int, depth: float, index: int = 0) -> str:
@@ -147,8 +156,9 @@ def make_prompt(parts: PromptParts, length: int, depth: float, seed: int, key_in
     prefix = parts.instruction + parts.filler * before
     ids = prefix + key_ids + parts.filler * (n_lines - before) + parts.question
     return PasskeyPrompt(
-        length, depth, key, ids, len(prefix), len(prefix), key_index, len(parts.question), len(key_ids)
-    )
+        length, depth, key, ids, len(prefix), len(prefix), key_index, len(parts.question),
+        parts.key_sentence_tokens(key),
+    )  # fmt: skip
 
 
 def make_prompts(
@@ -327,13 +337,13 @@ def answered_from(selection: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def key_chosen(prompt: PasskeyPrompt, selection: dict[str, Any] | None) -> bool:
-    """XL3M's recall: the key line, from its first token to its last, is in what the answer read (a prompt read
-    whole holds it by definition)."""
+    """XL3M's recall: the key's sentence, from its first token to its last, is in what the answer read (a prompt
+    read whole holds it by definition)."""
     if selection is None:
         return True
     end = prompt.key_start + max(prompt.key_tokens, 1)
     kept = answered_from(selection)
-    return all(any(c["start"] <= t < c["end"] for c in kept) for t in (prompt.key_start, end - 1))
+    return all(any(c["start"] <= t < c["end"] for c in kept) for t in range(prompt.key_start, end))
 
 
 def run_xl3m(runner: XL3MRunner, prompts: list[PasskeyPrompt]) -> list[dict[str, object]]:
@@ -366,7 +376,7 @@ def run_xl3m(runner: XL3MRunner, prompts: list[PasskeyPrompt]) -> list[dict[str,
         chosen = "read whole" if selection is None else f"{len(selection['chosen'])}/{selection['segments']} segments"
         print(
             f"{'xl3m':12s} {len(prompt.token_ids):7d} tokens depth {prompt.depth:.2f}: "
-            f"{'ok ' if ok else 'MISS'} {answer!r} (key {prompt.key}; {chosen}, key line "
+            f"{'ok ' if ok else 'MISS'} {answer!r} (key {prompt.key}; {chosen}, key sentence "
             f"{'read' if recall else 'NOT read'}; {seconds:.1f} s)",
             flush=True,
         )
@@ -406,7 +416,7 @@ def render_table(
     # (label, method, row field) of every line shown: each method's accuracy, and XL3M's recall after it.
     shown = [(m, m, "correct") for m in methods]
     if "xl3m" in methods:
-        shown.append(("xl3m recall (key line read)", "xl3m", "key_chosen"))
+        shown.append(("xl3m recall (key sentence read)", "xl3m", "key_chosen"))
     lines = [*header, "", "Accuracy over all depths (correct/asked, 95% Wilson interval; '–': not run):", ""]
     lines += ["| method " + columns[0], columns[1]]
     for label, method, column in shown:
@@ -535,10 +545,9 @@ def main(argv: list[str] | None = None) -> None:
         details.append(
             f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, the {xl3m.candidates} best "
             f"of a first attention pass scored by {xl3m.score}, context up to {budget}, answered from their "
-            f"passages of up to {xl3m.passage_tokens} tokens within {xl3m.passage_margin} of the best); question = "
-            f"the prompt's "
-            f"last {len(parts.question)} tokens; recall = the whole key line is in what the answer read (a prompt "
-            "within the training length is read whole)."
+            f"passages, a sentence each of up to {xl3m.passage_tokens} tokens, within {xl3m.passage_margin} of the "
+            f"best); question = the prompt's last {len(parts.question)} tokens; recall = the key's sentence is whole "
+            "in what the answer read (a prompt within the training length is read whole)."
         )
     if "dca" in args.methods:
         chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))

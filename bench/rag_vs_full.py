@@ -27,7 +27,8 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
 * ``xl3m`` — the whole document through ``Engine(strategy="xl3m")`` (told where the question starts), once per
   ``--xl3m-context`` budget (``default``: ``XL3MConfig``'s, an eighth of the training length; ``full``: the
   training length less question and answer; or a number of tokens) and ``--xl3m-passage-tokens`` value (the
-  answer read from the chosen segments' best passages of that many tokens, or ``none``: the segments whole). The
+  answer read from the chosen segments' best passages, sentences of up to that many tokens, or ``none``: the
+  segments whole). The
   document is read once in segments
   (``Engine.encode``, the setup) and every question uses that state; "facts in prompt" counts questions whose
   fact sentences are all whole in the text the answer read (the kept passages, or the chosen segments with

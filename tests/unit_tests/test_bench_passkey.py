@@ -15,6 +15,7 @@ from bench.passkey import (
     PromptParts,
     VanillaRunner,
     is_correct,
+    key_chosen,
     make_prompt,
     plot,
     render_table,
@@ -55,6 +56,28 @@ def test_key_sits_at_the_requested_depth(parts: PromptParts, depth: float) -> No
     assert ids[-len(parts.question) :] == parts.question
     filler_total = len(ids) - len(parts.instruction) - len(key_ids) - len(parts.question)
     assert abs(len(before) / filler_total - depth) <= len(parts.filler) / filler_total
+
+
+def test_xl3m_recall_is_the_key_sentence_read_whole(parts: PromptParts) -> None:
+    """Recall counts the key's own sentence ("The pass key is N."), every token of it, in the spans read; the rest of
+    the key line (which repeats it) is not needed; a prompt read whole (no selection) holds it."""
+    prompt = make_prompt(parts, 3000, 0.5, seed=3)
+    start = prompt.key_start
+    sentence = parts.tokenizer.decode(prompt.token_ids[start : start + prompt.key_tokens])
+    assert sentence == f" The pass key is {prompt.key}."
+    end = start + prompt.key_tokens
+    line_end = start + len(parts.key_line(prompt.key))
+
+    def read(*spans: tuple[int, int]) -> dict[str, object]:
+        return {"chosen": [], "passages": [{"start": a, "end": b} for a, b in spans]}
+
+    assert key_chosen(prompt, read((start, end)))
+    assert key_chosen(prompt, read((start - 20, start + 2), (start + 2, line_end)))  # two passages, no gap
+    assert not key_chosen(prompt, read((start, end - 1)))  # the sentence's full stop missing
+    assert not key_chosen(prompt, read((start - 20, start + 2), (start + 3, line_end)))  # a token missing
+    assert not key_chosen(prompt, read((end, line_end)))  # "Remember it. N is the pass key." alone
+    assert key_chosen(prompt, {"chosen": [{"start": 0, "end": line_end}]})  # segments read whole
+    assert key_chosen(prompt, None)
 
 
 def test_bad_prompt_requests_are_refused(parts: PromptParts) -> None:

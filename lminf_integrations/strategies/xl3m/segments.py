@@ -44,11 +44,15 @@ def split(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, max_tokens: in
     end is near nor much shorter than ``max_tokens``)."""
     if max_tokens < 1:
         raise ValueError("max_tokens must be >= 1")
-    strengths = boundary_strengths(ids, tokenizer)
-    spans, start = [], 0
-    while start < len(ids):
-        end = min(len(ids), start + max_tokens)
-        if end < len(ids):
+    return _cut(boundary_strengths(ids, tokenizer), 0, len(ids), max_tokens)
+
+
+def _cut(strengths: Sequence[int], start: int, stop: int, max_tokens: int) -> list[tuple[int, int]]:
+    """:func:`split`'s cut of the tokens ``[start, stop)``, given the boundary strengths of all of them."""
+    spans = []
+    while start < stop:
+        end = min(stop, start + max_tokens)
+        if end < stop:
             window = range(start + max(1, max_tokens // 2), end)  # cut after token i: the segment is [start, i+1)
             best = max(window, key=lambda i: (strengths[i], i))
             end = best + 1
@@ -69,6 +73,6 @@ def sentences(
     start = 0
     for i, strength in enumerate(strengths):
         if (strength >= _SENTENCE and i + 1 - start >= min_tokens) or i == len(ids) - 1:
-            spans.extend((start + a, start + b) for a, b in split(ids[start : i + 1], tokenizer, max_tokens))
+            spans.extend(_cut(strengths, start, i + 1, max_tokens))
             start = i + 1
     return spans

@@ -332,8 +332,9 @@ class XL3MRunner:
 
 
 def answered_from(selection: dict[str, Any]) -> list[dict[str, Any]]:
-    """The spans XL3M's answer read: the kept passages, or the chosen segments whole (``passage_tokens=None``)."""
-    return list(selection.get("passages", selection["chosen"]))
+    """The spans XL3M's answer read: the kept passages and a hop's, or the chosen segments whole
+    (``passage_tokens=None``)."""
+    return list(selection["read"])
 
 
 def key_chosen(prompt: PasskeyPrompt, selection: dict[str, Any] | None) -> bool:

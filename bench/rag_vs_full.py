@@ -339,8 +339,8 @@ def run_xl3m(
                     if clock.feed(delta):
                         break
             details = stream.result.details if stream.result is not None else None
-            # What the answer read: the kept passages (or, with passage_tokens=None, the chosen segments whole).
-            kept = details["xl3m"].get("passages", details["xl3m"]["chosen"]) if details else []
+            # What the answer read: the kept passages and a hop's (or, with passage_tokens=None, the chosen segments).
+            kept = details["xl3m"]["read"] if details else []
             read = tokenizer.decode([token for c in kept for token in doc_ids[c["start"] : c["end"]]])
             # The same test as RAG's: every fact sentence whole in the text read (no details: read whole).
             found = details is None or all(doc.facts[i].sentence in read for i in question.facts)

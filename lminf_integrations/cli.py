@@ -215,20 +215,34 @@ def _selection(details: dict[str, Any] | None) -> str:
     if xl3m is None:
         return "[selection: none: the whole prompt was read (strategy other than xl3m, or a prompt that fits)]"
 
-    def spans(parts: list[dict[str, Any]]) -> str:
+    def spans(parts: list[dict[str, Any]], score: str) -> str:
         return ", ".join(
-            f"{c['start']}-{c['end']} (likelihood {c['score']:+.3f}"
+            f"{c['start']}-{c['end']} ({score} {c['score']:+.3f}"
+            + (f", contrast {c['contrast']:+.3f}" if "contrast" in c else "")
             + (f", attention {c['attention']:.3f})" if "attention" in c else ")")
             for c in parts
         )
 
+    kind = {"contrast": "contrast", "loglik": "likelihood", "entropy": "entropy"}.get(xl3m.get("score", ""), "score")
     if xl3m.get("scored", xl3m["segments"]) < xl3m["segments"]:
-        scored = f"{xl3m['scored']} scored by likelihood after the attention pass"
+        scored = f"{xl3m['scored']} scored by {kind} after the attention pass"
     else:
-        scored = "all scored by likelihood"
-    text = f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, {scored}; tokens {spans(xl3m['chosen'])}"
+        scored = f"all scored by {kind}"
+    text = f"[xl3m: {len(xl3m['chosen'])} of {xl3m['segments']} segments, {scored}; "
+    text += f"tokens {spans(xl3m['chosen'], kind)}"
     if "passages" in xl3m:
-        text += f"; answered from {len(xl3m['passages'])} of their passages: tokens {spans(xl3m['passages'])}"
+        passage_kind = "entropy" if kind == "entropy" else "likelihood"
+        text += f"; answered from {len(xl3m['passages'])} of their passages: tokens "
+        text += spans(xl3m["passages"], passage_kind)
+    hop = xl3m.get("hop")
+    if hop:
+        segment = hop["segment"]
+        text += (
+            f"; hop from {hop['from']['start']}-{hop['from']['end']}: segment {segment['start']}-{segment['end']} "
+            f"(gain {hop['gain']:+.3f}, next {hop['runner_up']:+.3f}): "
+        )
+        added = hop.get("passage")
+        text += f"added {added['start']}-{added['end']}" if added else "nothing added (under hop_margin)"
     return text + "]"
 
 

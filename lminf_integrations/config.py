@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 CacheMode = Literal["window", "full"]
 StrategyName = Literal["lm-infinite", "xl3m", "dca", "vanilla"]
-XL3MScore = Literal["loglik", "entropy"]
+XL3MScore = Literal["contrast", "loglik", "entropy"]
 #: What ``strategy=`` takes (each is a subpackage of ``lminf_integrations.strategies``).
 STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 
@@ -257,21 +257,30 @@ class XL3MConfig:
         "passages); None: every segment and passage is scored by likelihood (slower on long documents)",
     )
     score: XL3MScore = setting(
-        "loglik",
-        "how segments are ranked: 'loglik' (mean log-likelihood of the question's tokens after the segment), "
-        "'entropy' (certainty of the next token after the question)",
+        "contrast",
+        "how segments are ranked: 'contrast' (the question tokens a segment makes likelier than the other "
+        "candidates do: the mean gain of its 3 best), 'loglik' (mean log-likelihood of the question's tokens after "
+        "the segment), 'entropy' (certainty of the next token after the question); passages are ranked by 'loglik' "
+        "unless 'entropy' is set",
     )
     passage_tokens: int | None = setting(
         40,
         "the chosen segments are cut again into passages, a sentence or line each (shorter ones joined to the next, "
-        "longer ones cut at this many tokens), ranked and scored as segments are, and the answer is read from the "
-        "passages scoring within passage_margin of the best; None: from the chosen segments whole (README: "
-        "'Choosing a strategy')",
+        "longer ones cut at this many tokens), narrowed by the attention pass as segments are, and the answer is read "
+        "from the passages kept by passage_margin; None: from the chosen segments whole (README: 'Choosing a "
+        "strategy')",
     )
     passage_margin: float = setting(
         0.6,
-        "how far below the best passage's score (mean log-likelihood per question token, in nats) a passage may "
-        "score and still be kept",
+        "how far below the best passage's mean log-likelihood per question token (in nats) a passage may score and "
+        "still be kept; with score='contrast', the passage contrast ranks first is kept too",
+    )
+    hop_margin: float | None = setting(
+        0.5,
+        "one hop from the best kept passage (by contrast, else likelihood): the segment that makes its tokens not in "
+        "the question likeliest, when it beats the next by this many nats per token, adds its sentence doing the "
+        "same best (a question about 'the place where the kettle is kept' needs the sentence giving that place's "
+        "code); None: no hop (needs passage_tokens)",
     )
 
     def __post_init__(self) -> None:
@@ -283,11 +292,20 @@ class XL3MConfig:
             )
         if self.candidates is not None:
             _require(_is_int(self.candidates) and self.candidates >= 1, "candidates must be None or an int >= 1")
-        _require(self.score in ("loglik", "entropy"), f"score must be 'loglik' or 'entropy', got {self.score!r}")
+        _require(
+            self.score in ("contrast", "loglik", "entropy"),
+            f"score must be 'contrast', 'loglik' or 'entropy', got {self.score!r}",
+        )
         if self.passage_tokens is not None:
             _require(
                 _is_int(self.passage_tokens) and self.passage_tokens >= 8, "passage_tokens must be None or an int >= 8"
             )
+        if self.hop_margin is not None:
+            _require(
+                isinstance(self.hop_margin, int | float) and not isinstance(self.hop_margin, bool)
+                and self.hop_margin >= 0,
+                "hop_margin must be None or a number >= 0",
+            )  # fmt: skip
         _require(
             isinstance(self.passage_margin, int | float) and not isinstance(self.passage_margin, bool)
             and self.passage_margin >= 0,

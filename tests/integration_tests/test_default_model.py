@@ -150,3 +150,41 @@ def test_xl3m_ranks_the_segment_with_the_planted_fact_first(
     scores = score_rows(model, read_block(model, read(model, ids[:4]), passages), range(len(passages)), query, "loglik")
     best = tokenizer.decode(passages[max(range(len(scores)), key=lambda i: scores[i])])
     assert "The locker number of the red lantern is 48213." in best, (best, scores)
+
+
+def test_xl3m_hops_from_the_place_to_its_code(
+    default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-step question on the real model: "the archive code of the place where the violet kettle is kept" needs
+    the sentence placing the kettle, which the question finds, and the sentence giving that place's code, far from
+    it among other places' codes, which only the first leads to. The hop adds the code sentence, read last after
+    the sentence placing the kettle, and the model answers from them. (Training length lowered to 2,048 so that a
+    short document is segmented.)"""
+    import pydoc_data.topics
+
+    model, tokenizer = default_model
+    monkeypatch.setattr(model.config, "max_position_embeddings", 2048)
+    topics = pydoc_data.topics.topics
+    paragraphs = [topics[name].strip() for name in sorted(topics)[20:80]]
+    paragraphs = [p for p in paragraphs if len(p) < 3000][:26]
+    facts = {
+        3: "The violet kettle is kept in the olive cellar.",
+        9: "The archive code of the scarlet tower is 61587.",
+        14: "The archive code of the amber cabinet is 68835.",
+        20: "The archive code of the olive cellar is 40219.",
+    }
+    for index, fact in facts.items():
+        paragraphs.insert(index, fact)
+    question = "What is the archive code of the place where the violet kettle is kept?"
+    prompt = "\n\n".join(paragraphs) + f"\n\nQuestion: {question}\nAnswer: The archive code of that place is"
+    engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", reuse_prefixes=False)
+    assert engine.count_tokens(prompt) > 2 * 2048
+    question_tokens = len(engine.tokenize(f"\n\nQuestion: {question}\nAnswer: The archive code of that place is"))
+    stream = engine.stream(prompt, GenerationSettings(max_new_tokens=8), question_tokens=question_tokens)
+    answer = "".join(stream)
+    assert stream.result is not None
+    selection = stream.result.details["xl3m"]
+    ids = engine.tokenize(prompt)
+    read = [tokenizer.decode(ids[r["start"] : r["end"]]).strip() for r in selection["read"]]
+    assert facts[3] in read[-2] and read[-1] == facts[20], (read, selection.get("hop"))
+    assert "40219" in answer, (answer, read)

@@ -69,14 +69,14 @@ def test_xl3m_recall_is_the_key_sentence_read_whole(parts: PromptParts) -> None:
     line_end = start + len(parts.key_line(prompt.key))
 
     def read(*spans: tuple[int, int]) -> dict[str, object]:
-        return {"chosen": [], "passages": [{"start": a, "end": b} for a, b in spans]}
+        return {"chosen": [], "read": [{"start": a, "end": b} for a, b in spans]}
 
     assert key_chosen(prompt, read((start, end)))
     assert key_chosen(prompt, read((start - 20, start + 2), (start + 2, line_end)))  # two passages, no gap
     assert not key_chosen(prompt, read((start, end - 1)))  # the sentence's full stop missing
     assert not key_chosen(prompt, read((start - 20, start + 2), (start + 3, line_end)))  # a token missing
     assert not key_chosen(prompt, read((end, line_end)))  # "Remember it. N is the pass key." alone
-    assert key_chosen(prompt, {"chosen": [{"start": 0, "end": line_end}]})  # segments read whole
+    assert key_chosen(prompt, read((0, line_end)))  # a whole segment
     assert key_chosen(prompt, None)
 
 

@@ -46,6 +46,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "candidates": {"strategy": "xl3m", "candidates": 12},
     "passage_tokens": {"strategy": "xl3m", "passage_tokens": 24},
     "passage_margin": {"strategy": "xl3m", "passage_margin": 1.5},
+    "hop_margin": {"strategy": "xl3m", "hop_margin": 1.0},
     "score": {"strategy": "xl3m", "score": "entropy"},
     "dca_chunk_size": {"strategy": "dca", "dca_chunk_size": 4096},
     "dca_local_window": {"strategy": "dca", "dca_local_window": 512},

@@ -15,7 +15,15 @@ from lminf_integrations import cli
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.strategies.vanilla import FullCache
-from lminf_integrations.strategies.xl3m.scoring import SegmentStore, question_start, read, read_block, score_rows
+from lminf_integrations.strategies.xl3m.scoring import (
+    SegmentStore,
+    contrast_scores,
+    question_start,
+    read,
+    read_block,
+    score_rows,
+    token_logprobs,
+)
 from lminf_integrations.strategies.xl3m.segments import sentences, split
 from lminf_integrations.strategies.xl3m.strategy import (
     PASSAGE_MIN_TOKENS,
@@ -113,6 +121,44 @@ def test_batched_scores_match_plain_forwards(tiny: tuple[PreTrainedModel, PreTra
         # network bound (fp32, the MLP's 128-term sums, 2 layers), a log-softmax value by at most twice that.
         bound = 2 * network_bound(tail, torch.float32, reduction=128, layers=2)
         assert abs(value - expected) <= bound, (value, expected, bound)
+
+
+def test_token_logprobs_at_chosen_positions_match_a_plain_forward(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """Per-token log-probabilities of a query's chosen positions after each row equal an uncached forward's."""
+    model, tokenizer = tiny
+    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
+    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
+    query = tokenizer("\nQuestion: what is the code of room 3?\nAnswer:", add_special_tokens=False).input_ids
+    block = read_block(model, read(model, prefix_ids), segments)
+    positions = [1, 4, len(query) - 1]
+    got = token_logprobs(model, block, [1, 2], query, positions)
+    assert got.shape == (2, len(positions))
+    assert token_logprobs(model, block, [1], query, 3).shape == (1, 3)  # a count: the last three
+    for values, segment in zip(got, [segments[1], segments[2]], strict=True):
+        with torch.inference_mode():
+            logits = model(torch.tensor([[*prefix_ids, *segment, *query]])).logits[0].float()
+        logp = logits[len(prefix_ids) + len(segment) - 1 :].log_softmax(-1)  # logp[j]: of query[j]
+        expected = torch.stack([logp[j, query[j]] for j in positions])
+        bound = 2 * network_bound(logits, torch.float32, reduction=128, layers=2)
+        assert (values - expected).abs().max() <= bound, (values, expected)
+    with pytest.raises(ValueError, match="scored positions"):
+        token_logprobs(model, block, [0], query, [0])  # the first token has no logits before it
+
+
+def test_contrast_scores_are_the_mean_of_each_rows_best_gains_over_the_rows_mean() -> None:
+    """Worked by hand: the rows' mean per token is [-2, -2, -2, -6]; row 0 gains [1, 0, -1, 2], row 1 [-1, 0, 1,
+    -2]. A row that predicts every token fairly well loses to one that predicts a few far better than the rest."""
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-3.0, -2.0, -1.0, -8.0]])
+    assert contrast_scores(logprobs, 2) == [1.5, 0.5]
+    assert contrast_scores(logprobs, 10) == [0.5, -0.5]  # more tokens than the query has: all of them
+    assert contrast_scores(torch.zeros(0, 3), 2) == []
+    hub, link, other = [-1.0, -1.0, -1.0, -1.0], [-4.0, -4.0, -0.1, -0.2], [-2.0, -2.0, -5.0, -5.0]
+    table = torch.tensor([hub, link, other])
+    assert table.mean(1).argmax() == 0  # the mean log-likelihood picks the hub
+    scores = contrast_scores(table, 2)
+    assert max(range(3), key=lambda i: scores[i]) == 1
 
 
 def test_a_block_row_is_the_segment_read_alone(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
@@ -230,7 +276,7 @@ def test_the_line_breaks_joining_a_segment_to_the_question_are_not_scored(
     how the segment ended, not whether it answers, so they only condition."""
     model, tokenizer = tiny
     query = list(tokenizer("\n\nWhat is the code of room 7?", add_special_tokens=False).input_ids)
-    engine = _engine(model, tokenizer, candidates=None, question_tokens=len(query))
+    engine = _engine(model, tokenizer, candidates=None, question_tokens=len(query), score="loglik")
     ids = engine.tokenize(TEXT + "\n\nWhat is the code of room 7?")
     assert ids[-len(query) :] == query
     blank = next(i for i, token in enumerate(query) if tokenizer.decode([token]).strip())
@@ -304,14 +350,17 @@ def test_the_answer_reads_the_best_passages_of_the_chosen_segments(
     tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
     """The chosen segments are cut into passages; each is scored as an independent plain forward of prefix +
-    passage + question scores; those within ``passage_margin`` of the best are kept, in document order, and the
+    passage + question scores; by log-likelihood (``score="loglik"``), those within ``passage_margin`` of the best
+    are kept, in document order, and the
     answer prompt is the prefix, them and the question, continuing the first one's keys and values as read.
     ``passage_tokens=None`` answers from the same segments whole."""
     model, tokenizer = tiny
     question = "\n\nWhat is the code of room 7?"
     query = list(tokenizer(question, add_special_tokens=False).input_ids)
     words = question_start(tokenizer, query)
-    settings: dict[str, object] = {"segment_tokens": 96, "candidates": None, "question_tokens": len(query)}
+    settings: dict[str, object] = {
+        "segment_tokens": 96, "candidates": None, "question_tokens": len(query), "score": "loglik", "hop_margin": None
+    }  # fmt: skip
     whole = _engine(model, tokenizer, passage_tokens=None, **settings)
     ids = whole.tokenize(TEXT + question)
     whole.strategy.prepare(model)
@@ -319,6 +368,7 @@ def test_the_answer_reads_the_best_passages_of_the_chosen_segments(
     assert plan is not None and "passages" not in plan.details
     chosen = plan.details["chosen"]
     assert plan.ids == ids[:SINK] + [t for c in chosen for t in ids[c["start"] : c["end"]]] + query
+    assert plan.details["read"] == [{"start": c["start"], "end": c["end"]} for c in chosen]
 
     passages = [
         (c["start"] + a, c["start"] + b)
@@ -341,6 +391,7 @@ def test_the_answer_reads_the_best_passages_of_the_chosen_segments(
     for p in kept:
         assert abs(p["score"] - scores[passages.index((p["start"], p["end"]))]) <= bound
     assert plan.ids == ids[:SINK] + [t for p in kept for t in ids[p["start"] : p["end"]]] + query
+    assert plan.details["read"] == [{"start": p["start"], "end": p["end"]} for p in kept]
     assert plan.prefix_length == SINK + kept[0]["end"] - kept[0]["start"]
     assert isinstance(plan.prefix_cache, FullCache)
     fresh = read(model, plan.ids[: plan.prefix_length]).key_values()
@@ -356,7 +407,7 @@ def test_the_attention_pass_narrows_passage_scoring(tiny: tuple[PreTrainedModel,
     ids = _engine(model, tokenizer).tokenize(TEXT + "\nWhat is the code of room 7?")
 
     def plan(candidates: int | None) -> dict:
-        engine = _engine(model, tokenizer, segment_tokens=96, passage_tokens=16, candidates=candidates)
+        engine = _engine(model, tokenizer, segment_tokens=96, passage_tokens=16, candidates=candidates, hop_margin=None)
         engine.strategy.prepare(model)
         result = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
         assert result is not None
@@ -419,12 +470,18 @@ def test_lminf_ask_with_xl3m_shows_its_selection(
     assert cli.main(["ask", str(document), "Code of room 7?", *common, "--strategy", "xl3m", "--show-selection"]) == 0
     err = capsys.readouterr().err
     scored = XL3MConfig().candidates  # the default: more than twice the two 512-token segments that fit
-    assert "[xl3m: " in err and f" segments, {scored} scored by likelihood after the attention pass; tokens " in err
+    assert "[xl3m: " in err and f" segments, {scored} scored by contrast after the attention pass; tokens " in err
     segments, passages = err.split("; answered from ")
-    chosen = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", segments)
+    chosen = re.findall(r"\d+-\d+ \(contrast [-+]\d+\.\d+, attention \d\.\d+\)", segments)
     assert chosen and len(chosen) == int(re.search(r"\[xl3m: (\d+) of ", err).group(1))  # type: ignore[union-attr]
-    kept = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, attention \d\.\d+\)", passages)
+    passages, hop = passages.split("; hop from ")
+    kept = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, contrast [-+]\d+\.\d+, attention \d\.\d+\)", passages)
     assert kept and passages.startswith(f"{len(kept)} of their passages: tokens ")
+    assert re.fullmatch(
+        r"\d+-\d+: segment \d+-\d+ \(gain [-+]\d+\.\d+, next [-+]\d+\.\d+\): "
+        r"(added \d+-\d+|nothing added \(under hop_margin\))\]\n",
+        hop,
+    ), hop
     no_passages = ["--strategy", "xl3m", "--show-selection", "--passage-tokens", "none"]
     assert cli.main(["ask", str(document), "Code of room 7?", *common, *no_passages]) == 0
     err = capsys.readouterr().err
@@ -455,3 +512,123 @@ def test_chat_prompts_keep_their_opening_question_and_closing(
     kept = parts.tail + 12  # the question (question_tokens) and the template's closing part
     assert plan.ids[: parts.head] == ids[: parts.head] and plan.ids[-kept:] == ids[-kept:]
     assert len(plan.ids) + 4 <= TRAINING_LENGTH
+
+
+def _plain_logprobs(model: PreTrainedModel, context: list[int], query: list[int], positions: list[int]) -> torch.Tensor:
+    """An uncached forward of ``context + query``: the log-probability of ``query[j]`` for each of ``positions``."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([[*context, *query]])).logits[0].float()
+    logp = logits[len(context) - 1 :].log_softmax(-1)
+    return torch.stack([logp[j, query[j]] for j in positions])
+
+
+def _bound(model: PreTrainedModel, ids: list[int]) -> float:
+    """How far a batched, cached log-probability may be from a plain forward's (twice the network's bound on a
+    logit) and no less than the 4 places details round to."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return max(2 * network_bound(logits, torch.float32, reduction=128, layers=2), 1e-4)
+
+
+def test_contrast_ranks_segments_against_each_other(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """``score="contrast"`` (the default): every segment's score is the mean of its 3 largest gains in a question
+    token's log-probability against the mean over the scored segments, each from an independent plain forward; the
+    best that fit are chosen."""
+    model, tokenizer = tiny
+    question = "\n\nWhat is the code of room 7?"
+    query = list(tokenizer(question, add_special_tokens=False).input_ids)
+    engine = _engine(model, tokenizer, candidates=None, question_tokens=len(query), passage_tokens=None)
+    assert engine.strategy.config.score == "contrast"
+    ids = engine.tokenize(TEXT + question)
+    engine.strategy.prepare(model)
+    plan = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plan is not None
+    layout = engine.strategy._layout(tokenizer, ids, TRAINING_LENGTH, len(query))
+    document = engine.strategy._segments(model, tokenizer, ids, layout, lambda done, total: None, len(ids))
+    positions = list(range(question_start(tokenizer, query), len(query)))
+    table = torch.stack([
+        _plain_logprobs(model, ids[:SINK] + ids[a:b], query, positions) for a, b in document.spans
+    ])  # fmt: skip
+    gains = table - table.mean(0, keepdim=True)
+    expected = gains.topk(3, dim=1).values.mean(1)
+    bound = 2 * _bound(model, ids[:SINK] + ids[slice(*document.spans[0])] + query)
+    by_start = {a: i for i, (a, _) in enumerate(document.spans)}
+    chosen = plan.details["chosen"]
+    for c in chosen:
+        assert abs(c["score"] - float(expected[by_start[c["start"]]])) <= bound
+    # The reference's best two are chosen (at least two segments fit), unless within the bound of the next.
+    order = expected.argsort(descending=True).tolist()
+    if expected[order[1]] - expected[order[2]] > 2 * bound:
+        assert set(order[:2]) <= {by_start[c["start"]] for c in chosen}
+
+
+def test_a_hop_adds_the_sentence_that_best_explains_the_best_passage(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """The best kept passage, joined as the question is, is read after every other segment and after the prefix
+    alone (independent plain forwards); the segment raising its tokens that are not in the question most, on
+    average, is the hop, and its sentence doing the same best is answered from too, the two read last; with a
+    margin the hop's lead does not reach, nothing is added."""
+    model, tokenizer = tiny
+    question = "\n\nWhat is the code of room 7?"
+    query = list(tokenizer(question, add_special_tokens=False).input_ids)
+    settings: dict[str, object] = {
+        "segment_tokens": 96, "candidates": None, "question_tokens": len(query), "passage_tokens": 16
+    }  # fmt: skip
+    ids = _engine(model, tokenizer).tokenize(TEXT + question)
+
+    def plan(margin: float | None) -> tuple[list[int], dict]:
+        engine = _engine(model, tokenizer, hop_margin=margin, **settings)
+        engine.strategy.prepare(model)
+        result = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+        assert result is not None
+        return result.ids, result.details
+
+    plain_ids, plain = plan(None)
+    assert "hop" not in plain
+    hop_ids, hopped = plan(0.0)
+    kept = plain["passages"]
+    assert hopped["chosen"] == plain["chosen"] and hopped["passages"] == kept
+    source = max(kept, key=lambda p: p["contrast"])
+    assert hopped["hop"]["from"] == {"start": source["start"], "end": source["end"]}
+    first = question_start(tokenizer, query)
+    hop_query = query[:first] + ids[source["start"] : source["end"]]
+    new = [j for j in range(1, len(hop_query)) if hop_query[j] not in set(query)]
+    assert new
+    baseline = _plain_logprobs(model, ids[:SINK], hop_query, new)
+    engine = _engine(model, tokenizer, **settings)
+    layout = engine.strategy._layout(tokenizer, ids, TRAINING_LENGTH, len(query))
+    spans = engine.strategy._segments(model, tokenizer, ids, layout, lambda done, total: None, len(ids)).spans
+    gain = {
+        (a, b): float((_plain_logprobs(model, ids[:SINK] + ids[a:b], hop_query, new) - baseline).mean())
+        for a, b in spans
+        if not a <= source["start"] < b
+    }
+    bound = 2 * _bound(model, ids[:SINK] + ids[slice(*spans[0])] + hop_query)
+    ranked = sorted(gain, key=lambda span: -gain[span])
+    found = hopped["hop"]
+    assert abs(found["gain"] - gain[ranked[0]]) <= bound and abs(found["runner_up"] - gain[ranked[1]]) <= bound
+    if gain[ranked[0]] - gain[ranked[1]] > 2 * bound:
+        assert (found["segment"]["start"], found["segment"]["end"]) == ranked[0]
+    a, b = found["segment"]["start"], found["segment"]["end"]
+    cuts = [(a + x, a + y) for x, y in sentences(ids[a:b], tokenizer, 16, PASSAGE_MIN_TOKENS)]
+    by_sentence = {
+        cut: float((_plain_logprobs(model, ids[:SINK] + ids[slice(*cut)], hop_query, new) - baseline).mean())
+        for cut in cuts
+    }
+    best = max(by_sentence, key=lambda cut: by_sentence[cut])
+    added = (found["passage"]["start"], found["passage"]["end"])
+    assert abs(found["passage"]["gain"] - by_sentence[best]) <= bound
+    assert by_sentence[added] >= by_sentence[best] - 2 * bound
+    # The chain read last, nearest the question: the passage hopped from, then the sentence it led to.
+    source_span = (source["start"], source["end"])
+    spans_read = [*((p["start"], p["end"]) for p in kept if (p["start"], p["end"]) not in (source_span, added))]
+    spans_read += [source_span, added]
+    assert hop_ids == ids[:SINK] + [t for span in spans_read for t in ids[slice(*span)]] + query
+    assert [(r["start"], r["end"]) for r in hopped["read"]] == spans_read
+    # A margin the hop's lead does not reach: found, reported, nothing added.
+    far_ids, far = plan(found["gain"] - found["runner_up"] + 1.0)
+    assert far_ids == plain_ids and "passage" not in far["hop"] and far["hop"]["gain"] == found["gain"]
+    for margin in (-0.1, True, "1"):
+        with pytest.raises(ValueError, match="hop_margin must be None or a number >= 0"):
+            XL3MConfig(hop_margin=margin)  # type: ignore[arg-type]

@@ -188,29 +188,17 @@ def question_start(tokenizer: PreTrainedTokenizerBase, query: Sequence[int]) -> 
     return blank if blank < len(query) else 0
 
 
-@torch.inference_mode()
-def score_rows(
-    model: PreTrainedModel,
-    block: SegmentBlock,
-    rows: Sequence[int],
-    query: Sequence[int],
-    score: str,
-    scored: int | None = None,
-) -> list[float]:
-    """How certain the model is about ``query`` read right after each of ``rows`` (higher: more certain).
-
-    ``"loglik"``: the mean log-probability of the query's last ``scored`` tokens (default: all but the first, which
-    follows the segment's last token, whose logits are not kept; the tokens before them condition the rest, say an
-    instruction before the question); ``"entropy"``: minus the entropy of the next token after the query, where
-    the answer would start. The block is left as it was.
-    """
-    if score == "loglik" and len(query) < 2:
-        raise ValueError("scoring by log-likelihood needs a question of at least 2 tokens")
-    scored = len(query) - 1 if scored is None else max(1, min(scored, len(query) - 1))
+def _row_logits(
+    model: PreTrainedModel, block: SegmentBlock, rows: Sequence[int], query: Sequence[int], keep: Sequence[int]
+) -> Iterator[torch.Tensor]:
+    """fp32 logits ``[rows, len(keep), vocabulary]`` at ``keep`` (positions in ``query``) of ``query`` read right
+    after each of ``rows``, a few rows per forward (bounded by ``SCORE_LOGIT_BYTES``), in order. Only the kept
+    positions go through the output layer: over a large vocabulary it is most of a short query's cost. The block is
+    left as it was."""
     q, width = len(query), block.width
     vocabulary = int(model.config.vocab_size)
-    per_forward = max(1, SCORE_LOGIT_BYTES // (4 * q * vocabulary))
-    scores: list[float] = []
+    per_forward = max(1, SCORE_LOGIT_BYTES // (4 * max(len(keep), 1) * vocabulary))
+    device = input_device(model)
     for first in range(0, len(rows), per_forward):
         chosen = list(rows[first : first + per_forward])
         lengths = torch.tensor([block.lengths[row] for row in chosen])
@@ -228,23 +216,86 @@ def score_rows(
         mask = torch.cat([seen, torch.ones(len(chosen), q, dtype=torch.bool)], dim=1).long()
         positions = lengths[:, None] + torch.arange(q)[None, :]
         tokens = torch.tensor([list(query)] * len(chosen))
-        device = input_device(model)
         with attention_implementation(model):
-            logits = model(
+            yield model(
                 input_ids=tokens.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
                 use_cache=True,
+                logits_to_keep=torch.tensor(list(keep), device=device),
                 **cache_kwargs(cache),
             ).logits.float()
-        if score == "entropy":
+
+
+def _scored_count(query: Sequence[int], scored: int | None) -> int:
+    if len(query) < 2:
+        raise ValueError("scoring by log-likelihood needs a question of at least 2 tokens")
+    return len(query) - 1 if scored is None else max(1, min(scored, len(query) - 1))
+
+
+@torch.inference_mode()
+def token_logprobs(
+    model: PreTrainedModel,
+    block: SegmentBlock,
+    rows: Sequence[int],
+    query: Sequence[int],
+    scored: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The log-probability of each of ``query``'s last ``scored`` tokens read right after each of ``rows``:
+    ``[len(rows), scored]`` (default: all but the first, which follows the segment's last token, whose logits are
+    not kept; the tokens before them condition the rest, say an instruction before the question). ``scored`` may
+    also list the positions (in ``query``, each at least 1) whose tokens are wanted."""
+    if scored is None or isinstance(scored, int):
+        count = _scored_count(query, scored)
+        positions = list(range(len(query) - count, len(query)))
+    else:
+        positions = list(scored)
+        if not positions or not all(1 <= p < len(query) for p in positions):
+            raise ValueError(f"scored positions must be non-empty and within 1..{len(query) - 1}, got {positions}")
+    targets = torch.tensor([query[p] for p in positions])
+    parts = []
+    for logits in _row_logits(model, block, rows, query, [p - 1 for p in positions]):
+        logp = logits.log_softmax(-1)
+        parts.append(logp.gather(-1, targets.to(logp.device)[None, :, None].expand(len(logp), -1, 1))[..., 0].cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, len(positions))
+
+
+@torch.inference_mode()
+def score_rows(
+    model: PreTrainedModel,
+    block: SegmentBlock,
+    rows: Sequence[int],
+    query: Sequence[int],
+    score: str,
+    scored: int | None = None,
+) -> list[float]:
+    """How certain the model is about ``query`` read right after each of ``rows`` (higher: more certain).
+
+    ``"loglik"``: the mean of :func:`token_logprobs`; ``"entropy"``: minus the entropy of the next token after the
+    query, where the answer would start. (``"contrast"`` compares rows with each other: :func:`contrast_scores`.)
+    """
+    if score == "entropy":
+        scores: list[float] = []
+        for logits in _row_logits(model, block, rows, query, [len(query) - 1]):
             logp = logits[:, -1].log_softmax(-1)
             scores.extend((logp.exp() * logp).sum(-1).tolist())
-        else:
-            logp = logits[:, -scored - 1 : -1].log_softmax(-1)
-            targets = tokens[:, -scored:, None].to(device)
-            scores.extend(logp.gather(-1, targets).squeeze(-1).mean(-1).tolist())
-    return scores
+        return scores
+    return token_logprobs(model, block, rows, query, scored).mean(-1).tolist()
+
+
+def contrast_scores(logprobs: torch.Tensor, tokens: int) -> list[float]:
+    """Each row's mean gain, over its ``tokens`` best, of a question token's log-probability after that row against
+    the mean of all rows' (``logprobs``: ``[rows, question tokens]``, as :func:`token_logprobs` gives).
+
+    Why: a mean log-likelihood favours a segment that makes the question's common words likely ("archive code"
+    said many times); the segment holding the one sentence that names what the question asks about ("the violet
+    kettle") predicts a few words far better than every other candidate does, and only those words say so
+    (README, 'Choosing a strategy').
+    """
+    if logprobs.shape[0] == 0:
+        return []
+    gain = logprobs - logprobs.mean(0, keepdim=True)
+    return gain.topk(max(1, min(tokens, gain.shape[1])), dim=1).values.mean(1).tolist()
 
 
 def _default_max_bytes() -> int:

@@ -33,7 +33,16 @@ from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import Vanilla
 from .attention_pass import attention_scores, question_queries, ranking_layers, span_attention_scores
-from .scoring import SegmentBlock, SegmentStore, question_start, rows_by_block, score_rows, segment_key
+from .scoring import (
+    SegmentBlock,
+    SegmentStore,
+    contrast_scores,
+    question_start,
+    rows_by_block,
+    score_rows,
+    segment_key,
+    token_logprobs,
+)
 from .segments import sentences, split
 
 # Tokens kept free besides the question, template and answer when the budget is derived (a safety margin).
@@ -45,6 +54,11 @@ SINK_TOKENS = 4
 # A sentence or line shorter than this joins the next one in a passage: a heading, a line of code or "Remember it."
 # is too short to be scored against the question alone (README, 'Choosing a strategy').
 PASSAGE_MIN_TOKENS = 8
+# With score="contrast", a segment counts by the question tokens it predicts best against the other candidates: this
+# many (a question names what it asks about in a word or two, each a token or two).
+CONTRAST_TOKENS = 3
+# A hop scores this many segments (the best by the question's attention, besides the best passage's own segment).
+HOP_CANDIDATES = 16
 
 
 @dataclass(frozen=True)
@@ -327,7 +341,8 @@ class XL3M(Strategy):
                 for i in chosen
             ]
             details: dict[str, Any] = {
-                "segments": len(document.spans), "scored": len(candidates), "chosen": selection, "query_tokens": q
+                "segments": len(document.spans), "scored": len(candidates), "score": cfg.score, "chosen": selection,
+                "query_tokens": q,
             }  # fmt: skip
             # What the answer reads: the chosen segments, or their best passages; each read after exactly the prefix
             # the answer prompt starts with, so the first one's keys and values are the answer prompt's beginning.
@@ -338,6 +353,11 @@ class XL3M(Strategy):
                 parts, details["passages"] = self._passages(
                     model, tokenizer, ids, document, chosen, query, first, queries
                 )
+                if cfg.hop_margin is not None:
+                    parts, details["hop"] = self._hop(
+                        model, tokenizer, ids, document, attention, parts, details["passages"], query, first
+                    )
+        details["read"] = [{"start": start, "end": end} for (start, end), _ in parts]  # what the answer reads
         kept = [token for (start, end), _ in parts for token in ids[start:end]]
         new_ids = ids[: document.prefix] + kept + ids[layout.body_end :]
         (start, end), (block, row) = parts[0]
@@ -383,15 +403,101 @@ class XL3M(Strategy):
             attention = span_attention_scores(queries, keys, ranking_layers(len(document.places[0][0].keys)))
             candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[: cfg.candidates])
         places = self.passages.locate(model, ids[: document.prefix], [ids[slice(*spans[i])] for i in candidates])
-        scores = self._score(model, places, query, len(query) - first, range(len(candidates)))
+        # Passages are kept within the margin in nats per question token, so they are scored by log-likelihood
+        # (unless the setting is "entropy"); with "contrast", the passage it ranks first is kept too.
+        order = range(len(candidates))
+        contrast: dict[int, float] = {}
+        if cfg.score == "entropy":
+            scores = self._score(model, places, query, len(query) - first, order)
+        else:
+            logprobs = _logprobs(model, places, query, len(query) - first, order)
+            scores = {n: float(logprobs[n].mean()) for n in order}
+            if cfg.score == "contrast":
+                values = contrast_scores(torch.stack([logprobs[n] for n in order]), CONTRAST_TOKENS)
+                contrast = dict(zip(order, values, strict=True))
         best = max(scores.values())
-        kept = [n for n in range(len(candidates)) if scores[n] >= best - cfg.passage_margin]
+        kept = [n for n in order if scores[n] >= best - cfg.passage_margin]
+        if contrast:
+            kept = sorted({*kept, max(contrast, key=lambda n: contrast[n])})
         details = [
             {"start": spans[candidates[n]][0], "end": spans[candidates[n]][1], "score": round(scores[n], 4)}
             | ({} if attention is None else {"attention": round(attention[candidates[n]], 4)})
+            | ({"contrast": round(contrast[n], 4)} if contrast else {})
             for n in kept
         ]
         return [(spans[candidates[n]], places[n]) for n in kept], details
+
+    def _hop(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ids: list[int],
+        document: SegmentedDocument,
+        attention: list[float] | None,
+        parts: list[tuple[tuple[int, int], tuple[SegmentBlock, int]]],
+        kept: list[dict[str, Any]],
+        query: list[int],
+        first: int,
+    ) -> tuple[list[tuple[tuple[int, int], tuple[SegmentBlock, int]]], dict[str, Any] | None]:
+        """The answer's passages with one more, when the best kept passage points to it: the passages (in the order
+        the answer reads them) and what the hop found (``None`` when there was nothing to hop from).
+
+        A question may need a fact that shares no words with it: "the archive code of the place where the violet
+        kettle is kept" needs "The violet kettle is kept in the olive cellar." and "The archive code of the olive
+        cellar is 61024.". The first is what the question finds; its words that are not the question's ("olive
+        cellar") are what the second shares with it. So the best kept passage is read, joined as the question is
+        joined, after each of the ``HOP_CANDIDATES`` segments the question's attention ranks best (besides the
+        passage's own) and after the prefix alone; a segment counts by how much likelier it makes the passage's
+        tokens that are not in the question, on average. When the best segment beats the second by at least
+        ``hop_margin`` nats per token (one segment explains the passage's new words, not a kind of text that many
+        share), its sentence doing the same best is added; the two are read last, in that order, whatever their
+        places in the document (README, 'Choosing a strategy').
+        """
+        cfg = self.config
+        assert cfg.hop_margin is not None and cfg.passage_tokens is not None
+        best = max(range(len(kept)), key=lambda n: kept[n].get("contrast", kept[n]["score"]))
+        (start, end), _ = parts[best]
+        hop_query = query[:first] + ids[start:end]
+        asked = set(query)
+        # The passage's tokens the question does not have (the first is not scored: no logits before it).
+        new_words = [j for j in range(1, len(hop_query)) if hop_query[j] not in asked]
+        own = next(i for i, (a, b) in enumerate(document.spans) if a <= start < b)
+        others = [i for i in range(len(document.spans)) if i != own]
+        if attention is not None:
+            others = sorted(others, key=lambda i: -attention[i])[:HOP_CANDIDATES]
+        if not new_words or len(others) < 2:
+            return parts, None
+        block, row = document.places[0]
+        prefix_only = SegmentBlock(
+            [k[row : row + 1] for k in block.keys], [v[row : row + 1] for v in block.values], [document.prefix]
+        )
+        baseline = token_logprobs(model, prefix_only, [0], hop_query, new_words)[0]
+
+        def gains(places: Sequence[tuple[SegmentBlock, int]], indices: Sequence[int]) -> dict[int, float]:
+            found = _logprobs(model, places, hop_query, new_words, indices)
+            return {index: float((values - baseline).mean()) for index, values in found.items()}
+
+        by_segment = gains(document.places, others)
+        ranked = sorted(by_segment, key=lambda i: -by_segment[i])
+        segment = ranked[0]
+        found: dict[str, Any] = {
+            "from": {"start": start, "end": end},
+            "segment": {"start": document.spans[segment][0], "end": document.spans[segment][1]},
+            "gain": round(by_segment[segment], 4),
+            "runner_up": round(by_segment[ranked[1]], 4),
+        }
+        if by_segment[segment] - by_segment[ranked[1]] < cfg.hop_margin:
+            return parts, found
+        a, b = document.spans[segment]
+        spans = [(a + x, a + y) for x, y in sentences(ids[a:b], tokenizer, cfg.passage_tokens, PASSAGE_MIN_TOKENS)]
+        places = self.passages.locate(model, ids[: document.prefix], [ids[x:y] for x, y in spans])
+        by_sentence = gains(places, range(len(spans)))
+        pick = max(by_sentence, key=lambda n: by_sentence[n])
+        found["passage"] = {"start": spans[pick][0], "end": spans[pick][1], "gain": round(by_sentence[pick], 4)}
+        # The chain read last, nearest the question: the passage, then the sentence it led to (the default model
+        # answered with the code of whichever place was named nearest the question, README 'Choosing a strategy').
+        rest = [part for part in parts if part[0] not in ((start, end), spans[pick])]
+        return [*rest, parts[best], (spans[pick], places[pick])], found
 
     def _candidate_count(self, budget: int) -> int | None:
         """How many segments the attention pass hands to likelihood scoring: the setting, and at least twice as many
@@ -418,16 +524,39 @@ class XL3M(Strategy):
         query: list[int],
         scored: int | None,
         candidates: Sequence[int],
+        score: str | None = None,
     ) -> dict[int, float]:
-        """The score of each of ``candidates`` (indices into ``places``), the rows of one block scored together."""
+        """The score of each of ``candidates`` (indices into ``places``) by ``score`` (default: the setting), the
+        rows of one block scored together."""
+        score = score or self.config.score
         scores: dict[int, float] = {}
+        if score == "contrast":
+            order = list(candidates)
+            rows = _logprobs(model, places, query, scored, order)
+            values = contrast_scores(torch.stack([rows[i] for i in order]), CONTRAST_TOKENS) if order else []
+            return dict(zip(order, values, strict=True))
         for block, indices in rows_by_block(places, candidates):
-            rows = [places[i][1] for i in indices]
             for index, value in zip(
-                indices, score_rows(model, block, rows, query, self.config.score, scored), strict=True
+                indices, score_rows(model, block, [places[i][1] for i in indices], query, score, scored), strict=True
             ):
                 scores[index] = value
         return scores
+
+
+def _logprobs(
+    model: PreTrainedModel,
+    places: Sequence[tuple[SegmentBlock, int]],
+    query: list[int],
+    scored: int | Sequence[int] | None,
+    indices: Sequence[int],
+) -> dict[int, torch.Tensor]:
+    """:func:`.scoring.token_logprobs` of ``query`` after each of ``indices`` (into ``places``), by index; the rows of
+    one block together."""
+    found: dict[int, torch.Tensor] = {}
+    for block, group in rows_by_block(places, indices):
+        rows = [places[i][1] for i in group]
+        found.update(zip(group, token_logprobs(model, block, rows, query, scored), strict=True))
+    return found
 
 
 def _shared_prefix(layout: _Layout) -> int:

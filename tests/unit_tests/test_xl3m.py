@@ -632,3 +632,42 @@ def test_a_hop_adds_the_sentence_that_best_explains_the_best_passage(
     for margin in (-0.1, True, "1"):
         with pytest.raises(ValueError, match="hop_margin must be None or a number >= 0"):
             XL3MConfig(hop_margin=margin)  # type: ignore[arg-type]
+
+
+def test_the_passage_contrast_ranks_first_is_kept_beside_the_likeliest(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """With ``score="contrast"`` and no margin, the answer reads the passage of the best mean log-likelihood and
+    the passage of the best contrast (independent plain forwards of prefix + passage + question), in document
+    order."""
+    model, tokenizer = tiny
+    question = "\n\nWhat is the code of room 7?"
+    query = list(tokenizer(question, add_special_tokens=False).input_ids)
+    engine = _engine(model, tokenizer, segment_tokens=96, candidates=None, question_tokens=len(query),
+                     passage_tokens=16, passage_margin=0.0, hop_margin=None)  # fmt: skip
+    ids = engine.tokenize(TEXT + question)
+    engine.strategy.prepare(model)
+    plan = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plan is not None
+    passages = [
+        (c["start"] + a, c["start"] + b)
+        for c in plan.details["chosen"]
+        for a, b in sentences(ids[c["start"] : c["end"]], tokenizer, 16, PASSAGE_MIN_TOKENS)
+    ]
+    positions = list(range(question_start(tokenizer, query), len(query)))
+    table = torch.stack([_plain_logprobs(model, ids[:SINK] + ids[a:b], query, positions) for a, b in passages])
+    likelihood = table.mean(1)
+    contrast = (table - table.mean(0, keepdim=True)).topk(3, dim=1).values.mean(1)
+    bound = 2 * _bound(model, ids[:SINK] + ids[slice(*passages[0])] + query)
+    kept = plan.details["passages"]
+    for p in kept:
+        index = passages.index((p["start"], p["end"]))
+        assert abs(p["score"] - float(likelihood[index])) <= bound
+        assert abs(p["contrast"] - float(contrast[index])) <= bound
+    expected = sorted({passages[int(likelihood.argmax())], passages[int(contrast.argmax())]})
+    clear = all(
+        (v.topk(2).values[0] - v.topk(2).values[1]) > 2 * bound for v in (likelihood, contrast)
+    )
+    if clear:
+        assert [(p["start"], p["end"]) for p in kept] == expected
+    assert len(kept) in (1, 2)

@@ -4,10 +4,12 @@ XL3M (Wang et al., 2024, arXiv 2405.17755), training-free: the prompt's body is 
 boundaries (:mod:`.segments`); the unpatched model reads each segment (after the prompt's opening and the
 document's first tokens, within its training length). For a question, a cheap pass ranks the segments by where the
 question's attention falls among their kept keys (:mod:`.attention_pass`); the model then reads the question after
-each of the best few, and how certain it is about the question given the segment ranks them (:mod:`.scoring`);
-the best, in document order, within a token budget, are chosen; they are cut again into passages (a sentence or
-line each), ranked and scored the same way, and the passages scoring nearly as well as the best are read again with
-the question and answered from. Every token of the document is read by the model; each segment's keys and values
+each of the best few, and the question words each segment makes likelier than the others do rank them
+(:mod:`.scoring`, ``score="contrast"``); the best, in document order, within a token budget, are chosen; they are
+cut again into passages (a sentence or line each), narrowed the same way and scored by likelihood, and the passages
+scoring nearly as well as the best (and the one contrast ranks first) are kept; one hop from the best of them may
+add the sentence its own new words point to (:meth:`XL3M._hop`); those are read again with the question and
+answered from. Every token of the document is read by the model; each segment's keys and values
 are computed once and kept (:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`),
 so another question about the same document costs one pass of its tokens, its tokens after each candidate segment
 and each candidate passage, the reading of those passages, and the reading of the kept text after the first kept

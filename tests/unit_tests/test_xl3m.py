@@ -95,13 +95,18 @@ SEGMENTS = [
 ]
 
 
+def _rooms(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
+    """A prefix and ``SEGMENTS``, as token ids."""
+    prefix = list(tokenizer("Rooms:", add_special_tokens=False).input_ids)
+    return prefix, [list(tokenizer(text, add_special_tokens=False).input_ids) for text in SEGMENTS]
+
+
 @pytest.mark.parametrize("score", ["loglik", "entropy"])
 def test_batched_scores_match_plain_forwards(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase], score: str) -> None:
     """Segments of different lengths read together (right-padded) and scored together (the padding masked) score
     as one uncached forward of prefix + segment + query each does."""
     model, tokenizer = tiny
-    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
-    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
+    prefix_ids, segments = _rooms(tokenizer)
     query = tokenizer("\nQuestion: what is the code of room 3?\nAnswer:", add_special_tokens=False).input_ids
     block = read_block(model, read(model, prefix_ids), segments)
     assert block.lengths == [len(prefix_ids) + len(segment) for segment in segments]
@@ -128,8 +133,7 @@ def test_token_logprobs_at_chosen_positions_match_a_plain_forward(
 ) -> None:
     """Per-token log-probabilities of a query's chosen positions after each row equal an uncached forward's."""
     model, tokenizer = tiny
-    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
-    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
+    prefix_ids, segments = _rooms(tokenizer)
     query = tokenizer("\nQuestion: what is the code of room 3?\nAnswer:", add_special_tokens=False).input_ids
     block = read_block(model, read(model, prefix_ids), segments)
     positions = [1, 4, len(query) - 1]
@@ -164,8 +168,7 @@ def test_contrast_scores_are_the_mean_of_each_rows_best_gains_over_the_rows_mean
 def test_a_block_row_is_the_segment_read_alone(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
     """A row's keys and values (what the answer continues from) equal reading prefix + segment on its own."""
     model, tokenizer = tiny
-    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
-    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
+    prefix_ids, segments = _rooms(tokenizer)
     block = read_block(model, read(model, prefix_ids), segments)
     for row, segment in enumerate(segments):
         alone = read(model, [*prefix_ids, *segment]).key_values()
@@ -184,8 +187,7 @@ def test_the_store_reads_each_segment_once_and_stays_in_bounds(
     tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
     model, tokenizer = tiny
-    prefix_ids = tokenizer("Rooms:", add_special_tokens=False).input_ids
-    segments = [tokenizer(text, add_special_tokens=False).input_ids for text in SEGMENTS]
+    prefix_ids, segments = _rooms(tokenizer)
     store = SegmentStore()
     first = store.locate(model, prefix_ids, [segments[0], segments[1], segments[0]])
     assert store.encoded == 2 and first[0] == first[2]  # the repeated segment read once

@@ -227,12 +227,6 @@ def _row_logits(
             ).logits.float()
 
 
-def _scored_count(query: Sequence[int], scored: int | None) -> int:
-    if len(query) < 2:
-        raise ValueError("scoring by log-likelihood needs a question of at least 2 tokens")
-    return len(query) - 1 if scored is None else max(1, min(scored, len(query) - 1))
-
-
 @torch.inference_mode()
 def token_logprobs(
     model: PreTrainedModel,
@@ -246,7 +240,9 @@ def token_logprobs(
     not kept; the tokens before them condition the rest, say an instruction before the question). ``scored`` may
     also list the positions (in ``query``, each at least 1) whose tokens are wanted."""
     if scored is None or isinstance(scored, int):
-        count = _scored_count(query, scored)
+        if len(query) < 2:
+            raise ValueError("scoring by log-likelihood needs a question of at least 2 tokens")
+        count = len(query) - 1 if scored is None else max(1, min(scored, len(query) - 1))
         positions = list(range(len(query) - count, len(query)))
     else:
         positions = list(scored)

@@ -326,7 +326,8 @@ class XL3M(Strategy):
                     queries, document.places, document.prefix, ranking_layers(len(document.places[0][0].keys))
                 )
                 candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[:wanted])
-            scores = self._score(model, document.places, query, len(query) - first, candidates)
+            certainty, contrast = self._scores(model, document.places, query, len(query) - first, candidates)
+            scores = contrast or certainty
             lengths = [end - start for start, end in document.spans]
             sink = document.prefix - layout.head
             picked = _choose([scores[i] for i in candidates], [lengths[i] for i in candidates], budget - sink)
@@ -405,18 +406,10 @@ class XL3M(Strategy):
             attention = span_attention_scores(queries, keys, ranking_layers(len(document.places[0][0].keys)))
             candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[: cfg.candidates])
         places = self.passages.locate(model, ids[: document.prefix], [ids[slice(*spans[i])] for i in candidates])
-        # Passages are kept within the margin in nats per question token, so they are scored by log-likelihood
-        # (unless the setting is "entropy"); with "contrast", the passage it ranks first is kept too.
+        # Passages are kept within the margin in nats per question token, so by their certainty (log-likelihood
+        # unless the setting is "entropy"); with "contrast", the passage it ranks first is kept too.
         order = range(len(candidates))
-        contrast: dict[int, float] = {}
-        if cfg.score == "entropy":
-            scores = self._score(model, places, query, len(query) - first, order)
-        else:
-            logprobs = _logprobs(model, places, query, len(query) - first, order)
-            scores = {n: float(logprobs[n].mean()) for n in order}
-            if cfg.score == "contrast":
-                values = contrast_scores(torch.stack([logprobs[n] for n in order]), CONTRAST_TOKENS)
-                contrast = dict(zip(order, values, strict=True))
+        scores, contrast = self._scores(model, places, query, len(query) - first, order)
         best = max(scores.values())
         kept = [n for n in order if scores[n] >= best - cfg.passage_margin]
         if contrast:
@@ -519,30 +512,30 @@ class XL3M(Strategy):
             model, block.prefix_cache(row, document.prefix), query, document.prefix + self.config.segment_tokens, first
         )
 
-    def _score(
+    def _scores(
         self,
         model: PreTrainedModel,
         places: Sequence[tuple[SegmentBlock, int]],
         query: list[int],
         scored: int | None,
         candidates: Sequence[int],
-        score: str | None = None,
-    ) -> dict[int, float]:
-        """The score of each of ``candidates`` (indices into ``places``) by ``score`` (default: the setting), the
-        rows of one block scored together."""
-        score = score or self.config.score
-        scores: dict[int, float] = {}
-        if score == "contrast":
-            order = list(candidates)
-            rows = _logprobs(model, places, query, scored, order)
-            values = contrast_scores(torch.stack([rows[i] for i in order]), CONTRAST_TOKENS) if order else []
-            return dict(zip(order, values, strict=True))
-        for block, indices in rows_by_block(places, candidates):
-            for index, value in zip(
-                indices, score_rows(model, block, [places[i][1] for i in indices], query, score, scored), strict=True
-            ):
-                scores[index] = value
-        return scores
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """Each of ``candidates`` (indices into ``places``) scored after the question, the rows of one block
+        together: its certainty (mean log-likelihood of the scored tokens, or minus the entropy after them with
+        ``score="entropy"``) and, with ``score="contrast"``, its contrast among the candidates (else empty)."""
+        order = list(candidates)
+        certainty: dict[int, float] = {}
+        if self.config.score == "entropy":
+            for block, indices in rows_by_block(places, order):
+                rows = [places[i][1] for i in indices]
+                certainty.update(zip(indices, score_rows(model, block, rows, query, "entropy", scored), strict=True))
+            return certainty, {}
+        logprobs = _logprobs(model, places, query, scored, order)
+        certainty = {i: float(logprobs[i].mean()) for i in order}
+        if self.config.score != "contrast" or not order:
+            return certainty, {}
+        values = contrast_scores(torch.stack([logprobs[i] for i in order]), CONTRAST_TOKENS)
+        return certainty, dict(zip(order, values, strict=True))
 
 
 def _logprobs(

@@ -219,8 +219,8 @@ def test_the_chosen_segments_are_the_best_scored_of_the_best_attended(
     tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
 ) -> None:
     """The candidates are the top of an independent recomputation of the attention pass over the question's words
-    (the line breaks before it condition them only), and the chosen are the candidates with the best likelihood
-    scores."""
+    (the line breaks before it condition them only), and the chosen are the candidates with the best scores
+    (contrast, the default, computed among those candidates)."""
     model, tokenizer = tiny
     query = list(tokenizer("\n\nWhat is the code of room 7?", add_special_tokens=False).input_ids)
     words = next(i for i, token in enumerate(query) if tokenizer.decode([token]).strip())
@@ -241,7 +241,8 @@ def test_the_chosen_segments_are_the_best_scored_of_the_best_attended(
     queries = {layer: (q[:, words:], scale) for layer, (q, scale) in every.items()}
     attention = attention_scores(queries, document.places, document.prefix, [0])  # the tiny model's ranking layer
     best = sorted(range(len(attention)), key=lambda i: -attention[i])[:5]
-    likelihood = strategy._score(model, document.places, query, len(query) - words, best)
+    certainty, contrast = strategy._scores(model, document.places, query, len(query) - words, best)
+    likelihood = contrast or certainty  # the setting's score: contrast by default
     starts = {document.spans[i][0]: i for i in best}
     chosen = [starts[c["start"]] for c in plan.details["chosen"]]  # every chosen segment is a candidate
     assert sorted(chosen, key=lambda i: -likelihood[i]) == sorted(best, key=lambda i: -likelihood[i])[: len(chosen)]

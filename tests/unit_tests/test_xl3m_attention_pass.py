@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.strategies.xl3m.attention_pass import (
+    ATTENTION_TOKENS,
     attention_scores,
     question_queries,
     ranking_layers,
@@ -22,7 +23,8 @@ from tests.tiny_models import tiny_llama
 from tests.tolerances import network_bound, sum_bound
 from tests.unit_tests.test_attention import ARCHITECTURES, LAYERS, REDUCTION, VOCAB, _tiny
 
-PREFIX, QUESTION, START = 3, 5, 40
+# More question tokens than the pass averages over, so that which of them count is tested.
+PREFIX, QUESTION, START = 3, ATTENTION_TOKENS + 3, 40
 
 
 def _weight_bound(logits: torch.Tensor) -> float:
@@ -79,7 +81,8 @@ def test_first_layer_scores_equal_eager_attention_over_all_segments(arch: str) -
     """At the first layer queries and keys depend on tokens and positions only, so one eager forward of prefix,
     every segment (each at the positions it was read at, seeing the prefix and itself) and the question (seeing
     all of it) has the attention weights the pass works from: per head and question token, each segment's best
-    key weight among the segments' best, averaged over the question's tokens, the largest over heads. Segments of
+    key weight among the segments' best, averaged over the question tokens that weigh it most, the largest over
+    heads. Segments of
     different lengths in two blocks, rows out of order, one segment twice (a repeated segment is one row)."""
     model = _tiny(arch)
     generator = torch.Generator().manual_seed(5)
@@ -99,7 +102,7 @@ def test_first_layer_scores_equal_eager_attention_over_all_segments(arch: str) -
     # A weight is exp(logit) over one normaliser, so a segment's best key weight over the sum of every segment's
     # best is the softmax over segments of their best logits.
     best = torch.stack([in_segments[:, :, owners == s].amax(-1) for s in range(len(order))], -1)
-    expected = (best / best.sum(-1, keepdim=True)).mean(1).amax(0)
+    expected = _top_token_share(best / best.sum(-1, keepdim=True)).amax(0)
     query, scale = queries[0]
     keys = torch.cat([block.keys[0][r, :, PREFIX:] for block, r in places], 1)  # [kv_heads, keys, dim]
     logits = query.double() @ keys.double().repeat_interleave(query.shape[0] // keys.shape[0], 0).mT * scale
@@ -107,6 +110,13 @@ def test_first_layer_scores_equal_eager_attention_over_all_segments(arch: str) -
     bound = _weight_bound(logits) + sum_bound(torch.float32, n)
     error = (torch.tensor(got, dtype=torch.float64) - expected).abs().max()
     assert error <= bound, (got, expected.tolist(), bound)
+
+
+def _top_token_share(weights: torch.Tensor) -> torch.Tensor:
+    """``[heads, tokens, rows]`` weights → ``[heads, rows]``: the mean of each row's ``ATTENTION_TOKENS`` largest
+    weights over the question's tokens (written out by sorting, not as the pass computes it)."""
+    ordered = weights.sort(dim=1, descending=True).values
+    return ordered[:, :ATTENTION_TOKENS].sum(1) / ATTENTION_TOKENS
 
 
 def _question_after_segments(
@@ -140,8 +150,8 @@ def _question_after_segments(
 def test_first_layer_span_scores_equal_eager_attention_over_the_spans(arch: str) -> None:
     """Passages inside segments already read (key ranges of block rows, some keys in none, rows out of order): at
     the first layer, per head and question token, each span's best key weight among the spans' best, averaged over
-    the question's tokens, the largest over heads — from one eager forward of the prefix, the segments and the
-    question. Spans that are whole rows score as the segment attention pass scores the rows."""
+    the question tokens that weigh it most, the largest over heads — from one eager forward of the prefix, the
+    segments and the question. Spans that are whole rows score as the segment attention pass scores the rows."""
     model = _tiny(arch)
     generator = torch.Generator().manual_seed(7)
     prefix_ids = torch.randint(0, VOCAB, (PREFIX,), generator=generator).tolist()
@@ -157,7 +167,7 @@ def test_first_layer_span_scores_equal_eager_attention_over_the_spans(arch: str)
     weights, owners = _question_after_segments(model, prefix_ids, segments, query)
     columns = [torch.nonzero(owners == i)[:, 0] for i in range(len(segments))]  # each segment's keys, in order
     best = torch.stack([weights[:, :, PREFIX + columns[i][a:b]].amax(-1) for i, a, b in spans], -1)
-    expected = (best / best.sum(-1, keepdim=True)).mean(1).amax(0)
+    expected = _top_token_share(best / best.sum(-1, keepdim=True)).amax(0)
     query_0, scale = queries[0]
     keys = torch.cat([rows[i][0].keys[0][rows[i][1], :, PREFIX : PREFIX + len(segments[i])] for i in range(3)], 1)
     logits = query_0.double() @ keys.double().repeat_interleave(query_0.shape[0] // keys.shape[0], 0).mT * scale

@@ -6,8 +6,9 @@ pass costs one forward of the question alone: the question is read after the sha
 recorded at every layer, and at every other layer of the middle half they are matched against the keys every
 segment already has in the document's state (computed when the segments were read). For each attention head and
 question token, each segment is represented by its best-matching key (its largest attention logit, the shared
-prefix left out); a softmax over the segments gives the head's weight on each, averaged over the question's tokens
-(its words: the line breaks before them only condition them); a segment's score is its largest weight in any head.
+prefix left out); a softmax over the segments gives the head's weight on each, averaged over the
+``ATTENTION_TOKENS`` question tokens that weigh it most (of its words: the line breaks before them only condition
+them); a segment's score is its largest weight in any head.
 
 Why these choices (measured on ``python -m bench rag-vs-full`` documents; README, "Choosing a strategy"):
 
@@ -18,6 +19,11 @@ Why these choices (measured on ``python -m bench rag-vs-full`` documents; README
 - The best key per segment, not the attention mass over all of its keys (a log-sum-exp per segment): both ranked
   the segments a question needs among the first few alike, and the maximum costs a comparison per logit where
   the mass costs an exponential.
+- The question tokens that weigh a segment most, not all of them: "the archive code of the place where the olive
+  statuette is kept" is found by "olive statuette", which one segment holds; the words every such question shares
+  ("archive code", "kept") spread their weight over many segments, and an average over all tokens let those
+  outvote it. Averaged over the best few instead, the segment holding a chain question's first fact was handed on
+  to likelihood scoring more often, and every single-fact and pair-fact segment still was.
 - Every other layer of the middle half: the middle holds such heads in the models studied (and in the default
   model), and neighbouring layers ranked alike, so every other one ranked as well as all of them (slightly better
   on the default model) at a quarter of the whole model's cost.
@@ -43,6 +49,8 @@ from ..vanilla import FullCache
 from .scoring import SegmentBlock, attention_implementation, grouped_attention, rows_by_block
 
 RECORDING_ATTENTION = "lminf_xl3m_recording"
+# How many of the question's tokens a segment's weight is averaged over: those that weigh it most.
+ATTENTION_TOKENS = 5
 # Logit elements (rows × heads × query tokens × keys) computed at once when matching queries against keys: a few
 # MiB, so that each chunk's logits are reduced while still in the CPU's caches (larger chunks ran slower).
 _MATCH_ELEMENTS = 1 << 21
@@ -138,6 +146,13 @@ def _row_best_logits(
     return torch.cat(out).reshape(rows, heads, n_tokens).permute(1, 2, 0)
 
 
+def top_token_share(logits: torch.Tensor) -> torch.Tensor:
+    """``[heads, rows]`` from logits ``[heads, question tokens, rows]``: each head's weight on each row (a softmax
+    over the rows), averaged over the ``ATTENTION_TOKENS`` question tokens that give that row the most."""
+    weights = logits.softmax(-1)
+    return weights.topk(min(ATTENTION_TOKENS, weights.shape[1]), dim=1).values.mean(1)
+
+
 @torch.inference_mode()
 def attention_scores(
     queries: dict[int, tuple[torch.Tensor, float]],
@@ -147,7 +162,7 @@ def attention_scores(
 ) -> list[float]:
     """Each segment's score (``places[i]``: its block and row, read after ``prefix`` shared tokens): its largest
     weight, in any head of ``layers``, among all segments represented by their best-matching keys, averaged over
-    the question's tokens."""
+    the question tokens that weigh it most."""
     groups = []
     for block, indices in rows_by_block(places, range(len(places))):
         rows = [places[i][1] for i in indices]
@@ -165,8 +180,7 @@ def attention_scores(
             logits[:, :, indices] = _row_best_logits(query.to(keys.device), scale, keys, prefix, hidden).cpu()[
                 :, :, picked
             ]
-        share = logits.softmax(-1).mean(1)  # [heads, segments]: each head's weight per segment, token-averaged
-        best = torch.maximum(best, share.amax(0))
+        best = torch.maximum(best, top_token_share(logits).amax(0))
     return best.tolist()
 
 
@@ -178,7 +192,8 @@ def span_attention_scores(
 ) -> list[float]:
     """Each of ``spans`` (a block, a row, and the row's key positions ``[first, end)``: a passage inside a segment
     already read) scored among them as :func:`attention_scores` scores whole segments: per head and question token,
-    each span's best-matching key; a softmax over the spans; averaged over the tokens; the largest in any head."""
+    each span's best-matching key; a softmax over the spans; averaged over the tokens that weigh it most; the largest
+    in any head."""
     by_row: dict[tuple[int, int], list[int]] = {}
     for index, (block, row, _, _) in enumerate(spans):
         by_row.setdefault((id(block), row), []).append(index)
@@ -195,5 +210,5 @@ def span_attention_scores(
             row_logits = torch.matmul(grouped, keys.transpose(-1, -2)).float().reshape(heads, n_tokens, -1).cpu()
             for i in indices:
                 logits[:, :, i] = row_logits[:, :, spans[i][2] - low : spans[i][3] - low].amax(-1) * scale
-        best = torch.maximum(best, logits.softmax(-1).mean(1).amax(0))
+        best = torch.maximum(best, top_token_share(logits).amax(0))
     return best.tolist()

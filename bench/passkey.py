@@ -547,7 +547,8 @@ def main(argv: list[str] | None = None) -> None:
             f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, the {xl3m.candidates} best "
             f"of a first attention pass scored by {xl3m.score}, context up to {budget}, answered from their "
             f"passages, a sentence each of up to {xl3m.passage_tokens} tokens, within {xl3m.passage_margin} of the "
-            f"best, one hop when it leads by {xl3m.hop_margin}); question = the prompt's last "
+            f"best, one hop when it leads by {xl3m.hop_margin}, tried only when one of the answer's first new "
+            f"tokens is less likely than {xl3m.hop_confidence}); question = the prompt's last "
             f"{len(parts.question)} tokens; recall = the key's sentence is whole "
             "in what the answer read (a prompt within the training length is read whole)."
         )

@@ -28,7 +28,8 @@ complete (a line break after some text) or after ``--max-new-tokens``; only that
   ``--xl3m-context`` budget (``default``: ``XL3MConfig``'s, an eighth of the training length; ``full``: the
   training length less question and answer; or a number of tokens) and ``--xl3m-passage-tokens`` value (the
   answer read from the chosen segments' best passages, sentences of up to that many tokens, or ``none``: the
-  segments whole). The
+  segments whole); ``--xl3m-hop-confidence`` sets ``hop_confidence`` (the hop only when the answer's first new
+  tokens are not all that likely). The
   document is read once in segments
   (``Engine.encode``, the setup) and every question uses that state; "facts in prompt" counts questions whose
   fact sentences are all whole in the text the answer read (the kept passages, or the chosen segments with
@@ -304,6 +305,7 @@ def run_full(
 def run_xl3m(
     context: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument,
     settings: GenerationSettings, segment_tokens: int | None = None, passage_tokens: int | None | str = "default",
+    hop_confidence: float | None = None,
 ) -> MethodRun:  # fmt: skip
     """The document read once in segments (``Engine.encode``: the setup), then every question through
     ``Engine(strategy="xl3m")`` with that state, told where the question starts: per-question time is scoring
@@ -322,8 +324,12 @@ def run_xl3m(
         f"xl3m, segments of {segment_tokens}, "
         + ("whole" if passages is None else f"passages of {passages}")
         + f", context {budget}"
+        + ("" if hop_confidence is None else f", hop below {hop_confidence}")
     )
-    config = XL3MConfig(context_tokens=context_tokens, segment_tokens=segment_tokens, passage_tokens=passages)
+    config = XL3MConfig(
+        context_tokens=context_tokens, segment_tokens=segment_tokens, passage_tokens=passages,
+        hop_confidence=hop_confidence,
+    )  # fmt: skip
     engine = Engine(model=model, tokenizer=tokenizer, strategy="xl3m", xl3m=config, reuse_prefixes=False)
     doc_ids = engine.tokenize(doc.text)
     print(f"{label}:", flush=True)
@@ -550,8 +556,9 @@ def run_grid(
                 for context in args.xl3m_context:
                     for passages in args.xl3m_passage_tokens:
                         runs.append(
-                            run_xl3m(context, model, tokenizer, doc, settings, args.xl3m_segment_tokens, passages)
-                        )
+                            run_xl3m(context, model, tokenizer, doc, settings, args.xl3m_segment_tokens, passages,
+                                     args.xl3m_hop_confidence)
+                        )  # fmt: skip
                         _release_memory()
             if "dca" in args.methods:
                 chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
@@ -701,6 +708,8 @@ def command_line(args: argparse.Namespace) -> str:
             f"--xl3m-context {' '.join(args.xl3m_context)} --xl3m-segment-tokens {args.xl3m_segment_tokens} "
             f"--xl3m-passage-tokens {passages}"
         )
+        if args.xl3m_hop_confidence is not None:
+            parts.append(f"--xl3m-hop-confidence {args.xl3m_hop_confidence}")
     if "vector" in args.methods or "bm25" in args.methods:
         parts.append(f"--rag-top-k {args.rag_top_k} --chunk-tokens {args.chunk_tokens} "
                      f"--chunk-overlap {args.chunk_overlap}")  # fmt: skip
@@ -859,6 +868,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--xl3m-passage-tokens", nargs="+", type=_passages, default=[XL3MConfig().passage_tokens],
         help="XL3M's passage lengths to run, 'none' for the chosen segments whole (one XL3M run per value)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--xl3m-hop-confidence", type=float, default=None,
+        help="XL3M's hop_confidence: hop only when one of the answer's first new tokens is less likely than this "
+        "(default: the hop always runs)",
     )  # fmt: skip
     parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
     parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")

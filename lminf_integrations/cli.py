@@ -235,6 +235,10 @@ def _selection(details: dict[str, Any] | None) -> str:
         text += f"; answered from {len(xl3m['passages'])} of their passages: tokens "
         text += spans(xl3m["passages"], passage_kind)
     hop = xl3m.get("hop")
+    start = xl3m.get("answer_start")
+    if start is not None:
+        text += f"; answer's first new tokens: least likely {min(start):.3f}" if start else "; no new answer tokens"
+        text += "" if hop else ", sure: no hop"
     if hop:
         segment = hop["segment"]
         text += (

@@ -283,6 +283,13 @@ class XL3MConfig:
         "code); None: no hop (needs passage_tokens)",
     )
 
+    hop_confidence: float | None = setting(
+        None,
+        "the hop runs only when the model is unsure of its answer from the kept passages: when one of the answer's "
+        "first 4 tokens that are not the question's own words (greedy) is less likely than this (say 0.9: faster "
+        "single-fact answers, slower multi-fact ones, README: 'Choosing a strategy'); None: the hop always runs",
+    )
+
     def __post_init__(self) -> None:
         _require(_is_int(self.segment_tokens) and self.segment_tokens >= 16, "segment_tokens must be an int >= 16")
         _require(_is_int(self.question_tokens) and self.question_tokens >= 1, "question_tokens must be an int >= 1")
@@ -305,6 +312,12 @@ class XL3MConfig:
                 isinstance(self.hop_margin, int | float) and not isinstance(self.hop_margin, bool)
                 and self.hop_margin >= 0,
                 "hop_margin must be None or a number >= 0",
+            )  # fmt: skip
+        if self.hop_confidence is not None:
+            _require(
+                isinstance(self.hop_confidence, int | float) and not isinstance(self.hop_confidence, bool)
+                and 0 < self.hop_confidence <= 1,
+                "hop_confidence must be None or a number in (0, 1]",
             )  # fmt: skip
         _require(
             isinstance(self.passage_margin, int | float) and not isinstance(self.passage_margin, bool)

@@ -47,6 +47,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "passage_tokens": {"strategy": "xl3m", "passage_tokens": 24},
     "passage_margin": {"strategy": "xl3m", "passage_margin": 1.5},
     "hop_margin": {"strategy": "xl3m", "hop_margin": 1.0},
+    "hop_confidence": {"strategy": "xl3m", "hop_confidence": 0.5},
     "score": {"strategy": "xl3m", "score": "entropy"},
     "dca_chunk_size": {"strategy": "dca", "dca_chunk_size": 4096},
     "dca_local_window": {"strategy": "dca", "dca_local_window": 512},

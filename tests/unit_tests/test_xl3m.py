@@ -17,6 +17,7 @@ from lminf_integrations.engine import Engine
 from lminf_integrations.strategies.vanilla import FullCache
 from lminf_integrations.strategies.xl3m.scoring import (
     SegmentStore,
+    answer_start,
     contrast_scores,
     question_start,
     read,
@@ -26,6 +27,7 @@ from lminf_integrations.strategies.xl3m.scoring import (
 )
 from lminf_integrations.strategies.xl3m.segments import sentences, split
 from lminf_integrations.strategies.xl3m.strategy import (
+    ANSWER_TOKENS,
     PASSAGE_MIN_TOKENS,
     XL3M,
     SegmentedDocument,
@@ -469,14 +471,16 @@ def test_lminf_ask_with_xl3m_shows_its_selection(
     document = tmp_path / "doc.txt"
     document.write_text(TEXT * 9)
     common = ["--model", tiny_model_dir, "--dtype", "fp32", "--max-new-tokens", "3", "--no-progress"]
-    assert cli.main(["ask", str(document), "Code of room 7?", *common, "--strategy", "xl3m", "--show-selection"]) == 0
+    gated = ["--strategy", "xl3m", "--show-selection", "--hop-confidence", "0.9"]
+    assert cli.main(["ask", str(document), "Code of room 7?", *common, *gated]) == 0
     err = capsys.readouterr().err
     scored = XL3MConfig().candidates  # the default: more than twice the two 512-token segments that fit
     assert "[xl3m: " in err and f" segments, {scored} scored by contrast after the attention pass; tokens " in err
     segments, passages = err.split("; answered from ")
     chosen = re.findall(r"\d+-\d+ \(contrast [-+]\d+\.\d+, attention \d\.\d+\)", segments)
     assert chosen and len(chosen) == int(re.search(r"\[xl3m: (\d+) of ", err).group(1))  # type: ignore[union-attr]
-    passages, hop = passages.split("; hop from ")
+    passages, hop = passages.split("; hop from ")  # the tiny random model is never sure of its answer
+    assert re.search(r"; (answer's first new tokens: least likely \d\.\d{3}|no new answer tokens)$", passages)
     kept = re.findall(r"\d+-\d+ \(likelihood [-+]\d+\.\d+, contrast [-+]\d+\.\d+, attention \d\.\d+\)", passages)
     assert kept and passages.startswith(f"{len(kept)} of their passages: tokens ")
     assert re.fullmatch(
@@ -575,7 +579,8 @@ def test_a_hop_adds_the_sentence_that_best_explains_the_best_passage(
     question = "\n\nWhat is the code of room 7?"
     query = list(tokenizer(question, add_special_tokens=False).input_ids)
     settings: dict[str, object] = {
-        "segment_tokens": 96, "candidates": None, "question_tokens": len(query), "passage_tokens": 16
+        "segment_tokens": 96, "candidates": None, "question_tokens": len(query), "passage_tokens": 16,
+        "hop_confidence": None,
     }  # fmt: skip
     ids = _engine(model, tokenizer).tokenize(TEXT + question)
 
@@ -673,3 +678,117 @@ def test_the_passage_contrast_ranks_first_is_kept_beside_the_likeliest(
     if clear:
         assert [(p["start"], p["end"]) for p in kept] == expected
     assert len(kept) in (1, 2)
+
+
+@pytest.fixture(scope="module")
+def peaked(default_tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A tiny random model whose next-token distributions are peaked (its final norm's weight scaled up, as a
+    trained model's are), so that greedy steps have clear winners and its probabilities are far from 0 and 1."""
+    model = tiny_llama(default_tokenizer, 2, TRAINING_LENGTH)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(80)
+    return model, default_tokenizer
+
+
+def _plain_greedy(model: PreTrainedModel, ids: list[int], steps: int) -> list[tuple[int, float, float]]:
+    """Greedy steps by uncached forwards of the whole sequence: each token, its probability, and its lead over the
+    next likeliest token (in probability)."""
+    found, sequence = [], list(ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            probabilities = model(torch.tensor([sequence])).logits[0, -1].float().softmax(-1)
+            top = probabilities.topk(2)
+            found.append((int(top.indices[0]), float(top.values[0]), float(top.values[0] - top.values[1])))
+            sequence.append(int(top.indices[0]))
+    return found
+
+
+def test_answer_start_gives_the_first_new_tokens_probabilities_and_leaves_the_prompt_read(
+    peaked: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """The prompt's rest read into a cache, then greedy steps: the probabilities of the first tokens that are not
+    ``known``, up to a ``stop`` token, as independent uncached forwards give them; afterwards the cache holds the
+    prompt but its last token, as a fresh read of it does."""
+    model, tokenizer = peaked
+    ids = list(tokenizer(TEXT[:300] + "\nWhat is the code of room 7?", add_special_tokens=False).input_ids)
+    held = len(ids) - 10
+    reference = _plain_greedy(model, ids, 6)
+    bound = _bound(model, ids)
+    assert min(lead for _, _, lead in reference) > 2 * bound  # no near tie: both computations pick the same tokens
+    known = {reference[0][0], reference[2][0]} - {reference[1][0], reference[3][0], reference[4][0]}
+    expected = [p for token, p, _ in reference if token not in known][:3]
+    cache = read(model, ids[:held])
+    got = answer_start(model, cache, ids[held:], known, 3, 6, set())
+    assert len(got) == len(expected) and all(abs(a - b) <= bound for a, b in zip(got, expected, strict=True))
+    assert cache.get_seq_length() == len(ids) - 1
+    for (keys, values), (got_keys, got_values) in zip(
+        read(model, ids[:-1]).key_values(), cache.key_values(), strict=True
+    ):
+        limit = network_bound(keys, torch.float32, reduction=128, layers=2)
+        assert (got_keys - keys).abs().max() <= limit and (got_values - values).abs().max() <= limit
+    # A stop token ends it; steps bound it.
+    stop = reference[2][0]
+    before = [p for token, p, _ in reference[: [token for token, _, _ in reference].index(stop)]]
+    stopped = answer_start(model, read(model, ids[:held]), ids[held:], set(), 5, 6, {stop})
+    assert len(stopped) == len(before) and all(abs(a - b) <= bound for a, b in zip(stopped, before, strict=True))
+    assert len(answer_start(model, read(model, ids[:held]), ids[held:], set(), 5, 2, set())) == 2
+
+
+def test_the_hop_runs_only_when_the_answer_from_the_passages_is_unsure(
+    peaked: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """With ``hop_confidence``, the answer prompt from the kept passages is read first and the answer's first new
+    tokens generated: their probabilities are reported (as independent uncached forwards give them); when one is
+    below the setting the hop runs as without the setting, and when none is, no hop runs and the answer continues
+    from that reading (every prompt token but the last, as a fresh read)."""
+    model, tokenizer = peaked
+    question = "\n\nWhat is the code of room 7?"
+    query = list(tokenizer(question, add_special_tokens=False).input_ids)
+    settings: dict[str, object] = {
+        "segment_tokens": 96, "candidates": None, "question_tokens": len(query), "passage_tokens": 16,
+        "hop_margin": 0.0,
+    }  # fmt: skip
+    ids = _engine(model, tokenizer).tokenize(TEXT + question)
+
+    def plan(confidence: float | None) -> tuple[list[int], dict, object, int]:
+        engine = _engine(model, tokenizer, hop_confidence=confidence, **settings)
+        engine.strategy.prepare(model)
+        result = engine.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+        assert result is not None
+        return result.ids, result.details, result.prefix_cache, result.prefix_length
+
+    always_ids, always, _, _ = plan(None)
+    assert "hop" in always and "answer_start" not in always
+    unsure_ids, unsure, _, _ = plan(1.0)
+    probabilities = unsure["answer_start"]
+    assert 1 <= len(probabilities) <= ANSWER_TOKENS and min(probabilities) < 1.0
+    assert unsure_ids == always_ids and unsure["hop"] == always["hop"]
+    # The probabilities are those of greedy steps on the answer prompt without the hop, by plain forwards.
+    no_hop = _engine(model, tokenizer, **{**settings, "hop_margin": None})
+    no_hop.strategy.prepare(model)
+    plain = no_hop.strategy.plan(model, tokenizer, ids, 4, lambda done, total: None)
+    assert plain is not None
+    bound = _bound(model, plain.ids)
+    steps = _plain_greedy(model, plain.ids, 12)
+    reference = [(t, p) for t, p, _ in steps if t not in set(query)][:ANSWER_TOKENS]
+    assert len(reference) == len(probabilities)  # the tiny model's tokens are no stop tokens
+    assert min(lead for _, _, lead in steps) > 2 * bound  # no near tie: both computations generate the same tokens
+    assert all(abs(a - p) <= bound + 1e-4 for a, (_, p) in zip(probabilities, reference, strict=True))  # 4 places
+    # Sure enough by the setting: no hop, the prompt without it, read but its last token.
+    sure_ids, sure, cache, length = plan(max(min(probabilities) - 2 * bound - 1e-4, 1e-6))
+    assert "hop" not in sure and sure_ids == plain.ids and sure["read"] == plain.details["read"]
+    assert isinstance(cache, FullCache) and length == len(sure_ids) - 1 == cache.get_seq_length()
+    for (keys, values), (got_keys, got_values) in zip(
+        read(model, sure_ids[:-1]).key_values(), cache.key_values(), strict=True
+    ):
+        limit = network_bound(keys, torch.float32, reduction=128, layers=2)
+        assert (got_keys - keys).abs().max() <= limit and (got_values - values).abs().max() <= limit
+    # Through the engine: the answer continues from that reading.
+    engine = _engine(model, tokenizer, hop_confidence=max(min(probabilities) - 2 * bound - 1e-4, 1e-6), **settings)
+    stream = engine.stream(ids, GenerationSettings(max_new_tokens=3))
+    vanilla = Engine(model=model, tokenizer=tokenizer, strategy="vanilla", reuse_prefixes=False)
+    assert "".join(stream) == vanilla.generate(plain.ids, GenerationSettings(max_new_tokens=3))
+    assert stream.result is not None and "hop" not in stream.result.details["xl3m"]
+    for confidence in (0, -0.5, 1.5, True, "0.8"):
+        with pytest.raises(ValueError, match=r"hop_confidence must be None or a number in \(0, 1\]"):
+            XL3MConfig(hop_confidence=confidence)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ...cpu import decodes_faster_without_onednn, onednn_off
 from ...hf_compat import cache_kwargs
 from ...models import input_device
 from ..vanilla import FullCache
@@ -277,6 +278,46 @@ def score_rows(
             scores.extend((logp.exp() * logp).sum(-1).tolist())
         return scores
     return token_logprobs(model, block, rows, query, scored).mean(-1).tolist()
+
+
+@torch.inference_mode()
+def answer_start(
+    model: PreTrainedModel,
+    cache: FullCache,
+    rest: Sequence[int],
+    known: set[int],
+    tokens: int,
+    steps: int,
+    stop: set[int],
+) -> list[float]:
+    """How sure the model is of its answer's start: the probabilities of the first ``tokens`` greedily generated
+    tokens not in ``known`` (the question's own), from at most ``steps`` generated, ending at a ``stop`` token.
+
+    ``cache`` holds the prompt's beginning; ``rest`` (its other tokens) is read into it, and what is generated after
+    is dropped from it again, so that it then holds every prompt token but the last, as a prompt's prefill does.
+    """
+    length = cache.get_seq_length() + len(rest)
+    device = input_device(model)
+    logits = model(input_ids=torch.tensor([list(rest)], device=device), use_cache=True, logits_to_keep=1,
+                   **cache_kwargs(cache)).logits  # fmt: skip
+    found: list[float] = []
+    # One row per step, as the answer's own decoding runs it (oneDNN off where that is faster: ``cpu``).
+    quiet = onednn_off() if decodes_faster_without_onednn(model.dtype, device) else contextlib.nullcontext()
+    with quiet:
+        for step in range(steps):
+            probabilities = logits[0, -1].float().softmax(-1)
+            token = int(probabilities.argmax())
+            if token in stop:
+                break
+            if token not in known:
+                found.append(float(probabilities[token]))
+                if len(found) == tokens:
+                    break
+            if step + 1 < steps:
+                logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
+                               **cache_kwargs(cache)).logits  # fmt: skip
+    cache.keep_first(length - 1)
+    return found
 
 
 def contrast_scores(logprobs: torch.Tensor, tokens: int) -> list[float]:

@@ -7,13 +7,14 @@ question's attention falls among their kept keys (:mod:`.attention_pass`); the m
 each of the best few, and the question words each segment makes likelier than the others do rank them
 (:mod:`.scoring`, ``score="contrast"``); the best, in document order, within a token budget, are chosen; they are
 cut again into passages (a sentence or line each), narrowed the same way and scored by likelihood, and the passages
-scoring nearly as well as the best (and the one contrast ranks first) are kept; one hop from the best of them may
-add the sentence its own new words point to (:meth:`XL3M._hop`); those are read again with the question and
-answered from. Every token of the document is read by the model; each segment's keys and values
-are computed once and kept (:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`),
-so another question about the same document costs one pass of its tokens, its tokens after each candidate segment
-and each candidate passage, the reading of those passages, and the reading of the kept text after the first kept
-part, whose keys and values from the reading are exactly those of the answer prompt's beginning.
+scoring nearly as well as the best (and the one contrast ranks first) are kept; unless the model is already sure of
+its answer from them (with ``hop_confidence``: :meth:`XL3M._read_answer`), one hop from the best of them may add
+the sentence its own new words point to (:meth:`XL3M._hop`); those are read again with the question and answered
+from. Every token of the document is read by the model; each segment's keys and values are computed once and kept
+(:class:`.scoring.SegmentStore`, and in a document state: :class:`SegmentedDocument`), so another question about the
+same document costs one pass of its tokens, its tokens after each candidate segment and each candidate passage, the
+reading of those passages, and the reading of the kept text after the first kept part, whose keys and values from
+the reading are exactly those of the answer prompt's beginning.
 
 Reusing the chosen segments' keys and values for the answer instead of reading them again (rotated to their new
 positions) was tried and dropped: segments read apart do not attend to each other, and the default model then
@@ -33,11 +34,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ...config import XL3MConfig
 from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
-from ..vanilla import Vanilla
+from ..vanilla import FullCache, Vanilla
 from .attention_pass import attention_scores, question_queries, ranking_layers, span_attention_scores
 from .scoring import (
     SegmentBlock,
     SegmentStore,
+    answer_start,
     contrast_scores,
     question_start,
     rows_by_block,
@@ -61,6 +63,12 @@ PASSAGE_MIN_TOKENS = 8
 CONTRAST_TOKENS = 3
 # A hop scores this many segments (the best by the question's attention, besides the best passage's own segment).
 HOP_CANDIDATES = 16
+# With hop_confidence, how sure the model is of its answer is read off this many of the answer's first tokens that
+# are not the question's own (a name or a number is a few tokens; the words an answer repeats from the question
+# are sure whether or not the passages hold the answer), generating at most ANSWER_STEPS tokens (within _MARGIN:
+# they are generated past the prompt before the answer is).
+ANSWER_TOKENS = 4
+ANSWER_STEPS = 12
 
 
 @dataclass(frozen=True)
@@ -352,19 +360,53 @@ class XL3M(Strategy):
             parts: list[tuple[tuple[int, int], tuple[SegmentBlock, int]]] = [
                 (document.spans[i], document.places[i]) for i in chosen
             ]
+            read: _ReadAnswer | None = None
             if cfg.passage_tokens is not None:
                 parts, details["passages"] = self._passages(
                     model, tokenizer, ids, document, chosen, query, first, queries
                 )
                 if cfg.hop_margin is not None:
-                    parts, details["hop"] = self._hop(
-                        model, tokenizer, ids, document, attention, parts, details["passages"], query, first
-                    )
+                    sure = False
+                    if cfg.hop_confidence is not None:
+                        read = self._read_answer(model, ids, document, layout, parts, query)
+                        details["answer_start"] = [round(p, 4) for p in read.probabilities]
+                        sure = bool(read.probabilities) and min(read.probabilities) >= cfg.hop_confidence
+                    if not sure:
+                        parts, details["hop"] = self._hop(
+                            model, tokenizer, ids, document, attention, parts, details["passages"], query, first
+                        )
         details["read"] = [{"start": start, "end": end} for (start, end), _ in parts]  # what the answer reads
-        kept = [token for (start, end), _ in parts for token in ids[start:end]]
-        new_ids = ids[: document.prefix] + kept + ids[layout.body_end :]
+        new_ids = _answer_ids(ids, document, layout, parts)
+        if read is not None and read.ids == new_ids:  # no hop added a passage: the prompt is read but its last token
+            return Plan(new_ids, details, read.cache, len(new_ids) - 1)
         (start, end), (block, row) = parts[0]
         return Plan(new_ids, details, block.row_cache(row), document.prefix + end - start)
+
+    def _read_answer(
+        self,
+        model: PreTrainedModel,
+        ids: list[int],
+        document: SegmentedDocument,
+        layout: _Layout,
+        parts: list[tuple[tuple[int, int], tuple[SegmentBlock, int]]],
+        query: list[int],
+    ) -> _ReadAnswer:
+        """The answer prompt from ``parts``, read after the first part's keys and values, and how sure the model is of
+        the answer's start (:func:`.scoring.answer_start`).
+
+        Why: the hop is for a question whose answer the passages found do not hold. Where the model is sure of its
+        answer's first new words from them, the hop's pass (the largest part of a question's cost) is skipped; on
+        the default model most single-fact questions answered from their one sentence were, and the questions
+        needing a second fact were not (README, 'Full context vs RAG'). The reading is the answer's prefill unless
+        the hop adds a sentence."""
+        new_ids = _answer_ids(ids, document, layout, parts)
+        (start, end), (block, row) = parts[0]
+        cache = block.row_cache(row)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        held = document.prefix + end - start
+        probabilities = answer_start(model, cache, new_ids[held:], set(query), ANSWER_TOKENS, ANSWER_STEPS, stop)
+        return _ReadAnswer(new_ids, cache, probabilities)
 
     def _passages(
         self,
@@ -552,6 +594,22 @@ def _logprobs(
         rows = [places[i][1] for i in group]
         found.update(zip(group, token_logprobs(model, block, rows, query, scored), strict=True))
     return found
+
+
+@dataclass
+class _ReadAnswer:
+    """An answer prompt read but its last token (``cache``), and the probabilities of its answer's first new tokens."""
+
+    ids: list[int]
+    cache: FullCache
+    probabilities: list[float]
+
+
+def _answer_ids(
+    ids: list[int], document: SegmentedDocument, layout: _Layout, parts: Sequence[tuple[tuple[int, int], Any]]
+) -> list[int]:
+    """The prompt the answer reads: the shared prefix, ``parts``' tokens in order, the question and what follows."""
+    return ids[: document.prefix] + [t for (start, end), _ in parts for t in ids[start:end]] + ids[layout.body_end :]
 
 
 def _shared_prefix(layout: _Layout) -> int:

@@ -251,10 +251,11 @@ class XL3MConfig:
         "strategy')",
     )
     candidates: int | None = setting(
-        6,
+        4,
         "segments ranked best by where the question's attention falls (a cheap first pass) that are then scored by "
         "likelihood, at least twice as many as fit in the answer's context (and as many of the chosen segments' "
-        "passages); None: every segment and passage is scored by likelihood (slower on long documents)",
+        "passages and of the hop's sentences); None: every segment, passage and sentence is scored by likelihood "
+        "(slower on long documents)",
     )
     score: XL3MScore = setting(
         "contrast",

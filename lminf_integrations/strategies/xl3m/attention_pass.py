@@ -120,27 +120,28 @@ def ranking_layers(n_layers: int) -> list[int]:
 def _padding_bias(
     lengths: torch.Tensor, prefix: int, width: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """``[rows, width - prefix]``: 0 at each row's own keys, -inf at its padding (added to logits: an add ran faster
-    than a masked fill here)."""
-    seen = torch.arange(prefix, width, device=device)[None, :] < lengths.to(device)[:, None]
+    """``[rows, width]``: 0 at each row's own keys, -inf at the shared prefix's and at its padding (added to logits:
+    an add ran faster than a masked fill here)."""
+    position = torch.arange(width, device=device)[None, :]
+    seen = (position >= prefix) & (position < lengths.to(device)[:, None])
     return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
 
 
-def _row_best_logits(
-    queries: torch.Tensor, scale: float, keys: torch.Tensor, prefix: int, hidden: torch.Tensor
-) -> torch.Tensor:
+def _row_best_logits(queries: torch.Tensor, scale: float, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """``[heads, tokens, rows]``: per head and query token, its largest attention logit over each row's own keys
-    (positions from ``prefix`` on; ``hidden``: :func:`_padding_bias` of the rows)."""
+    (``hidden``: :func:`_padding_bias` of the rows, which leaves out the shared prefix). Every key is matched, the
+    prefix's too, so that each chunk of rows is one contiguous block for the matmul (a slice past the prefix made
+    it copy the keys first, slower than the few extra products)."""
     heads, n_tokens, dim = queries.shape
     rows, kv_heads, width, _ = keys.shape
     groups = heads // kv_heads
     # Each key head with its query heads, in the keys' dtype: the products are summed in fp32 by the matmul, and
     # only the largest per row is kept, so storing them at the keys' precision costs the ranking nothing visible.
     grouped = queries.reshape(kv_heads, groups * n_tokens, dim).to(keys.dtype)
-    per_chunk = max(1, _MATCH_ELEMENTS // max(1, heads * n_tokens * (width - prefix)))
+    per_chunk = max(1, _MATCH_ELEMENTS // max(1, heads * n_tokens * width))
     out = []
     for first in range(0, rows, per_chunk):
-        logits = torch.matmul(grouped, keys[first : first + per_chunk, :, prefix:].transpose(-1, -2))
+        logits = torch.matmul(grouped, keys[first : first + per_chunk].transpose(-1, -2))
         logits.add_(hidden[first : first + per_chunk, None, None, :])
         out.append(logits.amax(-1).float() * scale)  # [chunk, kv_heads, groups*tokens]
     return torch.cat(out).reshape(rows, heads, n_tokens).permute(1, 2, 0)
@@ -177,7 +178,7 @@ def attention_scores(
         logits = torch.empty(query.shape[0], query.shape[1], len(places))
         for block, indices, low, high, picked, hidden in groups:
             keys = block.keys[layer][low:high]
-            logits[:, :, indices] = _row_best_logits(query.to(keys.device), scale, keys, prefix, hidden).cpu()[
+            logits[:, :, indices] = _row_best_logits(query.to(keys.device), scale, keys, hidden).cpu()[
                 :, :, picked
             ]
         best = torch.maximum(best, top_token_share(logits).amax(0))

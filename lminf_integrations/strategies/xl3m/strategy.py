@@ -61,8 +61,9 @@ PASSAGE_MIN_TOKENS = 8
 # With score="contrast", a segment counts by the question tokens it predicts best against the other candidates: this
 # many (a question names what it asks about in a word or two, each a token or two).
 CONTRAST_TOKENS = 3
-# A hop scores this many segments (the best by the question's attention, besides the best passage's own segment).
-HOP_CANDIDATES = 16
+# A hop scores the segments ranked best by the question's attention and those ranked best by its passage's, this many
+# of each (besides the passage's own segment): README, 'Choosing a strategy'.
+HOP_CANDIDATES = 6
 # With hop_confidence, how sure the model is of its answer is read off this many of the answer's first tokens that
 # are not the question's own (a name or a number is a few tokens; the words an answer repeats from the question
 # are sure whether or not the passages hold the answer), generating at most ANSWER_STEPS tokens (within _MARGIN:
@@ -483,12 +484,14 @@ class XL3M(Strategy):
         kettle is kept" needs "The violet kettle is kept in the olive cellar." and "The archive code of the olive
         cellar is 61024.". The first is what the question finds; its words that are not the question's ("olive
         cellar") are what the second shares with it. So the best kept passage is read, joined as the question is
-        joined, after each of the ``HOP_CANDIDATES`` segments the question's attention ranks best (besides the
-        passage's own) and after the prefix alone; a segment counts by how much likelier it makes the passage's
-        tokens that are not in the question, on average. When the best segment beats the second by at least
-        ``hop_margin`` nats per token (one segment explains the passage's new words, not a kind of text that many
-        share), its sentence doing the same best is added; the two are read last, in that order, whatever their
-        places in the document (README, 'Choosing a strategy').
+        joined, after each of the ``HOP_CANDIDATES`` segments the question's attention ranks best and the as many
+        that the passage's own attention ranks best (the attention pass of the passage read as a question; the
+        passage's own segment left out), and after the prefix alone; a segment counts by how much likelier it makes
+        the passage's tokens that are not in the question, on average. When the best segment beats the second by at
+        least ``hop_margin`` nats per token (one segment explains the passage's new words, not a kind of text that
+        many share), its sentence doing the same best (of the ``candidates`` its passage attends to most,
+        :meth:`_hop_sentences`) is added; the two are read last, in that order, whatever their places in the
+        document (README, 'Choosing a strategy'). Without ``candidates`` every segment and sentence is scored.
         """
         cfg = self.config
         assert cfg.hop_margin is not None and cfg.passage_tokens is not None
@@ -500,10 +503,17 @@ class XL3M(Strategy):
         new_words = [j for j in range(1, len(hop_query)) if hop_query[j] not in asked]
         own = next(i for i, (a, b) in enumerate(document.spans) if a <= start < b)
         others = [i for i in range(len(document.spans)) if i != own]
-        if attention is not None:
-            others = sorted(others, key=lambda i: -attention[i])[:HOP_CANDIDATES]
         if not new_words or len(others) < 2:
             return parts, None
+        queries = None
+        if attention is not None:
+            queries = self._queries(model, document, hop_query, first)
+            layers = ranking_layers(len(document.places[0][0].keys))
+            by_passage = attention_scores(queries, document.places, document.prefix, layers)
+            others = sorted(
+                {*sorted(others, key=lambda i: -attention[i])[:HOP_CANDIDATES]}
+                | {*sorted(others, key=lambda i: -by_passage[i])[:HOP_CANDIDATES]}
+            )
         block, row = document.places[0]
         prefix_only = SegmentBlock(
             [k[row : row + 1] for k in block.keys], [v[row : row + 1] for v in block.values], [document.prefix]
@@ -522,19 +532,48 @@ class XL3M(Strategy):
             "segment": {"start": document.spans[segment][0], "end": document.spans[segment][1]},
             "gain": round(by_segment[segment], 4),
             "runner_up": round(by_segment[ranked[1]], 4),
-        }
+        } | ({} if queries is None else {"scored": [document.spans[i][0] for i in others]})
         if by_segment[segment] - by_segment[ranked[1]] < cfg.hop_margin:
             return parts, found
         a, b = document.spans[segment]
         spans = [(a + x, a + y) for x, y in sentences(ids[a:b], tokenizer, cfg.passage_tokens, PASSAGE_MIN_TOKENS)]
+        weights: list[float] | None = None
+        if cfg.candidates is not None and cfg.candidates < len(spans):
+            if queries is None:
+                queries = self._queries(model, document, hop_query, first)
+            spans, weights = self._hop_sentences(document, segment, spans, queries, cfg.candidates)
         places = self.passages.locate(model, ids[: document.prefix], [ids[x:y] for x, y in spans])
         by_sentence = gains(places, range(len(spans)))
         pick = max(by_sentence, key=lambda n: by_sentence[n])
-        found["passage"] = {"start": spans[pick][0], "end": spans[pick][1], "gain": round(by_sentence[pick], 4)}
+        found["passage"] = {"start": spans[pick][0], "end": spans[pick][1], "gain": round(by_sentence[pick], 4)} | (
+            {} if weights is None else {"attention": round(weights[pick], 4)}
+        )
         # The chain read last, nearest the question: the passage, then the sentence it led to (the default model
         # answered with the code of whichever place was named nearest the question, README 'Choosing a strategy').
         rest = [part for part in parts if part[0] not in ((start, end), spans[pick])]
         return [*rest, parts[best], (spans[pick], places[pick])], found
+
+    def _hop_sentences(
+        self,
+        document: SegmentedDocument,
+        segment: int,
+        spans: list[tuple[int, int]],
+        queries: dict[int, tuple[torch.Tensor, float]],
+        count: int,
+    ) -> tuple[list[tuple[int, int]], list[float]]:
+        """The ``count`` sentences (``spans``, inside ``segment``) the hop's passage (its ``queries``) attends to most,
+        in document order, with their attention scores (:func:`.attention_pass.span_attention_scores` over the
+        segment's keys, already read): only those are read alone and scored.
+
+        Why: reading and scoring every sentence of the segment cost as much as the hop's pass over the segments,
+        and on the default model the sentence a chain question needed was among the passage's 4 best attended in
+        its segment (README, 'Choosing a strategy')."""
+        block, row = document.places[segment]
+        start = document.spans[segment][0]
+        keys = [(block, row, document.prefix + x - start, document.prefix + y - start) for x, y in spans]
+        weights = span_attention_scores(queries, keys, ranking_layers(len(block.keys)))
+        best = sorted(sorted(range(len(spans)), key=lambda n: -weights[n])[:count])
+        return [spans[n] for n in best], [weights[n] for n in best]
 
     def _candidate_count(self, budget: int) -> int | None:
         """How many segments the attention pass hands to likelihood scoring: the setting, and at least twice as many

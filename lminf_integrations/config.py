@@ -251,7 +251,7 @@ class XL3MConfig:
         "strategy')",
     )
     candidates: int | None = setting(
-        4,
+        6,
         "segments ranked best by where the question's attention falls (a cheap first pass) that are then scored by "
         "likelihood, at least twice as many as fit in the answer's context (and as many of the chosen segments' "
         "passages and of the hop's sentences); None: every segment, passage and sentence is scored by likelihood "

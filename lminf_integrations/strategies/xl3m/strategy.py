@@ -61,9 +61,8 @@ PASSAGE_MIN_TOKENS = 8
 # With score="contrast", a segment counts by the question tokens it predicts best against the other candidates: this
 # many (a question names what it asks about in a word or two, each a token or two).
 CONTRAST_TOKENS = 3
-# A hop scores the segments ranked best by the question's attention and those ranked best by its passage's, this many
-# of each (besides the passage's own segment): README, 'Choosing a strategy'.
-HOP_CANDIDATES = 6
+# A hop scores this many segments (the best by the question's attention, besides the best passage's own segment).
+HOP_CANDIDATES = 16
 # With hop_confidence, how sure the model is of its answer is read off this many of the answer's first tokens that
 # are not the question's own (a name or a number is a few tokens; the words an answer repeats from the question
 # are sure whether or not the passages hold the answer), generating at most ANSWER_STEPS tokens (within _MARGIN:
@@ -484,10 +483,9 @@ class XL3M(Strategy):
         kettle is kept" needs "The violet kettle is kept in the olive cellar." and "The archive code of the olive
         cellar is 61024.". The first is what the question finds; its words that are not the question's ("olive
         cellar") are what the second shares with it. So the best kept passage is read, joined as the question is
-        joined, after each of the ``HOP_CANDIDATES`` segments the question's attention ranks best and the as many
-        that the passage's own attention ranks best (the attention pass of the passage read as a question; the
-        passage's own segment left out), and after the prefix alone; a segment counts by how much likelier it makes
-        the passage's tokens that are not in the question, on average. When the best segment beats the second by at
+        joined, after each of the ``HOP_CANDIDATES`` segments the question's attention ranks best (besides the
+        passage's own) and after the prefix alone; a segment counts by how much likelier it makes the passage's
+        tokens that are not in the question, on average. When the best segment beats the second by at
         least ``hop_margin`` nats per token (one segment explains the passage's new words, not a kind of text that
         many share), its sentence doing the same best (of the ``candidates`` its passage attends to most,
         :meth:`_hop_sentences`) is added; the two are read last, in that order, whatever their places in the
@@ -505,15 +503,8 @@ class XL3M(Strategy):
         others = [i for i in range(len(document.spans)) if i != own]
         if not new_words or len(others) < 2:
             return parts, None
-        queries = None
         if attention is not None:
-            queries = self._queries(model, document, hop_query, first)
-            layers = ranking_layers(len(document.places[0][0].keys))
-            by_passage = attention_scores(queries, document.places, document.prefix, layers)
-            others = sorted(
-                {*sorted(others, key=lambda i: -attention[i])[:HOP_CANDIDATES]}
-                | {*sorted(others, key=lambda i: -by_passage[i])[:HOP_CANDIDATES]}
-            )
+            others = sorted(others, key=lambda i: -attention[i])[:HOP_CANDIDATES]
         block, row = document.places[0]
         prefix_only = SegmentBlock(
             [k[row : row + 1] for k in block.keys], [v[row : row + 1] for v in block.values], [document.prefix]
@@ -532,15 +523,14 @@ class XL3M(Strategy):
             "segment": {"start": document.spans[segment][0], "end": document.spans[segment][1]},
             "gain": round(by_segment[segment], 4),
             "runner_up": round(by_segment[ranked[1]], 4),
-        } | ({} if queries is None else {"scored": [document.spans[i][0] for i in others]})
+        }
         if by_segment[segment] - by_segment[ranked[1]] < cfg.hop_margin:
             return parts, found
         a, b = document.spans[segment]
         spans = [(a + x, a + y) for x, y in sentences(ids[a:b], tokenizer, cfg.passage_tokens, PASSAGE_MIN_TOKENS)]
         weights: list[float] | None = None
         if cfg.candidates is not None and cfg.candidates < len(spans):
-            if queries is None:
-                queries = self._queries(model, document, hop_query, first)
+            queries = self._queries(model, document, hop_query, first)
             spans, weights = self._hop_sentences(document, segment, spans, queries, cfg.candidates)
         places = self.passages.locate(model, ids[: document.prefix], [ids[x:y] for x, y in spans])
         by_sentence = gains(places, range(len(spans)))

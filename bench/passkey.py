@@ -462,6 +462,22 @@ def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence
     return True
 
 
+def xl3m_details(xl3m: XL3MConfig, training: int, question_tokens: int) -> str:
+    """The results' line on the XL3M settings that ran, for a model trained to ``training`` tokens."""
+    budget = f"{training // CONTEXT_SHARE if xl3m.context_tokens is None else xl3m.context_tokens} tokens"
+    gate = ""
+    if xl3m.hop_confidence is not None:
+        gate = f", tried only when one of the answer's first new tokens is less likely than {xl3m.hop_confidence}"
+    return (
+        f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, the {xl3m.candidates} best "
+        f"of a first attention pass scored by {xl3m.score}, context up to {budget}, answered from their "
+        f"passages, a sentence each of up to {xl3m.passage_tokens} tokens, within {xl3m.passage_margin} of the "
+        f"best, one hop when it leads by {xl3m.hop_margin}{gate}); question = the prompt's last {question_tokens} "
+        "tokens; recall = the key's sentence is whole in what the answer read (a prompt within the training length "
+        "is read whole)."
+    )
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces the run (every setting that changes the results, defaults included)."""
     parts = [
@@ -540,18 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     if "vanilla" in args.methods:
         details.append(f"vanilla: prompts up to {args.vanilla_max} tokens ('–': not run).")
     if "xl3m" in args.methods:
-        training = int(model.config.max_position_embeddings)
-        budget = f"{training // CONTEXT_SHARE} tokens" if xl3m.context_tokens is None else (
-            f"{xl3m.context_tokens} tokens")  # fmt: skip
-        details.append(
-            f"xl3m: default XL3MConfig (segments of at most {xl3m.segment_tokens} tokens, the {xl3m.candidates} best "
-            f"of a first attention pass scored by {xl3m.score}, context up to {budget}, answered from their "
-            f"passages, a sentence each of up to {xl3m.passage_tokens} tokens, within {xl3m.passage_margin} of the "
-            f"best, one hop when it leads by {xl3m.hop_margin}, tried only when one of the answer's first new "
-            f"tokens is less likely than {xl3m.hop_confidence}); question = the prompt's last "
-            f"{len(parts.question)} tokens; recall = the key's sentence is whole "
-            "in what the answer read (a prompt within the training length is read whole)."
-        )
+        details.append(xl3m_details(xl3m, int(model.config.max_position_embeddings), len(parts.question)))
     if "dca" in args.methods:
         chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
         details.append(f"dca: default DCAConfig (chunk_size={chunk}, local_window={local}).")

@@ -20,8 +20,10 @@ from bench.passkey import (
     plot,
     render_table,
     run_chain,
+    xl3m_details,
 )
 from lminf_integrations import DCAConfig, LMInfiniteConfig, unpatch_model
+from lminf_integrations.config import XL3MConfig
 from lminf_integrations.engine import Engine, GenerationSettings
 from tests.tiny_models import tiny_llama
 
@@ -176,3 +178,12 @@ def test_table_reports_accuracy_per_length_and_depth(tmp_path: Path) -> None:
         pytest.skip("matplotlib not installed")
     assert plot(rows, [4096, 8192], [0.0, 0.5, 1.0], tmp_path / "passkey.png")
     assert (tmp_path / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_xl3m_details_name_the_hop_gate_only_when_it_is_set() -> None:
+    """The results' line on the XL3M settings says what ran: without ``hop_confidence`` the hop always runs (no
+    "less likely than None"), with it the threshold is named."""
+    plain = xl3m_details(XL3MConfig(), training=8192, question_tokens=12)
+    assert "None" not in plain and "one hop when it leads by 0.5)" in plain and "1024 tokens" in plain
+    gated = xl3m_details(XL3MConfig(hop_confidence=0.9, context_tokens=2048), training=8192, question_tokens=12)
+    assert "less likely than 0.9" in gated and "2048 tokens" in gated and "last 12 tokens" in gated

@@ -153,6 +153,28 @@ def test_token_logprobs_at_chosen_positions_match_a_plain_forward(
         token_logprobs(model, block, [0], query, [0])  # the first token has no logits before it
 
 
+def test_rows_read_only_up_to_a_given_length_score_as_that_context_alone(
+    tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """``lengths`` reads each row only up to that many of its positions, in the same forward as whole rows: a row cut
+    to the shared prefix scores the query as the prefix alone does (the hop's baseline), a row cut inside its
+    segment as that part of the segment does."""
+    model, tokenizer = tiny
+    prefix_ids, segments = _rooms(tokenizer)
+    query = tokenizer("\nQuestion: what is the code of room 3?\nAnswer:", add_special_tokens=False).input_ids
+    block = read_block(model, read(model, prefix_ids), segments)
+    positions = [2, len(query) - 1]
+    cut = len(prefix_ids) + 3
+    got = token_logprobs(model, block, [0, 2, 1], query, positions, [len(prefix_ids), block.lengths[2], cut])
+    contexts = [prefix_ids, [*prefix_ids, *segments[2]], [*prefix_ids, *segments[1][:3]]]
+    for values, context in zip(got, contexts, strict=True):
+        expected = _plain_logprobs(model, context, query, positions)
+        assert (values - expected).abs().max() <= _bound(model, [*context, *query]), (values, expected)
+    for wrong in ([0], [block.lengths[0] + 1]):
+        with pytest.raises(ValueError, match="lengths"):
+            token_logprobs(model, block, [0], query, positions, wrong)
+
+
 def test_contrast_scores_are_the_mean_of_each_rows_best_gains_over_the_rows_mean() -> None:
     """Worked by hand: the rows' mean per token is [-2, -2, -2, -6]; row 0 gains [1, 0, -1, 2], row 1 [-1, 0, 1,
     -2]. A row that predicts every token fairly well loses to one that predicts a few far better than the rest."""

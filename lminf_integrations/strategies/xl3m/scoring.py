@@ -188,19 +188,27 @@ def question_start(tokenizer: PreTrainedTokenizerBase, query: Sequence[int]) -> 
 
 
 def _row_logits(
-    model: PreTrainedModel, block: SegmentBlock, rows: Sequence[int], query: Sequence[int], keep: Sequence[int]
+    model: PreTrainedModel,
+    block: SegmentBlock,
+    rows: Sequence[int],
+    query: Sequence[int],
+    keep: Sequence[int],
+    lengths: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor]:
     """fp32 logits ``[rows, len(keep), vocabulary]`` at ``keep`` (positions in ``query``) of ``query`` read right
-    after each of ``rows``, a few rows per forward (bounded by ``SCORE_LOGIT_BYTES``), in order. Only the kept
-    positions go through the output layer: over a large vocabulary it is most of a short query's cost. The block is
-    left as it was."""
+    after each of ``rows`` (after its first ``lengths[i]`` positions when given), a few rows per forward (bounded by
+    ``SCORE_LOGIT_BYTES``), in order. Only the kept positions go through the output layer: over a large vocabulary
+    it is most of a short query's cost. The block is left as it was."""
     q, width = len(query), block.width
+    read_to = [block.lengths[row] for row in rows] if lengths is None else list(lengths)
+    if len(read_to) != len(rows) or not all(0 < n <= block.lengths[row] for n, row in zip(read_to, rows, strict=False)):
+        raise ValueError(f"lengths {read_to} must give each of rows {list(rows)} between 1 and its own length")
     vocabulary = int(model.config.vocab_size)
     per_forward = max(1, SCORE_LOGIT_BYTES // (4 * max(len(keep), 1) * vocabulary))
     device = input_device(model)
     for first in range(0, len(rows), per_forward):
         chosen = list(rows[first : first + per_forward])
-        lengths = torch.tensor([block.lengths[row] for row in chosen])
+        lengths_now = torch.tensor(read_to[first : first + per_forward])
         if chosen == list(range(chosen[0], chosen[0] + len(chosen))):  # a slice: a view, no copy
             pick = slice(chosen[0], chosen[0] + len(chosen))
             layers = [(k[pick], v[pick]) for k, v in zip(block.keys, block.values, strict=True)]
@@ -211,9 +219,9 @@ def _row_logits(
         for layer, (keys, values) in enumerate(layers):
             cache.update(keys, values, layer)
         # Each row sees its own positions and the question, not its padding; the question continues its positions.
-        seen = torch.arange(width)[None, :] < lengths[:, None]
+        seen = torch.arange(width)[None, :] < lengths_now[:, None]
         mask = torch.cat([seen, torch.ones(len(chosen), q, dtype=torch.bool)], dim=1).long()
-        positions = lengths[:, None] + torch.arange(q)[None, :]
+        positions = lengths_now[:, None] + torch.arange(q)[None, :]
         tokens = torch.tensor([list(query)] * len(chosen))
         with attention_implementation(model):
             yield model(
@@ -233,11 +241,13 @@ def token_logprobs(
     rows: Sequence[int],
     query: Sequence[int],
     scored: int | Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The log-probability of each of ``query``'s last ``scored`` tokens read right after each of ``rows``:
     ``[len(rows), scored]`` (default: all but the first, which follows the segment's last token, whose logits are
     not kept; the tokens before them condition the rest, say an instruction before the question). ``scored`` may
-    also list the positions (in ``query``, each at least 1) whose tokens are wanted."""
+    also list the positions (in ``query``, each at least 1) whose tokens are wanted. ``lengths``: each row read only
+    up to that many of its positions (say the shared prefix alone, in the same forward as whole rows)."""
     if scored is None or isinstance(scored, int):
         if len(query) < 2:
             raise ValueError("scoring by log-likelihood needs a question of at least 2 tokens")
@@ -249,7 +259,7 @@ def token_logprobs(
             raise ValueError(f"scored positions must be non-empty and within 1..{len(query) - 1}, got {positions}")
     targets = torch.tensor([query[p] for p in positions])
     parts = []
-    for logits in _row_logits(model, block, rows, query, [p - 1 for p in positions]):
+    for logits in _row_logits(model, block, rows, query, [p - 1 for p in positions], lengths):
         logp = logits.log_softmax(-1)
         parts.append(logp.gather(-1, targets.to(logp.device)[None, :, None].expand(len(logp), -1, 1))[..., 0].cpu())
     return torch.cat(parts) if parts else torch.zeros(0, len(positions))

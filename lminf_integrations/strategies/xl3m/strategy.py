@@ -505,17 +505,17 @@ class XL3M(Strategy):
             return parts, None
         if attention is not None:
             others = sorted(others, key=lambda i: -attention[i])[:HOP_CANDIDATES]
-        block, row = document.places[0]
-        prefix_only = SegmentBlock(
-            [k[row : row + 1] for k in block.keys], [v[row : row + 1] for v in block.values], [document.prefix]
+        # The baseline, the passage after the shared prefix alone: its own segment's row read only that far (every
+        # row was read after the same prefix), in the same forward as the others.
+        by_segment_logprobs = _logprobs(
+            model, document.places, hop_query, new_words, [*others, own], {own: document.prefix}
         )
-        baseline = token_logprobs(model, prefix_only, [0], hop_query, new_words)[0]
+        baseline = by_segment_logprobs.pop(own)
 
-        def gains(places: Sequence[tuple[SegmentBlock, int]], indices: Sequence[int]) -> dict[int, float]:
-            found = _logprobs(model, places, hop_query, new_words, indices)
+        def gains(found: Mapping[int, torch.Tensor]) -> dict[int, float]:
             return {index: float((values - baseline).mean()) for index, values in found.items()}
 
-        by_segment = gains(document.places, others)
+        by_segment = gains(by_segment_logprobs)
         ranked = sorted(by_segment, key=lambda i: -by_segment[i])
         segment = ranked[0]
         found: dict[str, Any] = {
@@ -533,7 +533,7 @@ class XL3M(Strategy):
             queries = self._queries(model, document, hop_query, first)
             spans, weights = self._hop_sentences(document, segment, spans, queries, cfg.candidates)
         places = self.passages.locate(model, ids[: document.prefix], [ids[x:y] for x, y in spans])
-        by_sentence = gains(places, range(len(spans)))
+        by_sentence = gains(_logprobs(model, places, hop_query, new_words, range(len(spans))))
         pick = max(by_sentence, key=lambda n: by_sentence[n])
         found["passage"] = {"start": spans[pick][0], "end": spans[pick][1], "gain": round(by_sentence[pick], 4)} | (
             {} if weights is None else {"attention": round(weights[pick], 4)}
@@ -615,13 +615,15 @@ def _logprobs(
     query: list[int],
     scored: int | Sequence[int] | None,
     indices: Sequence[int],
+    lengths: Mapping[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """:func:`.scoring.token_logprobs` of ``query`` after each of ``indices`` (into ``places``), by index; the rows of
-    one block together."""
+    one block together; ``lengths``: by index, how many of its row's positions are read (default: all)."""
     found: dict[int, torch.Tensor] = {}
     for block, group in rows_by_block(places, indices):
         rows = [places[i][1] for i in group]
-        found.update(zip(group, token_logprobs(model, block, rows, query, scored), strict=True))
+        read_to = [(lengths or {}).get(i, block.lengths[row]) for i, row in zip(group, rows, strict=True)]
+        found.update(zip(group, token_logprobs(model, block, rows, query, scored, read_to), strict=True))
     return found
 
 

@@ -201,7 +201,7 @@ def _row_logits(
     it is most of a short query's cost. The block is left as it was."""
     q, width = len(query), block.width
     read_to = [block.lengths[row] for row in rows] if lengths is None else list(lengths)
-    if len(read_to) != len(rows) or not all(0 < n <= block.lengths[row] for n, row in zip(read_to, rows, strict=False)):
+    if len(read_to) != len(rows) or not all(0 < n <= block.lengths[row] for n, row in zip(read_to, rows, strict=True)):
         raise ValueError(f"lengths {read_to} must give each of rows {list(rows)} between 1 and its own length")
     vocabulary = int(model.config.vocab_size)
     per_forward = max(1, SCORE_LOGIT_BYTES // (4 * max(len(keep), 1) * vocabulary))

@@ -485,9 +485,9 @@ class XL3M(Strategy):
         cellar") are what the second shares with it. So the best kept passage is read, joined as the question is
         joined, after each of the ``HOP_CANDIDATES`` segments the question's attention ranks best (besides the
         passage's own) and after the prefix alone; a segment counts by how much likelier it makes the passage's
-        tokens that are not in the question, on average. When the best segment beats the second by at
-        least ``hop_margin`` nats per token (one segment explains the passage's new words, not a kind of text that
-        many share), its sentence doing the same best (of the ``candidates`` its passage attends to most,
+        tokens that are not in the question, on average. When the best segment beats the second by at least
+        ``hop_margin`` nats per token (one segment explains the passage's new words, not a kind of text that many
+        share), its sentence doing the same best (of the ``candidates`` its passage attends to most,
         :meth:`_hop_sentences`) is added; the two are read last, in that order, whatever their places in the
         document (README, 'Choosing a strategy'). Without ``candidates`` every segment and sentence is scored.
         """

@@ -32,7 +32,7 @@ from .config import (
 )
 from .cpu import decodes_faster_without_onednn, onednn_off
 from .hf_compat import cache_kwargs
-from .models import dtype_name, input_device, layer_devices, load_model, model_name
+from .models import dtype_name, eos_ids, input_device, layer_devices, load_model, model_name
 from .settings import Resolved
 from .state import DocumentState, StateStore, read_state, state_identity, write_state
 from .strategies import DocumentCache, make_strategy
@@ -469,10 +469,8 @@ class Engine:
                 **sampling,
             )
         new_tokens = output[0, len(ids) :].tolist()
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
         reason = "cancelled" if cancelled.is_set() else "length"
-        if new_tokens and new_tokens[-1] in eos_ids:
+        if new_tokens and new_tokens[-1] in eos_ids(self.model):
             reason = "eos"
         text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
         return StreamResult(len(ids), len(new_tokens), reason, text)

@@ -239,6 +239,12 @@ def input_device(model: PreTrainedModel) -> torch.device:
     return execution_device(model.get_input_embeddings())
 
 
+def eos_ids(model: PreTrainedModel) -> set[int]:
+    """The token ids that end generation by the model's generation config (one id, a list, or none)."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
 def layer_devices(model: PreTrainedModel) -> list[torch.device]:
     """Where each decoder layer runs, in order (one device unless the model is split): its keys and values live
     there."""

@@ -24,7 +24,7 @@ answered far fewer questions than from the same text read again (measured on ``p
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...config import XL3MConfig
+from ...models import eos_ids
 from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
 from ..vanilla import FullCache, Vanilla
@@ -333,7 +334,7 @@ class XL3M(Strategy):
                 attention = attention_scores(
                     queries, document.places, document.prefix, ranking_layers(len(document.places[0][0].keys))
                 )
-                candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[:wanted])
+                candidates = _best_in_order(candidates, attention, wanted)
             certainty, contrast = self._scores(model, document.places, query, len(query) - first, candidates)
             scores = contrast or certainty
             lengths = [end - start for start, end in document.spans]
@@ -402,10 +403,10 @@ class XL3M(Strategy):
         new_ids = _answer_ids(ids, document, layout, parts)
         (start, end), (block, row) = parts[0]
         cache = block.row_cache(row)
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         held = document.prefix + end - start
-        probabilities = answer_start(model, cache, new_ids[held:], set(query), ANSWER_TOKENS, ANSWER_STEPS, stop)
+        probabilities = answer_start(
+            model, cache, new_ids[held:], set(query), ANSWER_TOKENS, ANSWER_STEPS, eos_ids(model)
+        )
         return _ReadAnswer(new_ids, cache, probabilities)
 
     def _passages(
@@ -446,7 +447,7 @@ class XL3M(Strategy):
             if queries is None:  # the segments skipped the attention pass: read the question only now it is needed
                 queries = self._queries(model, document, query, first)
             attention = span_attention_scores(queries, keys, ranking_layers(len(document.places[0][0].keys)))
-            candidates = sorted(sorted(candidates, key=lambda i: -attention[i])[: cfg.candidates])
+            candidates = _best_in_order(candidates, attention, cfg.candidates)
         places = self.passages.locate(model, ids[: document.prefix], [ids[slice(*spans[i])] for i in candidates])
         # Passages are kept within the margin in nats per question token, so by their certainty (log-likelihood
         # unless the setting is "entropy"); with "contrast", the passage it ranks first is kept too.
@@ -562,7 +563,7 @@ class XL3M(Strategy):
         start = document.spans[segment][0]
         keys = [(block, row, document.prefix + x - start, document.prefix + y - start) for x, y in spans]
         weights = span_attention_scores(queries, keys, ranking_layers(len(block.keys)))
-        best = sorted(sorted(range(len(spans)), key=lambda n: -weights[n])[:count])
+        best = _best_in_order(range(len(spans)), weights, count)
         return [spans[n] for n in best], [weights[n] for n in best]
 
     def _candidate_count(self, budget: int) -> int | None:
@@ -653,6 +654,11 @@ def _covers(state: SegmentedDocument, layout: _Layout) -> bool:
     """Whether ``state`` (of a prefix of the prompt) is exactly the prompt's body read in segments: its segments end
     where the question starts and were read after the same prefix, so the body cuts as the state did."""
     return bool(state.spans) and state.spans[-1][1] == layout.body_end and state.prefix == _shared_prefix(layout)
+
+
+def _best_in_order(indices: Iterable[int], scores: Sequence[float], count: int) -> list[int]:
+    """The ``count`` of ``indices`` with the highest ``scores[i]``, in ascending (document) order."""
+    return sorted(sorted(indices, key=lambda i: -scores[i])[:count])
 
 
 def _choose(scores: list[float], lengths: list[int], budget: int) -> list[int]:

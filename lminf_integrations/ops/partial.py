@@ -33,12 +33,15 @@ def flash(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query (B, H, Lq, D)`` over ``keys``/``values (B, Hkv, Lk, D)`` → ``(out (B, H, Lq, D) with
     (B, Lq, H, D) memory, logsumexp (B, H, Lq) float32)``. The causal mask is top-left aligned; grouped-query
-    attention is paired inside (keys never repeated); ``attn_mask`` is added to the logits.
+    attention is paired inside (keys never repeated); ``attn_mask`` (in the query's dtype) is added to the logits. A
+    row that sees no key gets a zero output and a log-sum-exp of ``-inf``.
 
     On a CPU, PyTorch's fused flash kernel; elsewhere FlexAttention for several queries without an added mask
     (:func:`.flex.attention`), and :func:`plain_attention` (exact, unfused) for the rest."""
     if query.device.type == "cpu" and not PLAIN_ON_CPU:
         out, lse = _cpu_flash(query, keys, values, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[:2]
+        if attn_mask is not None:  # the kernel gives a row that sees no key a log-sum-exp of 0: it must weigh nothing
+            lse = lse.masked_fill(attn_mask.isneginf().all(-1), float("-inf"))
         return out, lse
     if dropout_p:
         raise ValueError("dropout is not supported here (inference only)")

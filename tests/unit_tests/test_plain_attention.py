@@ -118,6 +118,23 @@ def test_masked_rows_and_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(merged[:, 2], other[0][:, :, 2])  # weight exp(0) = 1 for it, exactly 0 for the empty row
 
 
+def test_a_row_that_sees_no_key_weighs_nothing_through_the_fused_kernel_too() -> None:
+    """PyTorch's CPU kernel gives a row that sees no key a log-sum-exp of 0 (and a zero output): merged as it is,
+    that row's other part would be scaled by 1/(1 + e^-lse). ``flash`` keeps plain_attention's contract on every
+    device: -inf there, so the row takes its other part's output alone."""
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=generator) for _ in range(3))
+    seen = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    seen[0, :, 3] = False  # row 3 of the first sequence sees nothing
+    mask = torch.zeros(seen.shape).masked_fill_(~seen, -math.inf)
+    out, lse = partial.flash(q, k, v, attn_mask=mask, scale=0.3)
+    assert torch.isneginf(lse[0, :, 3]).all() and (out[0, :, 3] == 0).all()
+    assert torch.isfinite(lse[1]).all() and torch.isfinite(lse[0, :, :3]).all()
+    other = partial.flash(q, k, v, is_causal=True, scale=0.3)
+    merged = combine([other, (out, lse)], [], torch.float32)
+    assert torch.equal(merged[0, 3], other[0][0, :, 3])
+
+
 @pytest.fixture
 def plain_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every partial attention through plain_attention, and decoding without the CPU-only C++ kernel: what runs on a

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import cli
 from lminf_integrations.config import GenerationSettings, XL3MConfig
@@ -36,6 +36,7 @@ from lminf_integrations.strategies.xl3m.strategy import (
 )
 from tests.tiny_models import tiny_llama
 from tests.tolerances import network_bound
+from tests.unit_tests.test_attention import ARCHITECTURES, VOCAB, _common, _tiny
 
 TRAINING_LENGTH = 256  # the tiny model's: prompts past it are answered from chosen segments
 SINK = 4  # the document's first tokens, read before every segment (no chat template in these prompts)
@@ -173,6 +174,33 @@ def test_rows_read_only_up_to_a_given_length_score_as_that_context_alone(
     for wrong in ([0], [block.lengths[0] + 1]):
         with pytest.raises(ValueError, match="lengths"):
             token_logprobs(model, block, [0], query, positions, wrong)
+
+
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "mistral, window of 6"])
+def test_token_logprobs_equal_a_plain_forward_on_each_architecture(arch: str) -> None:
+    """Rows of different lengths, gathered out of order, one read only partly, and a contiguous run of rows: each
+    row's log-probabilities equal one uncached forward of its context and the query, also where a sliding window
+    shorter than the row and the query hides some of the row's keys, and some of the query's own, from the
+    query's last tokens."""
+    if arch == "mistral, window of 6":
+        torch.manual_seed(1234)
+        model: PreTrainedModel = MistralForCausalLM(MistralConfig(**_common(), sliding_window=6)).eval()
+    else:
+        model = _tiny(arch)
+    generator = torch.Generator().manual_seed(7)
+    prefix_ids = torch.randint(0, VOCAB, (3,), generator=generator).tolist()
+    segments = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (7, 11, 4, 9)]
+    query = torch.randint(0, VOCAB, (8,), generator=generator).tolist()
+    block = read_block(model, read(model, prefix_ids), segments)
+    positions = [1, 4, len(query) - 1]
+    cut = len(prefix_ids) + 5
+    for rows, lengths in (([3, 0, 1], [block.lengths[3], block.lengths[0], cut]), ([1, 2], None)):
+        got = token_logprobs(model, block, rows, query, positions, lengths)
+        read_to = lengths or [block.lengths[row] for row in rows]
+        for values, row, length in zip(got, rows, read_to, strict=True):
+            context = [*prefix_ids, *segments[row]][:length]
+            expected = _plain_logprobs(model, context, query, positions)
+            assert (values - expected).abs().max() <= _bound(model, [*context, *query]), (arch, row, values, expected)
 
 
 def test_contrast_scores_are_the_mean_of_each_rows_best_gains_over_the_rows_mean() -> None:

@@ -41,12 +41,13 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...hf_compat import cache_kwargs
 from ...models import input_device
 from ..vanilla import FullCache
-from .scoring import SegmentBlock, attention_implementation, grouped_attention, rows_by_block
+from .scoring import SegmentBlock, attention_implementation, rows_by_block
 
 RECORDING_ATTENTION = "lminf_xl3m_recording"
 # How many of the question's tokens a segment's weight is averaged over: those that weigh it most.
@@ -71,12 +72,12 @@ def recording_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """:func:`.scoring.grouped_attention`, keeping each layer's queries (after the position rotation) on the way."""
+    """transformers' SDPA attention, keeping each layer's queries (after the position rotation) on the way."""
     recorded = _RECORDED.get()
     if recorded is not None:
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         recorded[int(getattr(module, "layer_idx", len(recorded)))] = (query.detach(), scale)
-    return grouped_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(RECORDING_ATTENTION, recording_attention)

@@ -11,6 +11,7 @@ placed right after that row's own last token.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import threading
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ...cpu import decodes_faster_without_onednn, onednn_off
 from ...hf_compat import cache_kwargs
 from ...models import input_device
+from ...ops.partial import combine, flash
 from ..vanilla import FullCache
 
 # Tokens per forward when reading segments (rows × segment length): big enough for efficient matrix products,
@@ -33,12 +35,45 @@ from ..vanilla import FullCache
 READ_TOKENS = 4096
 # Bytes of fp32 logits one scoring forward may produce (rows × question tokens × vocabulary × 4).
 SCORE_LOGIT_BYTES = 2**28
+# Logits turned into log-probabilities at once (float32 elements): a few MiB, reused from one chunk to the next,
+# where converting a forward's logits whole allocates tens of MiB afresh per call (page faults cost more than the
+# arithmetic on a CPU).
+_LOGSUMEXP_ELEMENTS = 1 << 19
 
 
-SCORING_ATTENTION = "lminf_xl3m_scoring"
+ROWS_ATTENTION = "lminf_xl3m_rows"
 
 
-def grouped_attention(
+@dataclass
+class _Rows:
+    """The rows a scoring forward's new tokens follow: per layer their keys and values ``[rows, kv_heads, width,
+    head_dim]`` (views of a block, or its rows gathered), and how many positions of each row are seen."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: torch.Tensor
+    _hidden: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def hidden(self, n_queries: int, window: int | None) -> torch.Tensor:
+        """The bias added to the new tokens' logits over the rows' keys: 0 where seen, -inf at a row's padding and,
+        with a sliding ``window``, at keys at least that many positions before the new token (the new tokens
+        stand at ``length, length + 1, ...`` of their row). ``[rows, 1, 1 or n_queries, width]``, made once."""
+        if window not in self._hidden:
+            keys = self.layers[0][0]
+            lengths = self.lengths.to(keys.device)[:, None, None]
+            key = torch.arange(keys.shape[2], device=keys.device)[None, None, :]
+            seen = key < lengths
+            if window is not None:
+                seen = seen & (lengths + torch.arange(n_queries, device=keys.device)[None, :, None] - key < window)
+            bias = torch.zeros(seen.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~seen, float("-inf"))
+            self._hidden[window] = bias[:, None]
+        return self._hidden[window]
+
+
+# The rows while a scoring forward that reads them in place runs (``_row_logits``).
+_ROWS: contextvars.ContextVar[_Rows | None] = contextvars.ContextVar("lminf_xl3m_rows", default=None)
+
+
+def rows_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -46,30 +81,38 @@ def grouped_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for a few query tokens over many padded rows of keys, each query head group against its key/value
-    head without repeating keys and values (what transformers' SDPA path does for grouped heads, copying the whole
-    block once per layer): the group's heads become more query rows of one fused attention call (on a CPU faster
-    than the matmul, masked fill and softmax written out, most for the hop's many rows). ``attention_mask``: boolean
-    ``(batch, 1, queries, keys)``, True where seen."""
-    batch, heads, queries, dim = query.shape
-    groups = heads // key.shape[1]
-    grouped = query.reshape(batch, key.shape[1], groups * queries, dim)
-    if attention_mask is None:  # nothing padded: transformers leaves causality to the kernel (the last keys are new)
-        rows = torch.arange(queries, device=key.device)[:, None] + key.shape[2] - queries
-        attention_mask = (torch.arange(key.shape[2], device=key.device)[None, :] <= rows)[None, None]
-    seen = attention_mask.expand(batch, 1, queries, key.shape[2]).repeat(1, 1, groups, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=seen, scale=scaling)
-    return out.reshape(batch, heads, queries, dim).transpose(1, 2), None
+    """Attention of a few new tokens after each of many rows of a block, the rows' keys and values read where they
+    are: the new tokens attend causally among themselves and, through a bias that hides padding (and what a
+    sliding window hides), to their row's keys; the two parts merge exactly by their log-sum-exps
+    (:func:`...ops.partial.combine`). ``attention_mask`` (the new tokens' own, without the rows) is not used.
+
+    Why: transformers' cache concatenates the rows' keys with the new ones at every layer, a copy of every row per
+    forward; for the hop's many long rows that copy cost about as much as the attention itself."""
+    rows = _ROWS.get()
+    if rows is None:
+        raise RuntimeError(f"{ROWS_ATTENTION} runs only inside a scoring forward (scoring._row_logits)")
+    keys, values = rows.layers[int(getattr(module, "layer_idx", 0))]
+    n = query.shape[2]
+    if sliding_window is None or sliding_window >= n:
+        own = flash(query, key, value, is_causal=True, scale=scaling)  # sees its own key: a finite first part
+    else:
+        offset = torch.arange(n, device=query.device)
+        seen = (offset[None, :] <= offset[:, None]) & (offset[:, None] - offset[None, :] < sliding_window)
+        bias = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
+        own = flash(query, key, value, attn_mask=bias[None, None], scale=scaling)
+    before = flash(query, keys, values, attn_mask=rows.hidden(n, sliding_window), scale=scaling)
+    return combine([own, before], [], query.dtype), None
 
 
-AttentionInterface.register(SCORING_ATTENTION, grouped_attention)
-AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
+AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
-def attention_implementation(model: PreTrainedModel, name: str = SCORING_ATTENTION) -> Iterator[None]:
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
     """``model`` with the registered attention ``name`` for the duration (the caller holds the model's lock)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
@@ -195,11 +238,11 @@ def _row_logits(
     keep: Sequence[int],
     lengths: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """fp32 logits ``[rows, len(keep), vocabulary]`` at ``keep`` (positions in ``query``) of ``query`` read right
-    after each of ``rows`` (after its first ``lengths[i]`` positions when given), a few rows per forward (bounded by
-    ``SCORE_LOGIT_BYTES``), in order. Only the kept positions go through the output layer: over a large vocabulary
-    it is most of a short query's cost. The block is left as it was."""
-    q, width = len(query), block.width
+    """Logits ``[rows, len(keep), vocabulary]`` (the model's dtype) at ``keep`` (positions in ``query``) of
+    ``query`` read right after each of ``rows`` (after its first ``lengths[i]`` positions when given), a few rows
+    per forward (bounded by ``SCORE_LOGIT_BYTES``), in order. Only the kept positions go through the output layer:
+    over a large vocabulary it is most of a short query's cost. The block is left as it was."""
+    q = len(query)
     read_to = [block.lengths[row] for row in rows] if lengths is None else list(lengths)
     if len(read_to) != len(rows) or not all(0 < n <= block.lengths[row] for n, row in zip(read_to, rows, strict=True)):
         raise ValueError(f"lengths {read_to} must give each of rows {list(rows)} between 1 and its own length")
@@ -208,30 +251,43 @@ def _row_logits(
     device = input_device(model)
     for first in range(0, len(rows), per_forward):
         chosen = list(rows[first : first + per_forward])
-        lengths_now = torch.tensor(read_to[first : first + per_forward])
         if chosen == list(range(chosen[0], chosen[0] + len(chosen))):  # a slice: a view, no copy
             pick = slice(chosen[0], chosen[0] + len(chosen))
             layers = [(k[pick], v[pick]) for k, v in zip(block.keys, block.values, strict=True)]
         else:
             index = torch.tensor(chosen, device=block.keys[0].device)
             layers = [(k[index], v[index]) for k, v in zip(block.keys, block.values, strict=True)]
-        cache = FullCache()
-        for layer, (keys, values) in enumerate(layers):
-            cache.update(keys, values, layer)
+        lengths_now = torch.tensor(read_to[first : first + per_forward])
         # Each row sees its own positions and the question, not its padding; the question continues its positions.
-        seen = torch.arange(width)[None, :] < lengths_now[:, None]
-        mask = torch.cat([seen, torch.ones(len(chosen), q, dtype=torch.bool)], dim=1).long()
         positions = lengths_now[:, None] + torch.arange(q)[None, :]
         tokens = torch.tensor([list(query)] * len(chosen))
-        with attention_implementation(model):
-            yield model(
-                input_ids=tokens.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                use_cache=True,
-                logits_to_keep=torch.tensor(list(keep), device=device),
-                **cache_kwargs(cache),
-            ).logits.float()
+        token = _ROWS.set(_Rows(layers, lengths_now))
+        try:
+            with attention_implementation(model, ROWS_ATTENTION):
+                logits = model(
+                    input_ids=tokens.to(device),
+                    position_ids=positions.to(device),
+                    use_cache=False,
+                    logits_to_keep=torch.tensor(list(keep), device=device),
+                ).logits
+        finally:
+            _ROWS.reset(token)
+        yield logits
+
+
+def _gathered_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)`` in float32 at ``targets`` (one per position): ``[rows, positions]`` from logits
+    ``[rows, positions, vocabulary]``, as the target's logit less the log-sum-exp, a few positions at a time
+    (``_LOGSUMEXP_ELEMENTS``)."""
+    rows, count, vocabulary = logits.shape
+    flat = logits.reshape(rows * count, vocabulary)
+    wanted = targets.to(logits.device).repeat(rows)[:, None]
+    out = torch.empty(rows * count, dtype=torch.float32, device=logits.device)
+    step = max(1, _LOGSUMEXP_ELEMENTS // vocabulary)
+    for first in range(0, rows * count, step):
+        part = flat[first : first + step].float()
+        out[first : first + step] = part.gather(-1, wanted[first : first + step])[:, 0] - part.logsumexp(-1)
+    return out.reshape(rows, count)
 
 
 @torch.inference_mode()
@@ -258,10 +314,10 @@ def token_logprobs(
         if not positions or not all(1 <= p < len(query) for p in positions):
             raise ValueError(f"scored positions must be non-empty and within 1..{len(query) - 1}, got {positions}")
     targets = torch.tensor([query[p] for p in positions])
-    parts = []
-    for logits in _row_logits(model, block, rows, query, [p - 1 for p in positions], lengths):
-        logp = logits.log_softmax(-1)
-        parts.append(logp.gather(-1, targets.to(logp.device)[None, :, None].expand(len(logp), -1, 1))[..., 0].cpu())
+    parts = [
+        _gathered_logprobs(logits, targets).cpu()
+        for logits in _row_logits(model, block, rows, query, [p - 1 for p in positions], lengths)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, len(positions))
 
 
@@ -282,7 +338,7 @@ def score_rows(
     if score == "entropy":
         scores: list[float] = []
         for logits in _row_logits(model, block, rows, query, [len(query) - 1]):
-            logp = logits[:, -1].log_softmax(-1)
+            logp = logits[:, -1].float().log_softmax(-1)
             scores.extend((logp.exp() * logp).sum(-1).tolist())
         return scores
     return token_logprobs(model, block, rows, query, scored).mean(-1).tolist()

@@ -1,7 +1,8 @@
 """What this CPU offers, as PyTorch will use it: the class that decides the default dtype and the kernel's build.
 
-Three classes of x86 CPU matter here, and their speeds differ by ~3x each step (README, "Speed by CPU"):
-AMX (bf16 tile multiplies), AVX-512 with BF16 dot products, and AVX2 only (no bf16 arithmetic at all).
+Three classes of x86 CPU matter here, and their speeds differ by ~3x each step (README, "Start-up and speed by CPU
+class"): AMX (bf16 tile multiplies), AVX-512 with BF16 dot products, and AVX2 only (no bf16 arithmetic at all).
+An Intel CPU with AVX-512 BF16 but no AMX is a fourth: it has the instructions, but float32 runs faster there.
 ``ATEN_CPU_CAPABILITY=avx2`` makes PyTorch use its AVX2 kernels on any newer CPU; the class follows it, so a
 machine with AVX-512 can run exactly the code an AVX2-only machine runs (see ``make test-avx2``).
 """
@@ -27,6 +28,7 @@ class CpuInfo:
     name: str
     flags: frozenset[str]
     capability: str  # ATen's vector capability: "AVX512", "AVX2", "DEFAULT" (ATEN_CPU_CAPABILITY lowers it)
+    vendor: str = ""  # /proc/cpuinfo's vendor_id: "GenuineIntel", "AuthenticAMD"
 
     @property
     def avx512(self) -> bool:
@@ -34,15 +36,24 @@ class CpuInfo:
 
     @property
     def bf16_units(self) -> bool:
-        """bf16 matrix instructions (AMX or AVX-512 BF16): where bf16 runs faster than float32."""
+        """bf16 matrix instructions (AMX or AVX-512 BF16) that PyTorch will use."""
         return self.avx512 and bool({"amx_bf16", "avx512_bf16"} & self.flags)
+
+    @property
+    def bf16_faster(self) -> bool:
+        """Whether bf16 runs faster than float32 here: with AMX, or AVX-512 BF16 on a CPU other than Intel's.
+
+        On an Intel CPU with AVX-512 BF16 but no AMX (a Cooper Lake, or a newer Xeon whose AMX a virtual machine
+        hides) MKL's float32 matmul out-ran oneDNN's bf16 one, and float32 prefilled faster (README, "Start-up
+        and speed by CPU class"); on AMD's AVX-512 BF16, bf16 won both phases."""
+        return self.bf16_units and ("amx_bf16" in self.flags or self.vendor != "GenuineIntel")
 
     @property
     def cpu_class(self) -> str:
         if self.avx512 and "amx_bf16" in self.flags:
             return "AMX"
         if self.bf16_units:
-            return "AVX-512 BF16"
+            return "AVX-512 BF16" if self.bf16_faster else "Intel AVX-512 BF16"
         if self.avx512:
             return "AVX-512"
         if self.capability == "AVX2" or ("avx2" in self.flags and self.capability not in ("DEFAULT", "")):
@@ -60,18 +71,20 @@ def cpu_info() -> CpuInfo:
     """This machine's CPU (read once per process)."""
     import torch
 
-    name, flags = platform.processor() or platform.machine(), frozenset[str]()
+    name, flags, vendor = platform.processor() or platform.machine(), frozenset[str](), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 name = value.strip()
+            elif key.strip() == "vendor_id":
+                vendor = value.strip()
             elif key.strip() == "flags":
                 flags = frozenset(value.split())
                 break
     except OSError:
         pass
-    return CpuInfo(name, flags, torch.backends.cpu.get_cpu_capability())
+    return CpuInfo(name, flags, torch.backends.cpu.get_cpu_capability(), vendor)
 
 
 _onednn_lock = threading.Lock()

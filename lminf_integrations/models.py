@@ -81,16 +81,17 @@ def resolve_model(model_id: str | os.PathLike[str] | None) -> ModelSource:
 
 
 def fast_bf16_available() -> bool:
-    """Whether the CPU has bf16 matrix instructions (AMX or AVX-512 BF16) that PyTorch will use."""
-    return cpu_info().bf16_units
+    """Whether bf16 runs faster than float32 on this CPU, as PyTorch will use it (:attr:`.cpu.CpuInfo.bf16_faster`)."""
+    return cpu_info().bf16_faster
 
 
 def default_dtype(device: str = "cpu") -> torch.dtype:
     """What ``dtype="auto"`` means: on a CPU, the fastest dtype at float32's quality.
 
-    bfloat16 where the CPU has bf16 matrix units (AMX, AVX-512 BF16), float32 elsewhere: without them, bf16 is
-    emulated and slower than float32 (measured per CPU class: README, "Speed by CPU"). On a GPU, bf16 where
-    supported, else float16. The choice is logged once per process.
+    bfloat16 where the CPU's bf16 matrix units run faster than float32 (AMX; AVX-512 BF16 except on Intel CPUs without
+    AMX), float32 elsewhere: without them, bf16 is emulated and slower than float32 (measured per CPU class:
+    README, "Start-up and speed by CPU class"). On a GPU, bf16 where supported, else float16. The choice is logged
+    once per process.
     """
     if device.startswith("cuda"):
         chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

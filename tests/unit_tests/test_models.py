@@ -100,17 +100,24 @@ def test_dtype_names() -> None:
 
 
 @pytest.mark.parametrize(
-    "flags,capability,expected",
+    "flags,capability,vendor,expected",
     [
-        ({"avx2", "avx512f", "amx_bf16", "avx512_bf16"}, "AVX512", "bfloat16"),
-        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "bfloat16"),
-        ({"avx2", "avx512f"}, "AVX512", "float32"),
-        ({"avx2", "fma"}, "AVX2", "float32"),
-        ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", "float32"),  # ATEN_CPU_CAPABILITY=avx2 on a newer CPU
+        ({"avx2", "avx512f", "amx_bf16", "avx512_bf16"}, "AVX512", "GenuineIntel", "bfloat16"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "AuthenticAMD", "bfloat16"),
+        # Intel without AMX: MKL's float32 matmul out-runs oneDNN's bf16 one (README, "Start-up and speed by CPU").
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "GenuineIntel", "float32"),
+        ({"avx2", "avx512f"}, "AVX512", "GenuineIntel", "float32"),
+        ({"avx2", "fma"}, "AVX2", "AuthenticAMD", "float32"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", "AuthenticAMD", "float32"),  # ATEN_CPU_CAPABILITY=avx2
     ],
 )
 def test_auto_dtype_follows_the_cpu_class_and_says_so(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flags: set[str], capability: str, expected: str
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    flags: set[str],
+    capability: str,
+    vendor: str,
+    expected: str,
 ) -> None:
     import logging
 
@@ -118,7 +125,7 @@ def test_auto_dtype_follows_the_cpu_class_and_says_so(
 
     from lminf_integrations.cpu import CpuInfo
 
-    monkeypatch.setattr(models, "cpu_info", lambda: CpuInfo("test CPU", frozenset(flags), capability))
+    monkeypatch.setattr(models, "cpu_info", lambda: CpuInfo("test CPU", frozenset(flags), capability, vendor))
     models._announce_dtype.cache_clear()
     with caplog.at_level(logging.INFO, logger="lminf_integrations.models"):
         assert models.parse_dtype("auto") is getattr(torch, expected)

@@ -51,22 +51,23 @@ class _Rows:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     lengths: torch.Tensor
-    _hidden: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _hidden: dict[tuple[int | None, torch.device], torch.Tensor] = field(default_factory=dict)
 
-    def hidden(self, n_queries: int, window: int | None) -> torch.Tensor:
-        """The bias added to the new tokens' logits over the rows' keys: 0 where seen, -inf at a row's padding and,
-        with a sliding ``window``, at keys at least that many positions before the new token (the new tokens
-        stand at ``length, length + 1, ...`` of their row). ``[rows, 1, 1 or n_queries, width]``, made once."""
-        if window not in self._hidden:
-            keys = self.layers[0][0]
+    def hidden(self, layer: int, n_queries: int, window: int | None) -> torch.Tensor:
+        """The bias added to the new tokens' logits over the rows' keys at ``layer``: 0 where seen, -inf at a row's
+        padding and, with a sliding ``window``, at keys at least that many positions before the new token (the
+        new tokens stand at ``length, length + 1, ...`` of their row). ``[rows, 1, 1 or n_queries, width]``, made
+        once per window and device (a model split over devices has its layers' keys on theirs)."""
+        keys = self.layers[layer][0]
+        if (window, keys.device) not in self._hidden:
             lengths = self.lengths.to(keys.device)[:, None, None]
             key = torch.arange(keys.shape[2], device=keys.device)[None, None, :]
             seen = key < lengths
             if window is not None:
                 seen = seen & (lengths + torch.arange(n_queries, device=keys.device)[None, :, None] - key < window)
             bias = torch.zeros(seen.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~seen, float("-inf"))
-            self._hidden[window] = bias[:, None]
-        return self._hidden[window]
+            self._hidden[window, keys.device] = bias[:, None]
+        return self._hidden[window, keys.device]
 
 
 # The rows while a scoring forward that reads them in place runs (``_row_logits``).
@@ -94,7 +95,8 @@ def rows_attention(
     rows = _ROWS.get()
     if rows is None:
         raise RuntimeError(f"{ROWS_ATTENTION} runs only inside a scoring forward (scoring._row_logits)")
-    keys, values = rows.layers[int(getattr(module, "layer_idx", 0))]
+    layer = int(getattr(module, "layer_idx", 0))
+    keys, values = rows.layers[layer]
     n = query.shape[2]
     if sliding_window is None or sliding_window >= n:
         own = flash(query, key, value, is_causal=True, scale=scaling)  # sees its own key: a finite first part
@@ -103,7 +105,7 @@ def rows_attention(
         seen = (offset[None, :] <= offset[:, None]) & (offset[:, None] - offset[None, :] < sliding_window)
         bias = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
         own = flash(query, key, value, attn_mask=bias[None, None], scale=scaling)
-    before = flash(query, keys, values, attn_mask=rows.hidden(n, sliding_window), scale=scaling)
+    before = flash(query, keys, values, attn_mask=rows.hidden(layer, n, sliding_window), scale=scaling)
     return combine([own, before], [], query.dtype), None
 
 

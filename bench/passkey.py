@@ -67,6 +67,7 @@ from lminf_integrations import LMInfiniteConfig, unpatch_model
 from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
 from lminf_integrations.hf_compat import cache_kwargs
+from lminf_integrations.model_thread import on_model_thread
 from lminf_integrations.models import load_model
 from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE
 
@@ -243,6 +244,7 @@ class VanillaRunner:
     def empty(self) -> VanillaState:
         return VanillaState([], DynamicCache(config=self.model.config))
 
+    @on_model_thread
     @torch.inference_mode()
     def extend(self, state: VanillaState, ids: Sequence[int]) -> VanillaState:
         unpatch_model(self.model)  # an Engine re-patches the model when it next runs
@@ -255,6 +257,7 @@ class VanillaRunner:
             state.token_ids.extend(piece)
         return state
 
+    @on_model_thread
     @torch.inference_mode()
     def answer(self, method: str, state: VanillaState, ids: list[int]) -> str:
         unpatch_model(self.model)

@@ -69,10 +69,10 @@ mean seconds per question; mean first-token seconds; total = setup + all questio
 over the start of the method (``bench.common.peak_rss``; freed memory is handed back to the OS between methods
 with ``malloc_trim``, so each method starts from about the same baseline).
 
-**Threads**: the whole grid runs in one worker thread, not the main thread. The engine always generates in
-a worker thread of its own; on this 2-core machine, with another process busy, 2-thread torch work in the
-*main* thread ran up to 10× slower than the same work in a worker thread (vanilla generation on a 1K-token
-prompt: 27 s vs 2.6 s), so running everything off the main thread keeps the methods' timings comparable.
+**Threads**: the engine runs all its model work on the package's model thread
+(``lminf_integrations.model_thread``), and so does every bit of torch work here (the RAG answers' ``generate``,
+embedding chunks and questions): each thread that runs parallel torch work keeps an OpenMP team, and two teams on
+2 cores slow each other (see that module). The questions are asked from the main thread, as a user would.
 
 Writes ``rag-vs-full.md`` (the table, also printed), ``rag-vs-full.json`` (every raw answer, retrieved chunk
 spans, fact positions) and ``rag-vs-full.png`` (accuracy by method, single vs multi) to ``bench/results/``
@@ -88,7 +88,6 @@ import gc
 import importlib.util
 import json
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,6 +111,7 @@ from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
 from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
+from lminf_integrations.model_thread import on_model_thread
 from lminf_integrations.models import load_model, model_name
 from lminf_integrations.strategies.xl3m.segments import split as segment_spans
 from lminf_integrations.strategies.xl3m.strategy import CONTEXT_SHARE, SINK_TOKENS
@@ -196,6 +196,7 @@ class _Flag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool)  # type: ignore[return-value]
 
 
+@on_model_thread
 @torch.inference_mode()
 def vanilla_answer(
     model: PreTrainedModel,
@@ -390,7 +391,8 @@ def split(text: str, folder: str, chunk_tokens: int, overlap: int) -> list[Any]:
 def vector_retriever(nodes: list[Any], folder: str, top_k: int) -> Any:
     from llama_index.core import VectorStoreIndex
 
-    return VectorStoreIndex(nodes, embed_model=embedding_model(folder)).as_retriever(similarity_top_k=top_k)
+    index = on_model_thread(VectorStoreIndex)(nodes, embed_model=embedding_model(folder))  # embeds every chunk
+    return index.as_retriever(similarity_top_k=top_k)
 
 
 def bm25_retriever(nodes: list[Any], folder: str, top_k: int) -> Any:
@@ -401,7 +403,7 @@ def bm25_retriever(nodes: list[Any], folder: str, top_k: int) -> Any:
 
 def retrieve(retriever: Any, doc: FactDocument, question: Question) -> tuple[str, list[dict[str, Any]]]:
     """The retrieved chunks in document order, joined by blank lines, and their spans."""
-    hits = retriever.retrieve(question.text)
+    hits = on_model_thread(retriever.retrieve)(question.text)  # the vector retriever embeds the question
     spans = []
     for hit in hits:
         node = hit.node
@@ -449,7 +451,12 @@ def vanilla_keep(doc: FactDocument, tokenizer: PreTrainedTokenizerBase, length: 
     return keep
 
 
+@on_model_thread
 @torch.inference_mode()
+def _prefill(model: PreTrainedModel, ids: list[int], cache: DynamicCache) -> None:
+    model.get_decoder()(input_ids=torch.tensor([ids], device=model.device), **cache_kwargs(cache), use_cache=True)
+
+
 def run_vanilla(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument, settings: GenerationSettings,
     length: int,
@@ -462,9 +469,7 @@ def run_vanilla(
     with peak_rss() as memory:
         started = time.perf_counter()
         prefix = DynamicCache(config=model.config)
-        model.get_decoder()(
-            input_ids=torch.tensor([doc_ids[:keep]], device=model.device), **cache_kwargs(prefix), use_cache=True
-        )
+        _prefill(model, doc_ids[:keep], prefix)
         run = MethodRun(label, doc.n_tokens, time.perf_counter() - started)
         for question in doc.questions:
             ids = doc_ids[:keep] + _ids(tokenizer, suffix(question))
@@ -495,7 +500,6 @@ def oracle_ids(
     return doc_ids[:SINK_TOKENS] + [token for n in needed for token in doc_ids[slice(*spans[n])]]
 
 
-@torch.inference_mode()
 def run_oracle(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, doc: FactDocument, settings: GenerationSettings,
     segment_tokens: int | None,
@@ -538,7 +542,7 @@ def run_grid(
     length = args.vanilla_length or int(model.config.max_position_embeddings)
     if "vector" in args.methods:
         started = time.perf_counter()
-        embedding_model(str(args.embedding))
+        on_model_thread(embedding_model)(str(args.embedding))
         print(f"embedding model loaded in {time.perf_counter() - started:.1f} s (not counted)", flush=True)
     documents, runs = [], []
     initial = getattr(model, "lminf_config", None)  # the model is left as it came
@@ -904,24 +908,6 @@ def _passages(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
-def _off_main_thread(work: Callable[[], Any]) -> Any:
-    """Run ``work`` in a worker thread (see "Threads" in the module docstring) and return its result."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, name="rag-vs-full", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def main(
     argv: list[str] | None = None,
     model: PreTrainedModel | None = None,
@@ -932,7 +918,7 @@ def main(
     if model is None or tokenizer is None:
         model, tokenizer = load_model(None, args.dtype)
     model_label = f"{model_name(model)}, {str(model.dtype).removeprefix('torch.')}"
-    documents, runs = _off_main_thread(lambda: run_grid(model, tokenizer, args))
+    documents, runs = run_grid(model, tokenizer, args)
     text = write_outputs(args.results, documents, runs, args, model_label)
     print(text)
     return text

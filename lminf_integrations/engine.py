@@ -19,6 +19,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from . import model_thread
 from .compiled import compiled_step_errors, generate_kwargs, inductor_settings
 from .config import (
     DCAConfig,
@@ -238,9 +239,23 @@ class Engine:
         boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length, so
         encoding is the same computation however a text is split; with ``remember`` the state at the last chunk
         boundary is kept in the engine's state store for later prompts that share it. For XL3M: every segment is
-        read and kept (``state`` cannot be continued). ``on_progress(done, total)`` is called before the first
-        chunk and after each; ``report_total`` overrides the total it reports.
+        read and kept (``state`` cannot be continued). ``on_progress(done, total)`` is called, in the calling
+        thread, before the first chunk and after each; ``report_total`` overrides the total it reports. The work
+        runs on the model thread (:mod:`.model_thread`); an interrupt (or ``on_progress`` raising) stops it.
         """
+        return model_thread.run(
+            lambda report: self._encode(token_ids, report, cancelled, state, report_total, remember), on_progress
+        )
+
+    def _encode(
+        self,
+        token_ids: Sequence[int],
+        on_progress: ProgressCallback,
+        cancelled: threading.Event | None,
+        state: DocumentState | None,
+        report_total: int | None,
+        remember: bool,
+    ) -> DocumentState:
         if self.strategy.continues_states:
             return self._prefill(token_ids, on_progress, cancelled, state, report_total, remember)
         if state is not None:
@@ -252,7 +267,7 @@ class Engine:
         self.check_memory(len(ids))
         with self._lock:
             self._prepared()
-            cache = self.strategy.read_document(self.model, self.tokenizer, ids, on_progress or (lambda d, t: None))
+            cache = self.strategy.read_document(self.model, self.tokenizer, ids, on_progress)
         return DocumentState(ids, cache)
 
     def _prefill(
@@ -392,6 +407,8 @@ class Engine:
             if cancelled.is_set():
                 return StreamResult(len(ids), 0, "cancelled")
         try:
+            if cancelled.is_set():
+                return StreamResult(len(ids), 0, "cancelled")
             plan = None
             if state is None or not self.strategy.continues_states:
                 # A prompt-level strategy (XL3M) may answer from another prompt.
@@ -479,11 +496,14 @@ class Engine:
     def save_state(self, state: DocumentState, path: str | os.PathLike[str]) -> Path:
         """Write ``state`` to ``path`` (safetensors; the header names the model, tokenizer, settings and
         checksums, so :meth:`load_state` can refuse a file that does not fit this engine). Returns the path."""
-        return write_state(path, state, self._state_identity())
+        return model_thread.run(lambda _: write_state(path, state, self._state_identity()))
 
     def load_state(self, path: str | os.PathLike[str]) -> DocumentState:
         """Read a state written by :meth:`save_state` with the same model, tokenizer and settings; refuses other
         ones, files of another format and damaged files (``ValueError``)."""
+        return model_thread.run(lambda _: self._load_state(path))
+
+    def _load_state(self, path: str | os.PathLike[str]) -> DocumentState:
         with self._lock:
             self._prepared()
             cache = self.strategy.new_document_cache(self.model)

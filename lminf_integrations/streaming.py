@@ -1,8 +1,9 @@
-"""Token streams: generation in a worker thread, text deltas to sync or async consumers, framework-free.
+"""Token streams: generation on the model thread, text deltas to sync or async consumers, framework-free.
 
-The worker only puts events on a queue; every callback runs in the consumer's thread (or coroutine), so
-framework callback managers are never called from a foreign thread. Closing the stream (``close()``, leaving a
-``with`` block, ``break`` out of iteration, ``aclose()``) stops generation at the next token and joins the thread.
+The generation (on :mod:`.model_thread`) only puts events on a queue; every callback runs in the consumer's thread
+(or coroutine), so framework callback managers are never called from a foreign thread. Closing the stream
+(``close()``, leaving a ``with`` block, ``break`` out of iteration, ``aclose()``) stops generation at the next token
+and waits for it to end.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import queue
 import sys
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from concurrent.futures import wait
 from contextlib import aclosing, closing
 from dataclasses import dataclass
 from typing import IO, Any
@@ -19,6 +21,8 @@ from typing import IO, Any
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
+
+from . import model_thread
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -122,7 +126,7 @@ class StopTrimmer:
 
 
 class TokenStream:
-    """Text deltas of one generation running in a worker thread.
+    """Text deltas of one generation running on the model thread (queued behind any generation before it).
 
     ``work(emit_delta, report_progress, cancelled)`` does the generation and returns a :class:`StreamResult`.
     Iterate for deltas (sync or ``async for``); ``on_progress`` is called from the consumer side.
@@ -143,8 +147,7 @@ class TokenStream:
         self._finished = False
         # Set by an async consumer: the worker wakes it through its event loop, no thread parked per token.
         self._wakeup: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
-        self._thread = threading.Thread(target=self._run, args=(work,), name="lminf-generate", daemon=True)
-        self._thread.start()
+        self._job = model_thread.submit(lambda: self._run(work))
 
     def _run(self, work: Callable[..., StreamResult]) -> None:
         try:
@@ -194,13 +197,13 @@ class TokenStream:
             return payload
         if kind == "error":
             self._finished = True
-            self._thread.join()
+            wait([self._job])
             raise payload
         self.result = payload
         if self._trimmer.stopped:
             self.result.stop_reason = "stop"
         self._finished = True
-        self._thread.join()
+        wait([self._job])
         return _END
 
     def __iter__(self) -> Iterator[str]:
@@ -257,7 +260,7 @@ class TokenStream:
             if self.result is not None:
                 self.result.text = self.text  # what the consumer got: special tokens and stop text excluded
         finally:
-            # Joining the worker can take one token step; do it off the event loop.
+            # Waiting for the generation to stop can take one token step; do it off the event loop.
             await asyncio.to_thread(self.close)
 
     def _record(self, item: str | Progress) -> str | Progress:
@@ -271,10 +274,12 @@ class TokenStream:
         return "".join(self._text)
 
     def close(self) -> None:
-        """Stop generation (if still running) and wait for the worker thread to end; ``result`` is then set even
-        when the consumer left before the end (counts, stop reason and the strategy's details are kept)."""
+        """Stop generation (if still running) and wait for it to end; ``result`` is then set even when the consumer
+        left before the end (counts, stop reason and the strategy's details are kept)."""
         self.cancelled.set()
-        self._thread.join()
+        if self._job.cancel():  # still queued behind another generation: it never starts
+            self._events.put(("end", StreamResult(stop_reason="cancelled")))
+        wait([self._job])
         self._finished = True
         while self.result is None:
             try:
@@ -286,7 +291,7 @@ class TokenStream:
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return not self._job.done()
 
     def __enter__(self) -> TokenStream:
         return self

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
+from lminf_integrations.config import XL3MConfig
 from lminf_integrations.engine import Engine, GenerationSettings, pad_token_id
 
 Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -82,3 +85,36 @@ def test_a_stream_left_early_still_reports_its_result(tiny_llama_with_real_token
             break
     assert stream.result is not None and stream.result.input_tokens == engine.count_tokens("one two three four")
     assert stream.result.stop_reason == "cancelled" and stream.result.output_tokens < 200
+
+
+@pytest.mark.parametrize("strategy", ["lm-infinite", "xl3m", "vanilla"])
+def test_all_model_work_of_every_engine_runs_on_one_thread(
+    tiny_llama_with_real_tokenizer: Pair, strategy: str, tmp_path: Path
+) -> None:
+    """libgomp keeps an OpenMP team for every thread that has run parallel torch work, and once the teams hold more
+    threads than there are cores it stops spinning between parallel regions: every team then sleeps and is woken
+    for each one. Questions streamed after an in-process ``encode`` (the encode's team in the caller's thread, the
+    stream's in another) ran markedly slower than after ``load_state`` (README, "One thread for the model").
+    Encoding, saved states and every stream of every engine must share one thread, and not the caller's."""
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    seen: set[int] = set()
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda *_: seen.add(threading.get_ident()))
+    try:
+        settings = {"config": LMInfiniteConfig(n_local=16), "xl3m": XL3MConfig(segment_tokens=32, question_tokens=6)}
+        engines = [
+            Engine(model=model, tokenizer=tokenizer, strategy=strategy, reuse_prefixes=False, **settings)  # type: ignore[arg-type]
+            for _ in range(2)
+        ]
+        text = " ".join(f"Fact {i}: the box number {i} is blue." for i in range(30))
+        for engine in engines:
+            state = engine.encode_document(text)
+            engine.save_state(state, tmp_path / f"{strategy}.safetensors")
+            loaded = engine.load_state(tmp_path / f"{strategy}.safetensors")
+            loaded.text = text
+            for question in (" Which box is blue?", " Which box is red?"):
+                answer = "".join(engine.stream(text + question, GenerationSettings(max_new_tokens=3), state=loaded))
+                assert isinstance(answer, str)
+            engine.generate("one two three", GenerationSettings(max_new_tokens=2))
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and threading.get_ident() not in seen

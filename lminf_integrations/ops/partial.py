@@ -21,6 +21,12 @@ PLAIN_ON_CPU = False
 _BLOCK_ELEMENTS = 1 << 26
 
 
+def additive_mask(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``attn_mask`` for :func:`flash` that shows a query only the keys where ``seen`` is true: 0 there, -inf
+    elsewhere (added to the logits)."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+
+
 def flash(
     query: torch.Tensor,
     keys: torch.Tensor,

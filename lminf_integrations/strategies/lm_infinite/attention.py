@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ...config import LMInfiniteConfig
 from ...ops import decode_kernel, flex
-from ...ops.partial import Part, combine, flash
+from ...ops.partial import Part, additive_mask, combine, flash
 from ...ops.rope import rotate, rotation, shift_positions
 
 ATTENTION_NAME = "lminf"
@@ -375,8 +375,7 @@ def _band_mask(
     visible = band & (key_index >= 0) & (key_index <= last_index)  # (nb, block, span)
     if bool((visible == band).all()):
         visible = band[None]  # no block touches padding: one mask for all
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, _NEG_INF)
-    return mask[:, None]
+    return additive_mask(visible, dtype)[:, None]
 
 
 @functools.lru_cache(maxsize=2)

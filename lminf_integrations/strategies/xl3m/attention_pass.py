@@ -46,6 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...hf_compat import cache_kwargs
 from ...models import input_device
+from ...ops.partial import additive_mask
 from ..vanilla import FullCache
 from .scoring import SegmentBlock, attention_implementation, rows_by_block
 
@@ -125,7 +126,7 @@ def _padding_bias(
     an add ran faster than a masked fill here)."""
     position = torch.arange(width, device=device)[None, :]
     seen = (position >= prefix) & (position < lengths.to(device)[:, None])
-    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+    return additive_mask(seen, dtype)
 
 
 def _row_best_logits(queries: torch.Tensor, scale: float, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ...cpu import decodes_faster_without_onednn, onednn_off
 from ...hf_compat import cache_kwargs
 from ...models import input_device
-from ...ops.partial import combine, flash
+from ...ops.partial import additive_mask, combine, flash
 from ..vanilla import FullCache
 
 # Tokens per forward when reading segments (rows × segment length): big enough for efficient matrix products,
@@ -65,8 +65,7 @@ class _Rows:
             seen = key < lengths
             if window is not None:
                 seen = seen & (lengths + torch.arange(n_queries, device=keys.device)[None, :, None] - key < window)
-            bias = torch.zeros(seen.shape, dtype=keys.dtype, device=keys.device).masked_fill_(~seen, float("-inf"))
-            self._hidden[window, keys.device] = bias[:, None]
+            self._hidden[window, keys.device] = additive_mask(seen, keys.dtype)[:, None]
         return self._hidden[window, keys.device]
 
 
@@ -103,8 +102,7 @@ def rows_attention(
     else:
         offset = torch.arange(n, device=query.device)
         seen = (offset[None, :] <= offset[:, None]) & (offset[:, None] - offset[None, :] < sliding_window)
-        bias = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
-        own = flash(query, key, value, attn_mask=bias[None, None], scale=scaling)
+        own = flash(query, key, value, attn_mask=additive_mask(seen, query.dtype)[None, None], scale=scaling)
     before = flash(query, keys, values, attn_mask=rows.hidden(layer, n, sliding_window), scale=scaling)
     return combine([own, before], [], query.dtype), None
 

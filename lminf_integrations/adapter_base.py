@@ -145,7 +145,7 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
         return for_call(self.lminf_settings.generation, overrides, type(self).__name__, strict)
 
     def start(self, engine: Engine, prompt: str, settings: GenerationSettings) -> TokenStream:
-        """Start generating; tokens are produced in a worker thread until the stream is read or closed."""
+        """Start generating; tokens are produced on the model thread until the stream is read or closed."""
         return engine.stream(prompt, settings, on_progress=self.on_progress)
 
     def deltas(self, stream: TokenStream, sink: Callable[[Progress], None] | None = None) -> Generator[str, None, None]:

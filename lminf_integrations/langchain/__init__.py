@@ -7,7 +7,7 @@ translates: settings, loading, per-call options, progress and usage come from
 
 * text deltas become ``GenerationChunk``/``ChatGenerationChunk`` objects;
 * encoding progress becomes ``lminf_progress`` custom events on the run (:mod:`.callbacks`);
-* the async methods iterate the stream with ``async for``: tokens are produced in a worker thread and awaited
+* the async methods iterate the stream with ``async for``: tokens are produced on the model thread and awaited
   without blocking the event loop.
 """
 

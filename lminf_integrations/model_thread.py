@@ -11,6 +11,9 @@ Your own torch work in the same process (an embedding model beside a whole-docum
 own in whichever thread runs it; :func:`run` (or the :func:`on_model_thread` decorator) puts it on this thread
 too.
 
+Each job runs with the torch thread count (``torch.set_num_threads``) of the thread that queued it: that setting
+belongs to each thread, and a running thread never sees a later change made in another.
+
 ``concurrent.futures.ThreadPoolExecutor(max_workers=1)`` would be the library answer, but the interpreter joins its
 threads at exit: Ctrl-C during a long encode would then wait for the encode to finish. This thread is a daemon.
 """
@@ -23,6 +26,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
+
+import torch
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -55,6 +60,8 @@ def submit(job: Callable[[], T]) -> Future[T]:
     if is_model_thread():
         _settle(future, job)
         return future
+    # torch.set_num_threads sets the calling thread's OpenMP setting (and new threads'), never a running one's.
+    job = _with_threads(job, torch.get_num_threads())
     global _thread, _unfinished
     with _guard:
         # A fork leaves the child without the thread: start another.
@@ -101,6 +108,15 @@ def on_model_thread(function: Callable[P, T]) -> Callable[P, T]:
         return run(lambda _: function(*args, **kwargs))
 
     return on_it
+
+
+def _with_threads(job: Callable[[], T], threads: int) -> Callable[[], T]:
+    def with_threads() -> T:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return job()
+
+    return with_threads
 
 
 def _ignore(done: int, total: int) -> None:

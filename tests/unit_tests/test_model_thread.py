@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import model_thread
@@ -122,3 +123,18 @@ def test_a_decorated_function_runs_on_the_model_thread_with_its_arguments() -> N
     assert total == 5 and ident == model_thread.run(lambda _: threading.get_ident()) != threading.get_ident()
     with pytest.raises(ValueError, match="negative"):
         where(-1)
+
+
+def test_the_model_thread_follows_torch_set_num_threads() -> None:
+    """``torch.set_num_threads`` sets the calling thread's OpenMP setting (and new threads'), not a running thread's:
+    without passing it on, a thread count set after the first generation would never reach the model's work."""
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else 2
+    model_thread.run(lambda _: None)  # the thread exists, its setting made
+    try:
+        torch.set_num_threads(other)
+        assert model_thread.run(lambda _: torch.get_num_threads()) == other
+        assert model_thread.submit(torch.get_num_threads).result() == other
+    finally:
+        torch.set_num_threads(before)
+    assert model_thread.run(lambda _: torch.get_num_threads()) == before

@@ -31,7 +31,7 @@ import torch
 
 T = TypeVar("T")
 P = ParamSpec("P")
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]  # (done, total); streaming and the engine use this one
 
 _jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
 _guard = threading.Lock()

@@ -23,8 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from . import model_thread
-
-ProgressCallback = Callable[[int, int], None]
+from .model_thread import ProgressCallback
 
 
 @dataclass

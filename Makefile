@@ -9,7 +9,7 @@ QUESTION ?= What does the with statement do, and which methods does a context ma
 # XL3M: the strategy that answered most questions on the default model (README, "Choosing a strategy").
 STRATEGY ?= xl3m
 
-.PHONY: demo test test-avx2 lint bench gpu-check clean
+.PHONY: demo test test-avx2 lint bench gpu-check gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,18 @@ bench: $(VENV)/.installed
 # build of torch in $(VENV) (README, "GPUs"); `python -m bench gpu --device cpu --quick` runs its steps on a CPU.
 gpu-check: $(VENV)/.installed
 	$(PY) -m bench gpu $(ARGS)
+
+# For a CUDA machine with its own torch and no network: into .whl/, what the check needs beyond such a machine's
+# packages (transformers at our version, a pure-Python wheel: it needs huggingface-hub >= 1.31, tokenizers 0.23 and
+# safetensors 0.8 there, as the H200 image of the issue has) and the
+# default model's tokenizer (its package, ~90 MB, is too large to carry). There (README, "GPUs and split models"):
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+#   PYTHONPATH=/tmp/site python3 -m bench gpu --tokenizer .whl/tokenizer
+gpu-bundle: $(VENV)/.installed
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps -d .whl \
+		transformers==$$($(PY) -c 'import importlib.metadata as m; print(m.version("transformers"))')
+	$(PY) -c "from lminf_integrations.models import load_tokenizer; load_tokenizer().save_pretrained('.whl/tokenizer')"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lminf_integrations tests bench examples

@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bench.common import RESULTS, machine_line, write_result
 from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
 from lminf_integrations.hf_compat import cache_kwargs
-from lminf_integrations.models import load_model
+from lminf_integrations.models import load_model, load_tokenizer
 from lminf_integrations.ops import flex
 from tests.tolerances import network_bound
 from tests.unit_tests import dca_reference, reference
@@ -111,7 +111,7 @@ def _with_attention(model: PreTrainedModel, name: str, ids: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def exactness(device: torch.device, dtypes: list[torch.dtype]) -> list[Check]:
+def exactness(device: torch.device, dtypes: list[torch.dtype], tokenizer: Any) -> list[Check]:
     checks = []
     for dtype in dtypes:
         for arch in ARCHITECTURES:
@@ -143,15 +143,14 @@ def exactness(device: torch.device, dtypes: list[torch.dtype]) -> list[Check]:
             reference.TOP_K_FROM_POSITION[0] = None
             checks.append(Check(f"{arch}: lm-infinite full + top-k", _dtype_name(dtype), max(errors), min(bounds)))
             unpatch_model(model)
-    checks.append(_xl3m_check(device))
+    checks.append(_xl3m_check(device, tokenizer))
     return checks
 
 
-def _xl3m_check(device: torch.device) -> Check:
+def _xl3m_check(device: torch.device, tokenizer: Any) -> Check:
     """XL3M's answer and choice on the device equal the CPU's (float32, a tiny model trained to 256 tokens)."""
     from tests.tiny_models import tiny_llama
 
-    tokenizer = _tokenizer()
     text = "\n\n".join(f"Room {i} is on floor {i % 7}. Its code is {1000 + i}." for i in range(60))
     prompt = text + "\n\nQuestion: what is the code of room 17?\nAnswer:"
     answers = []
@@ -166,10 +165,12 @@ def _xl3m_check(device: torch.device) -> Check:
     return Check("xl3m: answer and chosen segments as on the CPU", "fp32", float(answers[0] != answers[1]), 0.0)
 
 
-def _tokenizer() -> Any:
-    from lminf_integrations.models import load_tokenizer
-
-    return load_tokenizer(None)
+def _tokenizer(name: str | None) -> Any:
+    """A tokenizer folder as ``save_pretrained`` writes it (no model config: ``load_tokenizer`` wants a model
+    folder), else what ``load_tokenizer`` resolves ``name`` to."""
+    if name is not None and Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(name)
+    return load_tokenizer(name)
 
 
 def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -289,12 +290,12 @@ def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, re
 
 # ---- 3. split over devices ------------------------------------------------------------------------------------
 @torch.no_grad()
-def split(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, report: Report) -> None:
+def split(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, report: Report, tokenizer: Any) -> None:
     model = random_model(SHAPES[args.shape], torch.device("cpu"), dtype, layers=args.split_layers)
     ids = torch.randint(0, model.config.vocab_size, (1, args.split_tokens))
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        _tokenizer().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         del model
         whole, _ = load_model(folder, _dtype_name(dtype), device=str(device))
         if device.type == "cuda":
@@ -374,6 +375,11 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--budget", type=float, default=None, help="seconds for the speed part (default: 210)")
     parser.add_argument("--split-layers", type=int, default=4)
     parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")
+    parser.add_argument(
+        "--tokenizer", default=None,
+        help="tokenizer folder or model id for the XL3M and split checks (default: the embedded default model's; "
+        "a machine without it gets a folder from `make gpu-bundle`)",
+    )  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else []
@@ -392,11 +398,12 @@ def main(argv: list[str] | None = None) -> Report:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = Report(name)
-    report.checks = exactness(device, [torch.float32] if device.type == "cpu" else [torch.float32, dtype])
+    tokenizer = _tokenizer(args.tokenizer)
+    report.checks = exactness(device, [torch.float32] if device.type == "cpu" else [torch.float32, dtype], tokenizer)
     failed = [c.what for c in report.checks if not c.ok]
     print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}", flush=True)
     speed(args, device, dtype, report)
-    split(args, device, dtype, report)
+    split(args, device, dtype, report, tokenizer)
     text = markdown(report, args)
     print(text)
     write_result("gpu.md", text, args.results)

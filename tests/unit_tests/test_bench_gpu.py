@@ -33,3 +33,24 @@ def test_without_cuda_the_check_says_how_to_run_it_on_a_cpu(capsys: pytest.Captu
     with pytest.raises(SystemExit):
         gpu.main([])
     assert "--device cpu --quick" in capsys.readouterr().err
+
+
+def test_with_a_tokenizer_folder_the_check_needs_no_default_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU machine without network gets the tokenizer as a folder (``make gpu-bundle``): the default model's
+    package is too large to carry, and the check must then run without it."""
+    from lminf_integrations import models
+
+    folder = tmp_path / "tokenizer"
+    models.load_tokenizer(None).save_pretrained(folder)
+
+    def not_installed() -> Path:
+        raise FileNotFoundError("the default model is not installed")
+
+    monkeypatch.setattr(models, "default_model_path", not_installed)
+    with pytest.raises(FileNotFoundError):
+        models.load_tokenizer(None)  # the stand-in works: the default model is out of reach
+    report = gpu.main(["--device", "cpu", "--quick", "--tokenizer", str(folder), "--results", str(tmp_path)])
+    assert report.checks and all(c.ok for c in report.checks)
+    assert report.split and all(c.ok for c in report.split)

@@ -19,7 +19,12 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+import torch.nn.attention.flex_attention as flex_module
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# torch 2.9+ asks for the log-sum-exp with an AuxRequest and deprecates `return_lse` for removal; older torch has only
+# `return_lse`.
+_AUX_REQUEST: Any = getattr(flex_module, "AuxRequest", None)
 
 # A partial attention (:mod:`.partial` merges them): its output (B, H, Lq, D), in any memory layout, and its
 # log-sum-exp (B, H, Lq).
@@ -87,5 +92,10 @@ def _attend(
 ) -> Part:
     attend = cast("Callable[..., Any]", flex_attention) if query.device.type == "cpu" else _compiled()
     grouped = query.shape[1] != keys.shape[1]
-    out, lse = attend(query, keys, values, block_mask=mask, scale=scale, enable_gqa=grouped, return_lse=True)
+    if _AUX_REQUEST is None:
+        out, lse = attend(query, keys, values, block_mask=mask, scale=scale, enable_gqa=grouped, return_lse=True)
+    else:
+        out, aux = attend(query, keys, values, block_mask=mask, scale=scale, enable_gqa=grouped,
+                          return_aux=_AUX_REQUEST(lse=True))  # fmt: skip
+        lse = aux.lse
     return out, lse.float()

@@ -123,3 +123,16 @@ STACKS = {
 @pytest.mark.parametrize("stack", sorted(STACKS))
 def test_every_attention_through_the_cuda_path_equals_its_reference(stack: str, arch: str) -> None:
     STACKS[stack](arch)
+
+
+def test_the_log_sum_exp_is_asked_for_as_the_installed_torch_wants() -> None:
+    """``return_lse`` is deprecated (for removal) where torch has ``AuxRequest``: a torch that drops it must not break
+    the CUDA path, so no deprecation warning may come from asking for the log-sum-exp."""
+    import warnings
+
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out, lse = flex.band(q, k, v, 4, 0, 0.25)
+    assert lse.shape == (1, 2, 8)

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations import LMInfiniteConfig
 from lminf_integrations.engine import Engine, GenerationSettings
+from lminf_integrations.hf_compat import cache_kwargs
 from tests.tolerances import assert_close, network_bound
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def test_real_model_with_top_k_equals_the_naive_reference(
     with torch.inference_mode():
         state = engine.encode(ids[:-1])
         state.cache.set_prompt_length(len(ids))
-        got = model(torch.tensor([ids[-1:]]), past_key_values=state.cache).logits[0, -1]
+        got = model(torch.tensor([ids[-1:]]), **cache_kwargs(state.cache)).logits[0, -1]
         reference.TOP_K_FROM_POSITION[0] = len(ids) - 1
         model.set_attn_implementation(reference.REFERENCE_NAME)
         expected = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
@@ -72,7 +73,7 @@ def test_real_model_with_top_k_equals_the_naive_reference(
     no_top_k = Engine(model=model, tokenizer=tokenizer, config=replace(config, top_k=0), reuse_prefixes=False)
     with torch.inference_mode():
         state = no_top_k.encode(ids[:-1])
-        without = model(torch.tensor([ids[-1:]]), past_key_values=state.cache).logits[0, -1]
+        without = model(torch.tensor([ids[-1:]]), **cache_kwargs(state.cache)).logits[0, -1]
     assert (without - expected).abs().max() > 10 * bound
 
 

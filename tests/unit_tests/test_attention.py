@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model, unpatch_model
+from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.ops import decode_kernel
 from lminf_integrations.strategies.lm_infinite import attention
 from tests.tolerances import assert_close, network_bound
@@ -95,9 +96,9 @@ def _chunked_logits(model: PreTrainedModel, ids: torch.Tensor, chunk: int, promp
     pieces = []
     bounds = list(range(0, prompt_length - 1, chunk)) + [prompt_length - 1]
     for start, end in zip(bounds, bounds[1:] + [prompt_length], strict=True):
-        pieces.append(model(ids[:, start:end], past_key_values=cache).logits)
+        pieces.append(model(ids[:, start:end], **cache_kwargs(cache)).logits)
     for position in range(prompt_length, ids.shape[1]):
-        pieces.append(model(ids[:, position : position + 1], past_key_values=cache).logits)
+        pieces.append(model(ids[:, position : position + 1], **cache_kwargs(cache)).logits)
     return torch.cat(pieces, dim=1)
 
 
@@ -188,7 +189,7 @@ def test_chunks_starting_anywhere_near_the_window_edge_equal_reference(cache: st
     for split in range(4, 16):
         cache_ = new_cache(model)
         bounds = [0, split, split + 9, 30]
-        pieces = [model(ids[:, a:b], past_key_values=cache_).logits for a, b in zip(bounds, bounds[1:], strict=False)]
+        pieces = [model(ids[:, a:b], **cache_kwargs(cache_)).logits for a, b in zip(bounds, bounds[1:], strict=False)]
         got = torch.cat(pieces, dim=1)
         _close(got, expected, what=f"{split}")
 
@@ -219,12 +220,12 @@ def test_decoding_with_cache_equals_recomputation(cache: str, kernel: str, monke
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode=cache, chunk_size=4))  # type: ignore[arg-type]
     ids = _ids(20, seed=3)
     kv = new_cache(model)
-    model(ids[:, :-1], past_key_values=kv)
-    step = model(ids[:, -1:], past_key_values=kv).logits[:, -1]
+    model(ids[:, :-1], **cache_kwargs(kv))
+    step = model(ids[:, -1:], **cache_kwargs(kv)).logits[:, -1]
     for _ in range(15):
         token = step.argmax(-1, keepdim=True)
         ids = torch.cat([ids, token], dim=1)
-        step = model(token, past_key_values=kv).logits[:, -1]
+        step = model(token, **cache_kwargs(kv)).logits[:, -1]
         recomputed = model(ids).logits[:, -1]  # no cache at all: the whole sequence again
         _close(step, recomputed)
     # 16 single-token steps (the last prompt token, then 15), 3 layers each
@@ -237,11 +238,11 @@ def test_window_cache_size_is_constant_over_long_decode() -> None:
     model = _tiny("llama")
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode="window"))
     kv = new_cache(model)
-    model(_ids(8), past_key_values=kv)
+    model(_ids(8), **cache_kwargs(kv))
     sizes = set()
     token = torch.tensor([[5]])
     for _ in range(100):
-        model(token, past_key_values=kv)
+        model(token, **cache_kwargs(kv))
         sizes.add(kv.nbytes())
     assert len(sizes) == 1
     assert kv.get_seq_length() == 108
@@ -252,9 +253,9 @@ def test_full_cache_grows_and_reports_size() -> None:
     model = _tiny("llama")
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode="full"))
     kv = new_cache(model)
-    model(_ids(300), past_key_values=kv)
+    model(_ids(300), **cache_kwargs(kv))
     small = kv.nbytes()
-    model(_ids(2700), past_key_values=kv)
+    model(_ids(2700), **cache_kwargs(kv))
     assert kv.nbytes() > small
     assert kv.get_seq_length() == 3000
     # Growth leaves at most a quarter (or 1024 slots) unused: bytes per slot × slots held.
@@ -263,7 +264,7 @@ def test_full_cache_grows_and_reports_size() -> None:
     # A clone keeps room for a question and an answer, and shares nothing with the original.
     twin = kv.clone()
     assert twin.get_seq_length() == 3000 and twin.nbytes() <= per_slot * (3000 + 1024) + 1
-    model(_ids(5), past_key_values=twin)
+    model(_ids(5), **cache_kwargs(twin))
     assert twin.get_seq_length() == 3005 and kv.get_seq_length() == 3000
 
 
@@ -290,13 +291,13 @@ def test_generate_works_with_both_caches_and_streamers() -> None:
     with_default_cache = model.generate(ids, max_new_tokens=12, do_sample=False)
     streamer = Collect()
     with_lambda_cache = model.generate(
-        ids, max_new_tokens=12, do_sample=False, past_key_values=new_cache(model), streamer=streamer
+        ids, max_new_tokens=12, do_sample=False, **cache_kwargs(new_cache(model)), streamer=streamer
     )
     assert torch.equal(with_default_cache, with_lambda_cache)
     assert streamer.ended and streamer.puts[0] == ids[0].tolist()
     assert sum(streamer.puts[1:], []) == with_lambda_cache[0, 30:].tolist()  # each new token, streamed in order
     sampled = model.generate(
-        ids, max_new_tokens=5, do_sample=True, top_p=0.9, past_key_values=new_cache(model), pad_token_id=0
+        ids, max_new_tokens=5, do_sample=True, top_p=0.9, **cache_kwargs(new_cache(model)), pad_token_id=0
     )
     assert sampled.shape == (1, 35)
 
@@ -361,7 +362,7 @@ def test_engine_prefill_keeps_top_k_for_generation_time_queries(arch: str) -> No
     ids = _ids(prompt_length, seed=3)
     state = engine.encode(ids[0, :-1].tolist())
     state.cache.set_prompt_length(prompt_length)  # as Engine._generate does before generation
-    got = model(ids[:, -1:], past_key_values=state.cache).logits[:, -1]
+    got = model(ids[:, -1:], **cache_kwargs(state.cache)).logits[:, -1]
     expected = _reference_logits(model, ids, top_k_from=prompt_length - 1)[:, -1]
     _close(got, expected)
     without_top_k = _reference_logits(model, ids, top_k_from=prompt_length)[:, -1]  # no query reaches it
@@ -407,7 +408,7 @@ def test_an_architecture_changing_the_keys_after_the_cache_update_is_refused(
     model = _tiny("llama")
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode=cache))  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="did not get"):
-        model(_ids(12), past_key_values=new_cache(model))
+        model(_ids(12), **cache_kwargs(new_cache(model)))
 
 
 @torch.no_grad()
@@ -426,5 +427,5 @@ def test_a_hand_off_left_by_a_failed_forward_does_not_reach_the_next_one() -> No
     mask = torch.ones_like(padded)
     mask[1, :3] = 0
     with pytest.raises(ValueError, match="padded"):  # refused in the attention call, after the update
-        model(padded, attention_mask=mask, past_key_values=new_cache(model))
+        model(padded, attention_mask=mask, **cache_kwargs(new_cache(model)))
     _close(model(ids).logits, expected)

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.compiled import generate_kwargs, inductor_settings
 from lminf_integrations.engine import Engine, GenerationSettings
+from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.strategies.lm_infinite import attention
 from tests.tolerances import assert_close, network_bound
 
@@ -68,10 +69,10 @@ def test_compiled_steps_give_the_eager_logits(
     def scores(compiled: bool) -> torch.Tensor:
         cache = new_cache(model)
         cache.allow_compiled_steps(compiled)
-        model.model(ids[:, :-1], past_key_values=cache)
+        model.model(ids[:, :-1], **cache_kwargs(cache))
         with inductor_settings(compiled):
             out = model.generate(
-                ids, past_key_values=cache, max_new_tokens=12, do_sample=False, output_scores=True,
+                ids, **cache_kwargs(cache), max_new_tokens=12, do_sample=False, output_scores=True,
                 return_dict_in_generate=True, **generate_kwargs(compiled),
             )
         return torch.stack(out.scores)
@@ -112,19 +113,19 @@ def test_steady_cache_is_compileable_only_while_shapes_are_fixed_and_allowed(
     patch_model(model, CONFIG)
     cache = new_cache(model)
     ids = torch.tensor([_prompt(40)])
-    model.model(ids[:, :1], past_key_values=cache)
+    model.model(ids[:, :1], **cache_kwargs(cache))
     cache.allow_compiled_steps()
     assert not cache.is_compileable  # a global token still to come
-    model.model(ids[:, 1:2], past_key_values=cache)
+    model.model(ids[:, 1:2], **cache_kwargs(cache))
     assert cache.is_compileable and cache.get_seq_length() == 2  # masked fixed-shape steps from here on
-    model.model(ids[:, 2:16], past_key_values=cache)
+    model.model(ids[:, 2:16], **cache_kwargs(cache))
     cache.allow_compiled_steps(False)  # not unless allowed (on a GPU, transformers would compile unasked)
     assert not cache.is_compileable and cache.get_seq_length() == 16
-    model.model(ids[:, 16:17], past_key_values=cache)
+    model.model(ids[:, 16:17], **cache_kwargs(cache))
     assert not cache.is_compileable  # eager steps are steady too from here, but not compileable unless allowed
     cache.allow_compiled_steps()
-    model.model(ids[:, 17:18], past_key_values=cache)
-    model.model(ids[:, 18:25], past_key_values=cache)  # a chunk after steady steps: the general path again
+    model.model(ids[:, 17:18], **cache_kwargs(cache))
+    model.model(ids[:, 18:25], **cache_kwargs(cache))  # a chunk after steady steps: the general path again
     assert cache.get_seq_length() == 25 and cache.is_compileable
     assert cache.clone().is_compileable and cache.clone().get_seq_length() == 25
 

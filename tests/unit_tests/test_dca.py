@@ -101,7 +101,7 @@ def test_long_input_equals_the_dense_reference(arch: str, chunk_size: int | None
 
 @torch.no_grad()
 def test_new_cache_gives_the_cache_of_the_attention_the_model_runs() -> None:
-    # README's recipe, patch_model(model, config) then generate(..., past_key_values=new_cache(model)), works for
+    # README's recipe, patch_model(model, config) then generate(..., cache=new_cache(model)), works for
     # either config: DCA gets its own cache (keys at their chunk offsets), Λ-attention its bounded one.
     model = _tiny("qwen2")
     ids = _ids(90, seed=4)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.config import XL3MConfig
 from lminf_integrations.engine import Engine, GenerationSettings, pad_token_id
+from lminf_integrations.hf_compat import cache_kwargs
 
 Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -42,17 +43,17 @@ def test_reset_clears_the_cache_in_place(tiny_llama_with_real_tokenizer: Pair, c
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode=cache_mode))  # type: ignore[arg-type]
     ids = torch.randint(100, 5000, (1, 30), generator=torch.Generator().manual_seed(0))
     cache = new_cache(model)
-    model(ids[:, :20], past_key_values=cache)
+    model(ids[:, :20], **cache_kwargs(cache))
     for token in range(20, 24):
-        model(ids[:, token : token + 1], past_key_values=cache)
+        model(ids[:, token : token + 1], **cache_kwargs(cache))
     layer = cache.lambda_layers[0]
     buffers, position = (layer.keys.data_ptr(), layer.values.data_ptr()), layer._position
     cache.reset()
     assert (layer.keys.data_ptr(), layer.values.data_ptr()) == buffers and layer._position is position
     assert not layer.keys.any() and not layer.values.any()
     assert cache.get_seq_length() == 0
-    again = model(ids, past_key_values=cache).logits
-    fresh = model(ids, past_key_values=new_cache(model)).logits
+    again = model(ids, **cache_kwargs(cache)).logits
+    fresh = model(ids, **cache_kwargs(new_cache(model))).logits
     assert torch.equal(again, fresh)
 
 

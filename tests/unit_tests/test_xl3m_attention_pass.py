@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
+from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.strategies.xl3m.attention_pass import (
     ATTENTION_TOKENS,
     attention_scores,
@@ -67,7 +68,7 @@ def test_recorded_queries_are_the_ones_the_model_attends_with(arch: str) -> None
     queries = question_queries(model, prefix, ids[PREFIX:], START)
     cache = DynamicCache()
     with torch.inference_mode():
-        model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), past_key_values=cache)
+        model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), **cache_kwargs(cache))
     assert sorted(queries) == list(range(model.config.num_hidden_layers))
     for layer, (query, scale) in queries.items():
         keys = cache.layers[layer].keys[0].double()  # [kv_heads, tokens, dim]

@@ -280,6 +280,7 @@ def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, re
                 torch.cuda.empty_cache()
                 break
             report.speed.append(row)
+            _write(report, args)
             print(f"{mode:12s} {n:8d} tokens: {asdict(row)}", flush=True)
             last = row
             if not lengths and n < args.max_tokens:
@@ -358,7 +359,21 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
     lines += ["", "## Split over devices", "", f"Layers per device: {report.split_layout}", ""]
     lines += [f"- {c.what} ({c.dtype}): max error {c.error:.3g}, bound {c.bound:.3g}: {'ok' if c.ok else 'FAIL'}"
               for c in report.split]  # fmt: skip
+    if not report.split:
+        lines.append("- not run")
     return "\n".join(lines) + "\n"
+
+
+def _write(report: Report, args: argparse.Namespace) -> None:
+    write_result("gpu.md", markdown(report, args), args.results)
+    payload = {
+        "checks": [asdict(c) for c in report.checks],
+        "speed": [asdict(r) for r in report.speed],
+        "skipped": report.skipped,
+        "split": [asdict(c) for c in report.split],
+        "layout": report.split_layout,
+    }
+    write_result("gpu.json", json.dumps(payload, indent=1) + "\n", args.results)
 
 
 def main(argv: list[str] | None = None) -> Report:
@@ -398,23 +413,21 @@ def main(argv: list[str] | None = None) -> Report:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = Report(name)
+    # The report is written after each step: a run stopped by a time limit (a lent GPU's) still leaves what it did.
+    started = time.perf_counter()
     tokenizer = _tokenizer(args.tokenizer)
     report.checks = exactness(device, [torch.float32] if device.type == "cpu" else [torch.float32, dtype], tokenizer)
     failed = [c.what for c in report.checks if not c.ok]
-    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}", flush=True)
+    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}"
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    _write(report, args)
     speed(args, device, dtype, report)
+    print(f"speed and memory done ({time.perf_counter() - started:.0f} s)", flush=True)
+    _write(report, args)
     split(args, device, dtype, report, tokenizer)
-    text = markdown(report, args)
-    print(text)
-    write_result("gpu.md", text, args.results)
-    payload = {
-        "checks": [asdict(c) for c in report.checks],
-        "speed": [asdict(r) for r in report.speed],
-        "skipped": report.skipped,
-        "split": [asdict(c) for c in report.split],
-        "layout": report.split_layout,
-    }
-    write_result("gpu.json", json.dumps(payload, indent=1) + "\n", args.results)
+    print(markdown(report, args))
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    _write(report, args)
     return report
 
 

@@ -54,3 +54,18 @@ def test_with_a_tokenizer_folder_the_check_needs_no_default_model(
     report = gpu.main(["--device", "cpu", "--quick", "--tokenizer", str(folder), "--results", str(tmp_path)])
     assert report.checks and all(c.ok for c in report.checks)
     assert report.split and all(c.ok for c in report.split)
+
+
+def test_a_check_stopped_after_exactness_leaves_its_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lent GPU has a time limit: what the check did before it stopped is in the report."""
+
+    def stopped(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu, "speed", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--device", "cpu", "--quick", "--results", str(tmp_path)])
+    payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
+    assert payload["checks"] and all(c["error"] <= c["bound"] for c in payload["checks"])
+    assert payload["speed"] == [] and payload["split"] == []
+    assert "| xl3m: answer and chosen segments as on the CPU |" in (tmp_path / "gpu.md").read_text(encoding="utf-8")

@@ -9,9 +9,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
+import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,3 +110,20 @@ def rate(k: int, n: int) -> str:
         return "–"
     low, high = wilson(k, n)
     return f"{k}/{n} ({100 * low:.0f}–{100 * high:.0f}%)"
+
+
+class StepClock(BaseStreamer):
+    """A streamer that notes when ``generate`` emitted: the prompt first, then each new token (after the device's
+    queued work, where it is a GPU, so each time is when the token was computed)."""
+
+    def __init__(self, device: Any = None) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        if self.device is not None and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass

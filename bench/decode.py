@@ -23,24 +23,10 @@ from typing import Any
 
 import psutil
 import torch
-from transformers.generation.streamers import BaseStreamer
 
-from bench.common import RESULTS, machine_line, token_ids, write_result
+from bench.common import RESULTS, StepClock, machine_line, token_ids, write_result
 from lminf_integrations.config import LMInfiniteConfig
 from lminf_integrations.model_thread import run
-
-
-class _Clock(BaseStreamer):
-    """Timestamps of every ``put``: the prompt first, then one per generated token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def _decode(model: Any, ids: list[int], cache: Any, steps: int, compiled: bool) -> float:
@@ -48,7 +34,7 @@ def _decode(model: Any, ids: list[int], cache: Any, steps: int, compiled: bool) 
     from lminf_integrations.compiled import generate_kwargs, inductor_settings
     from lminf_integrations.hf_compat import cache_kwargs
 
-    clock = _Clock()
+    clock = StepClock()
     cache.allow_compiled_steps(compiled)
     with torch.inference_mode(), inductor_settings(compiled):
         model.generate(

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from bench.common import RESULTS, machine_line, write_result
+from bench.common import RESULTS, StepClock, machine_line, write_result
 from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
@@ -78,6 +78,7 @@ class SpeedRow:
     prefill_tok_s: float
     decode_tok_s: float
     peak_gib: float  # device memory beyond the weights (CPU: resident memory rise)
+    compiled_decode_tok_s: float | None = None  # LM-Infinite's compile_decode=True steps through generate
 
 
 @dataclass
@@ -221,9 +222,36 @@ def _warm_up(model: Any, mode: str, ids: torch.Tensor, chunk: int) -> None:
     del cache
 
 
+def _compiled_decode(model: Any, cache: Any, steps: int, device: torch.device) -> float:
+    """Tokens/s of ``steps`` decoding steps as ``compile_decode=True`` runs them (the package's compile settings for
+    the device, through ``generate``), continuing the steady window ``cache``. A first, untimed call compiles (and on
+    CUDA records the graphs); the window cache has one shape, so later lengths reuse it."""
+    from lminf_integrations.compiled import compiled_step_errors, generate_kwargs, inductor_settings
+
+    cache.allow_compiled_steps(True)
+    rate = 0.0
+    for new_tokens in (3, steps + 1):
+        # generate reads only the prompt's tokens past the cache: their values do not matter for speed.
+        prompt = torch.randint(0, model.config.vocab_size, (1, cache.get_seq_length() + 1), device=device)
+        clock = StepClock(device)
+        with inductor_settings(True, device), compiled_step_errors(True, "the speed model"):
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_kwargs(cache),
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                           pad_token_id=0, **generate_kwargs(True, device))  # fmt: skip
+        rate = (new_tokens - 1) / (clock.times[-1] - clock.times[1])  # times[1]: the first new token
+    return rate
+
+
 @torch.inference_mode()
 def measure(
-    model: Any, mode: str, n_tokens: int, chunk: int, decode_steps: int, device: torch.device, n_local: int = 4096
+    model: Any,
+    mode: str,
+    n_tokens: int,
+    chunk: int,
+    decode_steps: int,
+    device: torch.device,
+    n_local: int = 4096,
+    compiled: bool = False,
 ) -> SpeedRow:
     decoder = model.get_decoder()
     ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), device=device)
@@ -255,9 +283,10 @@ def measure(
         token = model(input_ids=token, **cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
     _sync(device)
     decode_s = time.perf_counter() - started
-    peak = _memory_now(device) - base
+    peak = _memory_now(device) - base  # before any compiled steps: CUDA graphs keep a memory pool of their own
+    compiled_rate = _compiled_decode(model, cache, decode_steps, device) if compiled and mode != "vanilla" else None
     del cache
-    return SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak)
+    return SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak, compiled_rate)
 
 
 def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, report: Report) -> None:
@@ -274,7 +303,8 @@ def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, re
                     report.skipped.append(f"{mode} at {n} tokens (predicted {predicted:.0f} s past the budget)")
                     break
             try:
-                row = measure(model, mode, n, args.chunk, args.decode_steps, device, args.n_local)
+                row = measure(model, mode, n, args.chunk, args.decode_steps, device, args.n_local,
+                              args.compiled_decode)  # fmt: skip
             except torch.OutOfMemoryError:
                 report.skipped.append(f"{mode} at {n} tokens (out of device memory)")
                 torch.cuda.empty_cache()
@@ -347,12 +377,17 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
            "PyTorch's CPU flash kernel")
         + ". Each row follows an untimed warm-up of the same kind (kernel compiles happen there).",
         "",
-        "| mode | tokens | prefill s | prefill tok/s | decode tok/s | peak memory beyond weights GiB |",
-        "|---|---|---|---|---|---|",
+        "Decode tok/s: eager forward calls, one token each; compiled: LM-Infinite's `compile_decode=True` steps "
+        "through `generate` (the package's compile settings for the device: CUDA graphs on a GPU), after an untimed "
+        "compile.",
+        "",
+        "| mode | tokens | prefill s | prefill tok/s | decode tok/s | compiled decode tok/s | peak memory beyond "
+        "weights GiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r.mode} | {r.tokens} | {r.prefill_s:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | "
-        f"{r.peak_gib:.2f} |"
+        f"{'–' if r.compiled_decode_tok_s is None else f'{r.compiled_decode_tok_s:.1f}'} | {r.peak_gib:.2f} |"
         for r in report.speed
     ]
     lines += [f"- not run: {s}" for s in report.skipped]
@@ -388,6 +423,10 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--decode-steps", type=int, default=None, help="default: 32")
     parser.add_argument("--n-local", type=int, default=None, help="LM-Infinite window (default: 4096)")
     parser.add_argument("--budget", type=float, default=None, help="seconds for the speed part (default: 210)")
+    parser.add_argument(
+        "--compiled-decode", action=argparse.BooleanOptionalAction, default=None,
+        help="also time LM-Infinite's compiled decoding (compile_decode=True; compiles once) (default: on a GPU)",
+    )  # fmt: skip
     parser.add_argument("--split-layers", type=int, default=4)
     parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")
     parser.add_argument(
@@ -407,6 +446,8 @@ def main(argv: list[str] | None = None) -> Report:
     args.n_local = args.n_local or (128 if quick else 4096)
     args.budget = args.budget or (60.0 if quick else 210.0)
     args.split_tokens = args.split_tokens or (64 if quick else 512)
+    if args.compiled_decode is None:
+        args.compiled_decode = args.device.startswith("cuda")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; run with --device cpu --quick to check the steps on a CPU")

@@ -10,13 +10,15 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from transformers import CompileConfig
 
 # Inductor settings for CPU decoding: frozen weights are prepacked for the CPU GEMM kernels; autotuning picks AMX /
 # AVX-512 micro-kernels for the matrix-vector products of a step; q/k/v and gate/up projections become one GEMM
 # each; a C++ wrapper calls the kernels without Python in between (~7% faster steps, ~20 s more compiling). They
 # are global inductor settings, applied around the call that compiles: passed as
-# ``torch.compile(options={"freezing": True})`` they do not freeze.
+# ``torch.compile(options={"freezing": True})`` they do not freeze. Measured on CPUs only, so a GPU's compile keeps
+# inductor's defaults (autotuning every GEMM of a large model would also take minutes there).
 INDUCTOR_SETTINGS: dict[str, Any] = {
     "freezing": True,
     "max_autotune": True,
@@ -31,12 +33,17 @@ INDUCTOR_SETTINGS: dict[str, Any] = {
 DECODE_COMPILE_CONFIG = CompileConfig(fullgraph=True, dynamic=False, mode="default")
 # transformers compiles decoding steps only on accelerators unless the compile config says otherwise.
 DECODE_COMPILE_CONFIG._compile_all_devices = True  # type: ignore[assignment]
+# On a GPU, "reduce-overhead" (CUDA graphs, transformers' own mode for accelerators): a step of a large model is
+# hundreds of small kernels whose launches would otherwise cost more than their work.
+GPU_DECODE_COMPILE_CONFIG = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+
+_CPU = torch.device("cpu")
 
 
 @contextlib.contextmanager
-def inductor_settings(enabled: bool = True) -> Iterator[None]:
-    """Apply :data:`INDUCTOR_SETTINGS` for the duration (a no-op when not ``enabled``)."""
-    if not enabled:
+def inductor_settings(enabled: bool = True, device: torch.device = _CPU) -> Iterator[None]:
+    """Apply :data:`INDUCTOR_SETTINGS` for the duration, when ``enabled`` and decoding on a CPU (else a no-op)."""
+    if not enabled or device.type != "cpu":
         yield
         return
     import torch._inductor.config as inductor_config
@@ -45,10 +52,11 @@ def inductor_settings(enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def generate_kwargs(enabled: bool) -> dict[str, Any]:
-    """``generate`` arguments that turn compiled decoding steps on or off (off also on GPUs, where transformers
-    would otherwise compile by default once the cache is steady)."""
-    return {"compile_config": DECODE_COMPILE_CONFIG, "disable_compile": not enabled}
+def generate_kwargs(enabled: bool, device: torch.device = _CPU) -> dict[str, Any]:
+    """``generate`` arguments that turn compiled decoding steps on or off for a model decoding on ``device`` (off
+    also on GPUs, where transformers would otherwise compile by default once the cache is steady)."""
+    config = DECODE_COMPILE_CONFIG if device.type == "cpu" else GPU_DECODE_COMPILE_CONFIG
+    return {"compile_config": config, "disable_compile": not enabled}
 
 
 @contextlib.contextmanager

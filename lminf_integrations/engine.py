@@ -469,7 +469,7 @@ class Engine:
         faster_without_onednn = not compiled and decodes_faster_without_onednn(self.model.dtype, self.model.device)
         with (
             torch.inference_mode(),
-            inductor_settings(compiled),
+            inductor_settings(compiled, input_ids.device),
             compiled_step_errors(compiled, self.model_name),
             onednn_off() if faster_without_onednn else contextlib.nullcontext(),
         ):
@@ -482,7 +482,7 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
                 pad_token_id=pad_token_id(self.tokenizer),
                 top_k=None,
-                **generate_kwargs(compiled),
+                **generate_kwargs(compiled, input_ids.device),
                 **sampling,
             )
         new_tokens = output[0, len(ids) :].tolist()

@@ -12,13 +12,16 @@ from bench import gpu
 
 
 def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
-    report = gpu.main(["--device", "cpu", "--quick", "--results", str(tmp_path)])
+    report = gpu.main(["--device", "cpu", "--quick", "--compiled-decode", "--results", str(tmp_path)])
     strategies = {c.what.split(": ", 1)[1] for c in report.checks}
     assert {"lm-infinite window", "lm-infinite full + top-k", "dca"} <= strategies
     assert {c.what.split(":")[0] for c in report.checks} >= {"llama", "mistral", "qwen2", "qwen3", "xl3m"}
     assert all(c.ok for c in report.checks), [c for c in report.checks if not c.ok]
     assert {r.mode for r in report.speed} == {"vanilla", "lm-infinite"}
     assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in report.speed)
+    # LM-Infinite's compiled decoding (compile_decode=True through generate, CUDA graphs on a GPU) is timed too
+    assert all((r.compiled_decode_tok_s or 0) > 0 for r in report.speed if r.mode == "lm-infinite")
+    assert all(r.compiled_decode_tok_s is None for r in report.speed if r.mode == "vanilla")
     assert report.split and all(c.ok for c in report.split)
     payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
     assert len(payload["checks"]) == len(report.checks)

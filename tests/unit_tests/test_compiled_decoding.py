@@ -151,3 +151,19 @@ def test_a_graph_break_is_an_error_that_names_the_fix(
         "".join(compiled_engine.stream(prompt, settings))
     eager = Engine(model=model, tokenizer=tokenizer, config=CONFIG, reuse_prefixes=False)
     assert len("".join(eager.stream(prompt, settings))) > 0
+
+
+def test_the_cpu_tuned_compile_settings_stay_off_a_gpu() -> None:
+    """Prepacked frozen weights, CPU GEMM autotuning and the C++ wrapper are tuned for CPU decoding; a GPU's compile
+    takes transformers' own mode for accelerators (CUDA graphs) and inductor's defaults."""
+    import torch._inductor.config as inductor_config
+
+    names = ("freezing", "max_autotune", "cpp_wrapper")
+    defaults = {name: getattr(inductor_config, name) for name in names}
+    with inductor_settings(True, torch.device("cuda")):
+        assert {name: getattr(inductor_config, name) for name in names} == defaults
+    with inductor_settings(True, torch.device("cpu")):
+        assert all(getattr(inductor_config, name) for name in names)
+    assert generate_kwargs(True, torch.device("cuda"))["compile_config"].mode == "reduce-overhead"
+    cpu = generate_kwargs(True, torch.device("cpu"))["compile_config"]
+    assert cpu.mode == "default" and cpu.fullgraph and cpu._compile_all_devices

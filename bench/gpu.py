@@ -7,13 +7,15 @@ a large model's shape, then a model split over GPU and CPU.
 1. **Exactness**: tiny random Llama, Mistral, Qwen2 and Qwen3 models (grouped-query attention) on the device, in
    float32 and bfloat16 (float32 only on a CPU): LM-Infinite (window cache; full cache with top-k) and Dual Chunk
    Attention against the independent dense references of ``tests/unit_tests`` (run on the device too), prefill in
-   chunks then decoding; XL3M's answer on the device against the same engine's on the CPU. Tolerances:
-   ``tests.tolerances.network_bound`` for the dtype.
+   chunks then decoding; XL3M's answer on the device against the same engine's on the CPU; with compiled decoding
+   (``--compiled-decode``, default on a GPU), LM-Infinite's compiled steps (CUDA graphs on a GPU) against its eager
+   ones, for two caches in turn. Tolerances: ``tests.tolerances.network_bound`` for the dtype.
 2. **Speed and memory**: a random-weight model with a real large model's shape (default: Llama-3-8B's, 32 layers,
    hidden 4096, 32 query and 8 key/value heads, bf16 — weights do not change speed), vanilla (transformers' SDPA,
    one forward, DynamicCache) against LM-Infinite (window cache, prefill in ``--chunk`` steps): prefill tokens/s,
-   decoding tokens/s and peak device memory beyond the weights, at ``--lengths`` and then doubling while the
-   time budget (``--budget`` seconds for this part) and memory last.
+   decoding tokens/s (eager; and LM-Infinite's compiled decoding with ``--compiled-decode``) and peak device memory
+   beyond the weights, at ``--lengths`` and then doubling while the time budget (``--budget`` seconds for this
+   part) and memory last.
 3. **Split**: the model shape with ``--split-layers`` layers saved to a temporary folder, loaded whole on the device
    and with ``device_map="auto"`` and a ``max_memory`` that leaves about half the layers to the CPU; logits of both,
    unpatched and with LM-Infinite, must agree within the dtype's tolerance.
@@ -112,7 +114,7 @@ def _with_attention(model: PreTrainedModel, name: str, ids: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def exactness(device: torch.device, dtypes: list[torch.dtype], tokenizer: Any) -> list[Check]:
+def exactness(device: torch.device, dtypes: list[torch.dtype], tokenizer: Any, compiled: bool = True) -> list[Check]:
     checks = []
     for dtype in dtypes:
         for arch in ARCHITECTURES:
@@ -145,7 +147,43 @@ def exactness(device: torch.device, dtypes: list[torch.dtype], tokenizer: Any) -
             checks.append(Check(f"{arch}: lm-infinite full + top-k", _dtype_name(dtype), max(errors), min(bounds)))
             unpatch_model(model)
     checks.append(_xl3m_check(device, tokenizer))
+    if compiled:
+        checks += [_compiled_decoding_check(device, dtype) for dtype in dtypes]
     return checks
+
+
+def _compiled_decoding_check(device: torch.device, dtype: torch.dtype) -> Check:
+    """LM-Infinite's compiled decoding steps (``compile_decode=True``: CUDA graphs on a GPU) give the eager steps'
+    logits, for two caches one after the other (the second question reuses the compiled step on other buffers), on a
+    tiny Llama whose window fills up during the steps."""
+    from lminf_integrations.compiled import compiled_step_errors, generate_kwargs, inductor_settings
+
+    model = _tiny("llama").to(device=device, dtype=dtype)  # type: ignore[call-arg]
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=16, chunk_size=8))
+
+    def scores(ids: torch.Tensor, compiled: bool) -> torch.Tensor:
+        cache = new_cache(model)
+        cache.allow_compiled_steps(compiled)  # type: ignore[union-attr]
+        model.model(ids[:, :-1], **cache_kwargs(cache))
+        with inductor_settings(compiled, device), compiled_step_errors(compiled, "the tiny Llama"):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=24,
+                                 min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=0, **generate_kwargs(compiled, device))  # fmt: skip
+        return torch.stack(out.logits).float()  # raw: the scores carry min_new_tokens' -inf
+
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    errors, bounds = [], []
+    for seed in (1, 2):
+        ids = _ids(10, seed=seed).to(device)
+        eager = scores(ids, False)
+        errors.append(_error(scores(ids, True), eager))
+        bounds.append(network_bound(eager, dtype, REDUCTION, LAYERS))
+    unpatch_model(model)
+    if counters["stats"]["unique_graphs"] == graphs:  # the steps ran eagerly: nothing was checked
+        errors.append(float("inf"))
+    return Check("llama: lm-infinite compiled decoding vs eager", _dtype_name(dtype), max(errors), min(bounds))
 
 
 def _xl3m_check(device: torch.device, tokenizer: Any) -> Check:
@@ -425,7 +463,8 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--budget", type=float, default=None, help="seconds for the speed part (default: 210)")
     parser.add_argument(
         "--compiled-decode", action=argparse.BooleanOptionalAction, default=None,
-        help="also time LM-Infinite's compiled decoding (compile_decode=True; compiles once) (default: on a GPU)",
+        help="also check LM-Infinite's compiled decoding (compile_decode=True) against eager steps and time it "
+        "(compiles once per dtype) (default: on a GPU)",
     )  # fmt: skip
     parser.add_argument("--split-layers", type=int, default=4)
     parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")
@@ -457,7 +496,8 @@ def main(argv: list[str] | None = None) -> Report:
     # The report is written after each step: a run stopped by a time limit (a lent GPU's) still leaves what it did.
     started = time.perf_counter()
     tokenizer = _tokenizer(args.tokenizer)
-    report.checks = exactness(device, [torch.float32] if device.type == "cpu" else [torch.float32, dtype], tokenizer)
+    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, dtype]
+    report.checks = exactness(device, dtypes, tokenizer, args.compiled_decode)
     failed = [c.what for c in report.checks if not c.ok]
     print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}"
           f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip

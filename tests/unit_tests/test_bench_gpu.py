@@ -16,6 +16,7 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
     strategies = {c.what.split(": ", 1)[1] for c in report.checks}
     assert {"lm-infinite window", "lm-infinite full + top-k", "dca"} <= strategies
     assert {c.what.split(":")[0] for c in report.checks} >= {"llama", "mistral", "qwen2", "qwen3", "xl3m"}
+    assert "lm-infinite compiled decoding vs eager" in strategies
     assert all(c.ok for c in report.checks), [c for c in report.checks if not c.ok]
     assert {r.mode for r in report.speed} == {"vanilla", "lm-infinite"}
     assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in report.speed)

@@ -167,3 +167,14 @@ def test_the_cpu_tuned_compile_settings_stay_off_a_gpu() -> None:
     assert generate_kwargs(True, torch.device("cuda"))["compile_config"].mode == "reduce-overhead"
     cpu = generate_kwargs(True, torch.device("cpu"))["compile_config"]
     assert cpu.mode == "default" and cpu.fullgraph and cpu._compile_all_devices
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (python -m bench gpu runs the same check)")
+def test_on_cuda_compiled_steps_give_the_eager_logits_for_one_cache_after_another(fresh_compiler: None) -> None:
+    """CUDA graphs over the window cache's buffers (marked static, unguarded): a second cache of the same shape
+    decodes on its own buffers, not the first one's."""
+    from bench import gpu
+
+    for dtype in (torch.float32, torch.bfloat16):
+        check = gpu._compiled_decoding_check(torch.device("cuda"), dtype)
+        assert check.ok, check

@@ -175,6 +175,14 @@ class LambdaLayer(CacheLayerMixin):
             self.values[:, :, : self.settings.config.n_global] = self.sink_values
             self._position = torch.full_like(self._position, self._seen)
         self.steady = True
+        if self.compiled_steps and self.values.device.type == "cuda":
+            # CUDA graphs replay a step on fixed memory: buffers a step writes in place must be static inputs, or
+            # inductor runs the step without graphs ("mutated inputs"). Unguarded: another cache of the same shape
+            # (the next question's) has the graphs recorded again on its buffers instead of a new compile. Not on a
+            # CPU: its compile freezes (compiled.INDUCTOR_SETTINGS), which folds static inputs into constants, so the
+            # next question decoded with the first one's buffers (tested on a CPU: logits off by ~0.9).
+            for tensor in (self.keys, self.values, self.sink_keys, self._position):
+                torch._dynamo.mark_static_address(tensor, guard=False)
 
     def _set_compiled_steps(self, allowed: bool) -> None:
         if allowed == self.compiled_steps:  # the engine sets it before every generation

@@ -43,9 +43,9 @@ gpu-check: $(VENV)/.installed
 	$(PY) -m bench gpu $(ARGS)
 
 # For a CUDA machine with its own torch and no network: into .whl/, what the check needs beyond such a machine's
-# packages (transformers at our version, a pure-Python wheel: it needs huggingface-hub >= 1.31, tokenizers 0.23 and
-# safetensors 0.8 there, as the H200 image of the issue has) and the
-# default model's tokenizer (its package, ~90 MB, is too large to carry). There (README, "GPUs and split models"):
+# packages: transformers at our version (a pure-Python wheel; there it needs huggingface-hub >= 1.31, tokenizers 0.23
+# and safetensors 0.8) and the default model's tokenizer (its package, ~90 MB, is too large to carry).
+# There (README, "GPUs and split models"):
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site python3 -m bench gpu --tokenizer .whl/tokenizer
 gpu-bundle: $(VENV)/.installed

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bench.common import RESULTS, StepClock, machine_line, write_result
 from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
@@ -156,6 +156,8 @@ def _compiled_decoding_check(device: torch.device, dtype: torch.dtype) -> Check:
     """LM-Infinite's compiled decoding steps (``compile_decode=True``: CUDA graphs on a GPU) give the eager steps'
     logits, for two caches one after the other (the second question reuses the compiled step on other buffers), on a
     tiny Llama whose window fills up during the steps."""
+    from torch._dynamo.utils import counters
+
     from lminf_integrations.compiled import compiled_step_errors, generate_kwargs, inductor_settings
 
     model = _tiny("llama").to(device=device, dtype=dtype)  # type: ignore[call-arg]
@@ -170,8 +172,6 @@ def _compiled_decoding_check(device: torch.device, dtype: torch.dtype) -> Check:
                                  min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=0, **generate_kwargs(compiled, device))  # fmt: skip
         return torch.stack(out.logits).float()  # raw: the scores carry min_new_tokens' -inf
-
-    from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
     errors, bounds = [], []
@@ -202,14 +202,6 @@ def _xl3m_check(device: torch.device, tokenizer: Any) -> Check:
         chosen = stream.result.details["xl3m"]["chosen"] if stream.result and stream.result.details else []
         answers.append((answer, [c["start"] for c in chosen]))
     return Check("xl3m: answer and chosen segments as on the CPU", "fp32", float(answers[0] != answers[1]), 0.0)
-
-
-def _tokenizer(name: str | None) -> Any:
-    """A tokenizer folder as ``save_pretrained`` writes it (no model config: ``load_tokenizer`` wants a model
-    folder), else what ``load_tokenizer`` resolves ``name`` to."""
-    if name is not None and Path(name).is_dir() and not (Path(name) / "config.json").is_file():
-        return AutoTokenizer.from_pretrained(name)
-    return load_tokenizer(name)
 
 
 def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -498,11 +490,11 @@ def main(argv: list[str] | None = None) -> Report:
     report = Report(name)
     # The report is written after each step: a run stopped by a time limit (a lent GPU's) still leaves what it did.
     started = time.perf_counter()
-    tokenizer = _tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, dtype]
     report.checks = exactness(device, dtypes, tokenizer, args.compiled_decode)
     failed = [c.what for c in report.checks if not c.ok]
-    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}"
+    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     _write(report, args)
     speed(args, device, dtype, report)

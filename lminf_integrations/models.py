@@ -272,18 +272,23 @@ def execution_device(module: torch.nn.Module) -> torch.device:
 def load_tokenizer(model_id: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_id`` (as :func:`load_model` names models) without loading any weights.
 
-    A GGUF model's tokenizer comes from its folder in the model cache (converting the file on first use).
+    A GGUF model's tokenizer comes from its folder in the model cache (converting the file on first use). A folder
+    holding a tokenizer alone (``save_pretrained`` of a tokenizer writes no ``config.json``) loads as it is.
     """
-    source = resolve_model(model_id)
-    root = model_cache.cache_root() if source.gguf_file else None
-    tokenizer = None
-    if root is not None:  # the same cache entry as the model's, rebuilt the same way if damaged
-        tokenizer = model_cache.load_through_cache(
-            _gguf_path(source), _converter(source), AutoTokenizer.from_pretrained, root
-        )
-    if tokenizer is None:
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    folder = Path(model_id).expanduser() if model_id is not None else None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    if folder and (folder / "tokenizer_config.json").is_file() and not (folder / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    else:
+        source = resolve_model(model_id)
+        root = model_cache.cache_root() if source.gguf_file else None
+        if root is not None:  # the same cache entry as the model's, rebuilt the same way if damaged
+            tokenizer = model_cache.load_through_cache(
+                _gguf_path(source), _converter(source), AutoTokenizer.from_pretrained, root
+            )
+        if tokenizer is None:
+            kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     tokenizer.model_max_length = 10**9
     return tokenizer
 

@@ -146,3 +146,17 @@ def test_importing_the_package_or_the_cli_loads_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_tokenizer_folder_loads_without_a_model_config(
+    default_tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """``save_pretrained`` of a tokenizer alone writes no config.json: load_tokenizer still takes that folder (the GPU
+    check gets the default tokenizer that way on a machine without the default model)."""
+    default_tokenizer.save_pretrained(tmp_path)
+    tokenizer = models.load_tokenizer(tmp_path)
+    text = "Question: what does the with statement do?"
+    assert tokenizer(text).input_ids == default_tokenizer(text).input_ids
+    assert tokenizer.chat_template == default_tokenizer.chat_template
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.load_model(tmp_path)  # a model still needs its config

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
         return
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    result = importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    if getattr(result, "ok", True) is False:  # a check's report (bench gpu): a failure fails the command
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,21 @@ a large model's shape, then a model split over GPU and CPU.
    chunks then decoding; XL3M's answer on the device against the same engine's on the CPU; with compiled decoding
    (``--compiled-decode``, default on a GPU), LM-Infinite's compiled steps (CUDA graphs on a GPU) against its eager
    ones, for two caches in turn. Tolerances: ``tests.tolerances.network_bound`` for the dtype.
-2. **Speed and memory**: a random-weight model with a real large model's shape (default: Llama-3-8B's, 32 layers,
+2. **Split**: the model shape with ``--split-layers`` layers saved to a temporary folder, loaded whole on the device
+   and with ``device_map="auto"`` and a ``max_memory`` that leaves about half the layers to the CPU; logits of both,
+   unpatched and with LM-Infinite, must agree within the dtype's tolerance.
+3. **Speed and memory**: a random-weight model with a real large model's shape (default: Llama-3-8B's, 32 layers,
    hidden 4096, 32 query and 8 key/value heads, bf16 — weights do not change speed), vanilla (transformers' SDPA,
    one forward, DynamicCache) against LM-Infinite (window cache, prefill in ``--chunk`` steps): prefill tokens/s,
    decoding tokens/s (eager; and LM-Infinite's compiled decoding with ``--compiled-decode``) and peak device memory
-   beyond the weights, at ``--lengths`` and then doubling while the time budget (``--budget`` seconds for this
-   part) and memory last.
-3. **Split**: the model shape with ``--split-layers`` layers saved to a temporary folder, loaded whole on the device
-   and with ``device_map="auto"`` and a ``max_memory`` that leaves about half the layers to the CPU; logits of both,
-   unpatched and with LM-Infinite, must agree within the dtype's tolerance.
+   beyond the weights. Rows run in the order :func:`speed_plan` gives (the compared ``--lengths`` first, then
+   LM-Infinite at ``--max-tokens``, then the doublings between) while ``--time-limit`` (the whole check's) and the
+   device's memory last.
 
-Writes ``gpu.md`` and ``gpu.json`` to ``bench/results/`` (``--results DIR`` elsewhere).
+The short steps come before the open-ended one, and the report is written after each step and speed row, so a run
+stopped by a time limit keeps what it did. A step that raises is reported with its error and the others still run
+(one run on a lent GPU should bring back all it can); the command then exits with status 1, as it does when a check
+fails. Writes ``gpu.md`` and ``gpu.json`` to ``bench/results/`` (``--results DIR`` elsewhere).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ import argparse
 import json
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -56,6 +63,9 @@ TINY_SHAPE: dict[str, Any] = dict(
     num_key_value_heads=2, max_position_embeddings=512,
 )  # fmt: skip
 SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "tiny": TINY_SHAPE}
+# How a mode's prefill time grows with the number of tokens: vanilla's attention is quadratic, LM-Infinite's linear.
+GROWTH = {"vanilla": 2.0, "lm-infinite": 1.0}
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,6 +101,26 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     split: list[Check] = field(default_factory=list)
     split_layout: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # steps that raised: "what: Error: message"
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(c.ok for c in self.checks + self.split)
+
+
+def guarded(
+    report: Report, what: str, step: Callable[[], T], let_through: tuple[type[Exception], ...] = ()
+) -> T | None:
+    """``step()``, or None with its error in ``report.errors`` (traceback on stderr): one failing step of a run on a
+    lent GPU must not cost the others. Interrupts (a time limit) and ``let_through`` still propagate."""
+    try:
+        return step()
+    except let_through:
+        raise
+    except Exception as error:
+        traceback.print_exc()
+        report.errors.append(f"{what}: {type(error).__name__}: {error}")
+        return None
 
 
 # ---- 1. exactness ---------------------------------------------------------------------------------------------
@@ -114,44 +144,63 @@ def _with_attention(model: PreTrainedModel, name: str, ids: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def exactness(device: torch.device, dtypes: list[torch.dtype], tokenizer: Any, compiled: bool = True) -> list[Check]:
-    checks = []
+def exactness(
+    device: torch.device, dtypes: list[torch.dtype], tokenizer: Any, compiled: bool, report: Report
+) -> None:
+    """Appends to ``report.checks`` each strategy's comparison per architecture and dtype; a group that raises is
+    reported and the others run."""
     for dtype in dtypes:
         for arch in ARCHITECTURES:
-            model = _tiny(arch).to(device=device, dtype=dtype)  # type: ignore[call-arg]
-            ids = _ids(36, seed=1).to(device)
-            cases: list[tuple[str, LMInfiniteConfig | DCAConfig]] = [
-                ("lm-infinite window", LMInfiniteConfig(n_global=3, n_local=8)),
-                ("dca", DCAConfig(chunk_size=12, local_window=4)),
-            ]
-            for what, config in cases:
-                patch_model(model, config)
-                name = dca_reference.DCA_REFERENCE_NAME if isinstance(config, DCAConfig) else reference.REFERENCE_NAME
-                reference.TOP_K_FROM_POSITION[0] = None
-                expected = _with_attention(model, name, ids)
-                got = _logits_through_cache(model, ids, new_cache(model), chunk=5, prompt=30)
-                bound = network_bound(expected.float(), dtype, REDUCTION, LAYERS)
-                checks.append(Check(f"{arch}: {what}", _dtype_name(dtype), _error(got, expected), bound))
-            # Top-k middle keys (full cache): generation-time queries only, each against a fresh reference run.
-            patch_model(model, LMInfiniteConfig(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, cache_mode="full"))
-            cache = new_cache(model)
-            cache.set_prompt_length(30)  # type: ignore[union-attr]
-            got = _logits_through_cache(model, ids, cache, chunk=5, prompt=30)
-            reference.TOP_K_FROM_POSITION[0] = 29
-            errors, bounds = [], []
-            for position in range(30, ids.shape[1]):
-                expected = _with_attention(model, reference.REFERENCE_NAME, ids[:, : position + 1])[:, -1]
-                errors.append(_error(got[:, position], expected))
-                bounds.append(network_bound(expected.float(), dtype, REDUCTION, LAYERS))
+            what = f"{arch} ({_dtype_name(dtype)})"
+            checks = guarded(report, what, partial(_architecture_checks, arch, device, dtype))
+            report.checks += checks or []
+    xl3m = guarded(report, "xl3m", partial(_xl3m_check, device, tokenizer))
+    report.checks += [xl3m] if xl3m else []
+    for dtype in dtypes if compiled else []:
+        what = f"compiled decoding ({_dtype_name(dtype)})"
+        check = guarded(report, what, partial(_compiled_decoding_check, device, dtype))
+        report.checks += [check] if check else []
+
+
+@torch.no_grad()
+def _architecture_checks(arch: str, device: torch.device, dtype: torch.dtype) -> list[Check]:
+    """LM-Infinite (window cache; full cache with top-k) and Dual Chunk Attention on a tiny ``arch`` model on
+    ``device`` against the dense references run there."""
+    checks = []
+    model = _tiny(arch).to(device=device, dtype=dtype)  # type: ignore[call-arg]
+    ids = _ids(36, seed=1).to(device)
+    cases: list[tuple[str, LMInfiniteConfig | DCAConfig]] = [
+        ("lm-infinite window", LMInfiniteConfig(n_global=3, n_local=8)),
+        ("dca", DCAConfig(chunk_size=12, local_window=4)),
+    ]
+    try:
+        for what, config in cases:
+            patch_model(model, config)
+            name = dca_reference.DCA_REFERENCE_NAME if isinstance(config, DCAConfig) else reference.REFERENCE_NAME
             reference.TOP_K_FROM_POSITION[0] = None
-            checks.append(Check(f"{arch}: lm-infinite full + top-k", _dtype_name(dtype), max(errors), min(bounds)))
-            unpatch_model(model)
-    checks.append(_xl3m_check(device, tokenizer))
-    if compiled:
-        checks += [_compiled_decoding_check(device, dtype) for dtype in dtypes]
+            expected = _with_attention(model, name, ids)
+            got = _logits_through_cache(model, ids, new_cache(model), chunk=5, prompt=30)
+            bound = network_bound(expected.float(), dtype, REDUCTION, LAYERS)
+            checks.append(Check(f"{arch}: {what}", _dtype_name(dtype), _error(got, expected), bound))
+        # Top-k middle keys (full cache): generation-time queries only, each against a fresh reference run.
+        patch_model(model, LMInfiniteConfig(n_global=3, n_local=8, top_k=2, top_k_from_layer=1, cache_mode="full"))
+        cache = new_cache(model)
+        cache.set_prompt_length(30)  # type: ignore[union-attr]
+        got = _logits_through_cache(model, ids, cache, chunk=5, prompt=30)
+        reference.TOP_K_FROM_POSITION[0] = 29
+        errors, bounds = [], []
+        for position in range(30, ids.shape[1]):
+            expected = _with_attention(model, reference.REFERENCE_NAME, ids[:, : position + 1])[:, -1]
+            errors.append(_error(got[:, position], expected))
+            bounds.append(network_bound(expected.float(), dtype, REDUCTION, LAYERS))
+        checks.append(Check(f"{arch}: lm-infinite full + top-k", _dtype_name(dtype), max(errors), min(bounds)))
+    finally:
+        reference.TOP_K_FROM_POSITION[0] = None
+        unpatch_model(model)
     return checks
 
 
+@torch.no_grad()
 def _compiled_decoding_check(device: torch.device, dtype: torch.dtype) -> Check:
     """LM-Infinite's compiled decoding steps (``compile_decode=True``: CUDA graphs on a GPU) give the eager steps'
     logits, for two caches one after the other (the second question reuses the compiled step on other buffers), on a
@@ -319,35 +368,59 @@ def measure(
     return SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak, compiled_rate)
 
 
-def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, report: Report) -> None:
+def speed_plan(lengths: list[int], max_tokens: int) -> list[tuple[str, int]]:
+    """The timed rows in the order they run: both modes at each compared length (what the targets compare), then
+    LM-Infinite at ``max_tokens`` (its longest), then the doublings past the last compared length, both modes at
+    each, shortest first, up to ``max_tokens``."""
+    plan = [(mode, n) for n in lengths for mode in GROWTH]
+    plan += [("lm-infinite", max_tokens)] if max_tokens > max(lengths) else []
+    n = max(lengths) * 2
+    while n <= max_tokens:
+        plan += [(mode, n) for mode in GROWTH if (mode, n) not in plan]
+        n *= 2
+    return plan
+
+
+def speed(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    report: Report,
+    deadline: float,
+    progress: Callable[[], None] = lambda: None,
+) -> None:
+    """Runs :func:`speed_plan`'s rows into ``report.speed`` (``progress()`` after each). A row is skipped where its
+    prefill, predicted from its mode's last row by :data:`GROWTH`, would end past ``deadline`` (a
+    ``time.perf_counter()`` value); a mode that ran out of device memory runs no longer rows."""
     # The exactness step compiled FlexAttention for many small shapes and dtypes; past dynamo's recompile limit a new
     # shape would run uncompiled (every logit materialised), so the timed shapes start from an empty compile cache.
     torch._dynamo.reset()
     model = random_model(SHAPES[args.shape], device, dtype)
-    started = time.perf_counter()
-    for mode, growth in (("vanilla", 2.0), ("lm-infinite", 1.0)):  # time ∝ n² for vanilla, n for LM-Infinite
-        lengths = list(args.lengths)
-        last: SpeedRow | None = None
-        while lengths:
-            n = lengths.pop(0)
-            if last is not None:
-                predicted = last.prefill_s * (n / last.tokens) ** growth
-                if time.perf_counter() - started + predicted > args.budget:
-                    report.skipped.append(f"{mode} at {n} tokens (predicted {predicted:.0f} s past the budget)")
-                    break
-            try:
-                row = measure(model, mode, n, args.chunk, args.decode_steps, device, args.n_local,
-                              args.compiled_decode)  # fmt: skip
-            except torch.OutOfMemoryError:
-                report.skipped.append(f"{mode} at {n} tokens (out of device memory)")
-                torch.cuda.empty_cache()
-                break
+    last: dict[str, SpeedRow] = {}
+    out_of_memory: dict[str, int] = {}
+    for mode, n in speed_plan(args.lengths, args.max_tokens):
+        if n >= out_of_memory.get(mode, n + 1):
+            continue
+        if mode in last:
+            predicted = last[mode].prefill_s * (n / last[mode].tokens) ** GROWTH[mode]
+            if time.perf_counter() + predicted > deadline:
+                report.skipped.append(f"{mode} at {n} tokens (predicted {predicted:.0f} s, past the time limit)")
+                continue
+        try:
+            row = guarded(report, f"{mode} at {n} tokens", partial(
+                measure, model, mode, n, args.chunk, args.decode_steps, device, args.n_local, args.compiled_decode),
+                let_through=(torch.OutOfMemoryError,))  # fmt: skip
+        except torch.OutOfMemoryError:  # a finding here (the longest that fits), not a failure
+            report.skipped.append(f"{mode} at {n} tokens (out of device memory)")
+            out_of_memory[mode] = n
+            row = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if row is not None:
             report.speed.append(row)
-            _write(report, args)
+            last[mode] = row
             print(f"{mode:12s} {n:8d} tokens: {asdict(row)}", flush=True)
-            last = row
-            if not lengths and n < args.max_tokens:
-                lengths.append(n * 2)
+        progress()
     unpatch_model(model)
     del model
 
@@ -421,7 +494,7 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
     lines += [
         f"| {r.mode} | {r.tokens} | {r.prefill_s:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | "
         f"{'–' if r.compiled_decode_tok_s is None else f'{r.compiled_decode_tok_s:.1f}'} | {r.peak_gib:.2f} |"
-        for r in report.speed
+        for r in sorted(report.speed, key=lambda r: (r.mode != "vanilla", r.tokens))
     ]
     lines += [f"- not run: {s}" for s in report.skipped]
     lines += ["", "## Split over devices", "", f"Layers per device: {report.split_layout}", ""]
@@ -429,6 +502,8 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
               for c in report.split]  # fmt: skip
     if not report.split:
         lines.append("- not run")
+    if report.errors:
+        lines += ["", "## Steps that raised", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(lines) + "\n"
 
 
@@ -440,6 +515,7 @@ def _write(report: Report, args: argparse.Namespace) -> None:
         "skipped": report.skipped,
         "split": [asdict(c) for c in report.split],
         "layout": report.split_layout,
+        "errors": report.errors,
     }
     write_result("gpu.json", json.dumps(payload, indent=1) + "\n", args.results)
 
@@ -451,11 +527,16 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: llama3-8b (tiny with --quick)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 32768 131072")
-    parser.add_argument("--max-tokens", type=int, default=None, help="doubling stops here (default: 1048576)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="LM-Infinite's longest row; doublings stop here (default: 1048576)"
+    )
     parser.add_argument("--chunk", type=int, default=None, help="LM-Infinite prefill step (default: 4096)")
     parser.add_argument("--decode-steps", type=int, default=None, help="default: 32")
     parser.add_argument("--n-local", type=int, default=None, help="LM-Infinite window (default: 4096)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the speed part (default: 210)")
+    parser.add_argument(
+        "--time-limit", type=float, default=None,
+        help="seconds for the whole check: timed rows predicted to end later are skipped (default: 360; quick: 120)",
+    )  # fmt: skip
     parser.add_argument(
         "--compiled-decode", action=argparse.BooleanOptionalAction, default=None,
         help="also check LM-Infinite's compiled decoding (compile_decode=True) against eager steps and time it "
@@ -478,7 +559,7 @@ def main(argv: list[str] | None = None) -> Report:
     args.chunk = args.chunk or (128 if quick else 4096)
     args.decode_steps = args.decode_steps or (4 if quick else 32)
     args.n_local = args.n_local or (128 if quick else 4096)
-    args.budget = args.budget or (60.0 if quick else 210.0)
+    args.time_limit = args.time_limit or (120.0 if quick else 360.0)
     args.split_tokens = args.split_tokens or (64 if quick else 512)
     if args.compiled_decode is None:
         args.compiled_decode = args.device.startswith("cuda")
@@ -490,20 +571,25 @@ def main(argv: list[str] | None = None) -> Report:
     report = Report(name)
     # The report is written after each step: a run stopped by a time limit (a lent GPU's) still leaves what it did.
     started = time.perf_counter()
+
+    def done(step: str) -> None:
+        _write(report, args)
+        print(f"{step} done ({time.perf_counter() - started:.0f} s)", flush=True)
+
     tokenizer = load_tokenizer(args.tokenizer)
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, dtype]
-    report.checks = exactness(device, dtypes, tokenizer, args.compiled_decode)
+    exactness(device, dtypes, tokenizer, args.compiled_decode, report)
     failed = [c.what for c in report.checks if not c.ok]
-    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-    _write(report, args)
-    speed(args, device, dtype, report)
-    print(f"speed and memory done ({time.perf_counter() - started:.0f} s)", flush=True)
-    _write(report, args)
-    split(args, device, dtype, report, tokenizer)
+    print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}", flush=True)
+    done("exactness")
+    guarded(report, "split", lambda: split(args, device, dtype, report, tokenizer))
+    done("split")
+    guarded(report, "speed", lambda: speed(args, device, dtype, report, started + args.time_limit,
+                                           lambda: _write(report, args)))  # fmt: skip
+    done("speed and memory")
     print(markdown(report, args))
-    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
-    _write(report, args)
+    if not report.ok:
+        print("FAILED: " + "; ".join([c.what for c in report.checks + report.split if not c.ok] + report.errors))
     return report
 
 

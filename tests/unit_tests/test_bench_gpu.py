@@ -60,8 +60,9 @@ def test_with_a_tokenizer_folder_the_check_needs_no_default_model(
     assert report.split and all(c.ok for c in report.split)
 
 
-def test_a_check_stopped_after_exactness_leaves_its_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lent GPU has a time limit: what the check did before it stopped is in the report."""
+def test_a_check_stopped_in_its_timed_part_leaves_its_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lent GPU has a time limit: what the check did before it stopped is in the report. The short steps
+    (exactness, the split model) come before the open-ended timed part, so a stop there loses only speed rows."""
 
     def stopped(*args: object) -> None:
         raise KeyboardInterrupt
@@ -71,5 +72,71 @@ def test_a_check_stopped_after_exactness_leaves_its_report(tmp_path: Path, monke
         gpu.main(["--device", "cpu", "--quick", "--results", str(tmp_path)])
     payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
     assert payload["checks"] and all(c["error"] <= c["bound"] for c in payload["checks"])
-    assert payload["speed"] == [] and payload["split"] == []
+    assert payload["split"] and all(c["error"] <= c["bound"] for c in payload["split"])
+    assert payload["speed"] == []
     assert "| xl3m: answer and chosen segments as on the CPU |" in (tmp_path / "gpu.md").read_text(encoding="utf-8")
+
+
+def test_a_step_that_raises_is_reported_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run on a lent GPU must bring back every step it can: a step that raises (a kernel that fails to compile,
+    say) is named in the report with its error, the other steps run, and the command exits non-zero."""
+    from bench.__main__ import main as bench_main
+
+    def fails(*args: object) -> gpu.Check:
+        raise RuntimeError("the kernel did not compile")
+
+    monkeypatch.setattr(gpu, "_xl3m_check", fails)
+    with pytest.raises(SystemExit) as stopped:
+        bench_main(["gpu", "--device", "cpu", "--quick", "--lengths", "128", "--max-tokens", "128",
+                    "--results", str(tmp_path)])  # fmt: skip
+    assert stopped.value.code == 1
+    payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
+    assert any("xl3m" in e and "RuntimeError: the kernel did not compile" in e for e in payload["errors"])
+    assert len(payload["checks"]) >= 12 and all(c["error"] <= c["bound"] for c in payload["checks"])
+    assert payload["split"] and {r["mode"] for r in payload["speed"]} == {"vanilla", "lm-infinite"}
+    assert "RuntimeError: the kernel did not compile" in (tmp_path / "gpu.md").read_text(encoding="utf-8")
+
+
+def test_the_timed_rows_run_the_comparison_first_then_the_longest_then_the_rest() -> None:
+    """The rows the targets read (both modes at the compared lengths, LM-Infinite at the longest) come before the
+    doublings in between, which fill whatever time is left."""
+    assert gpu.speed_plan([32768, 131072], 1 << 20) == [
+        ("vanilla", 32768), ("lm-infinite", 32768), ("vanilla", 131072), ("lm-infinite", 131072),
+        ("lm-infinite", 1 << 20),
+        ("vanilla", 262144), ("lm-infinite", 262144), ("vanilla", 524288), ("lm-infinite", 524288),
+        ("vanilla", 1 << 20),
+    ]  # fmt: skip
+
+
+def test_a_row_predicted_past_the_time_limit_is_skipped_and_a_mode_out_of_memory_runs_no_longer_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each mode's next row is predicted from its last (vanilla's prefill grows as n², LM-Infinite's as n): a row that
+    would end past the time limit is skipped while shorter ones still run, and a mode that ran out of memory runs no
+    longer rows while the other goes on. ``measure`` is replaced by rows of chosen times and memory: the schedule,
+    not the model, is under test here (the tests above time the real tiny model)."""
+    import argparse
+    import time
+
+    import torch
+
+    def measure(model: object, mode: str, n: int, *args: object, **kwargs: object) -> gpu.SpeedRow:
+        if mode == "vanilla" and n >= 256:
+            raise torch.OutOfMemoryError("out of memory")
+        seconds = 10.0 * (n / 128) ** (2 if mode == "vanilla" else 1)
+        return gpu.SpeedRow(mode, n, seconds, n / seconds, 1.0, 0.0)
+
+    monkeypatch.setattr(gpu, "measure", measure)
+    args = argparse.Namespace(shape="tiny", lengths=[128, 256], max_tokens=2048, chunk=64, decode_steps=2,
+                              n_local=64, compiled_decode=False)  # fmt: skip
+    report = gpu.Report("cpu")
+    # 100 s left throughout (the stand-in takes no time): LM-Infinite's 2048 is predicted at 160 s from its 256-token
+    # row (20 s), past the limit; its 512 and 1024 (40 s, 80 s) fit. Vanilla runs out of memory at 256 tokens.
+    gpu.speed(args, torch.device("cpu"), torch.float32, report, deadline=time.perf_counter() + 100)
+    assert [(r.mode, r.tokens) for r in report.speed] == [
+        ("vanilla", 128), ("lm-infinite", 128), ("lm-infinite", 256), ("lm-infinite", 512), ("lm-infinite", 1024),
+    ]  # fmt: skip
+    assert any(s.startswith("lm-infinite at 2048 tokens") and "time limit" in s for s in report.skipped)
+    assert any(s.startswith("vanilla at 256 tokens") and "out of device memory" in s for s in report.skipped)

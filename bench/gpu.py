@@ -17,9 +17,9 @@ a large model's shape, then a model split over GPU and CPU.
    hidden 4096, 32 query and 8 key/value heads, bf16 — weights do not change speed), vanilla (transformers' SDPA,
    one forward, DynamicCache) against LM-Infinite (window cache, prefill in ``--chunk`` steps): prefill tokens/s,
    decoding tokens/s (eager; and LM-Infinite's compiled decoding with ``--compiled-decode``) and peak device memory
-   beyond the weights. Rows run in the order :func:`speed_plan` gives (the compared ``--lengths`` first, then
-   LM-Infinite at ``--max-tokens``, then the doublings between) while ``--time-limit`` (the whole check's) and the
-   device's memory last.
+   beyond the weights. Rows run in the order :func:`speed_plan` gives: the compared ``--lengths`` and LM-Infinite
+   at ``--max-tokens``, which the targets read and which always run, then the doublings between while
+   ``--time-limit`` (the whole check's) and the device's memory last.
 
 The short steps come before the open-ended one, and the report is written after each step and speed row, so a run
 stopped by a time limit keeps what it did. A step that raises is reported with its error and the others still run
@@ -369,9 +369,9 @@ def measure(
 
 
 def speed_plan(lengths: list[int], max_tokens: int) -> list[tuple[str, int]]:
-    """The timed rows in the order they run: both modes at each compared length (what the targets compare), then
-    LM-Infinite at ``max_tokens`` (its longest), then the doublings past the last compared length, both modes at
-    each, shortest first, up to ``max_tokens``."""
+    """The timed rows in the order they run: both modes at each compared length, then LM-Infinite at ``max_tokens``
+    (its longest) — the rows the targets read, the first :func:`n_target_rows` — then the doublings past the last
+    compared length, both modes at each, shortest first, up to ``max_tokens``."""
     plan = [(mode, n) for n in lengths for mode in GROWTH]
     plan += [("lm-infinite", max_tokens)] if max_tokens > max(lengths) else []
     n = max(lengths) * 2
@@ -379,6 +379,11 @@ def speed_plan(lengths: list[int], max_tokens: int) -> list[tuple[str, int]]:
         plan += [(mode, n) for mode in GROWTH if (mode, n) not in plan]
         n *= 2
     return plan
+
+
+def n_target_rows(lengths: list[int], max_tokens: int) -> int:
+    """How many of :func:`speed_plan`'s first rows the targets read (they run whatever the time limit)."""
+    return len(lengths) * len(GROWTH) + (max_tokens > max(lengths))
 
 
 def speed(
@@ -389,19 +394,21 @@ def speed(
     deadline: float,
     progress: Callable[[], None] = lambda: None,
 ) -> None:
-    """Runs :func:`speed_plan`'s rows into ``report.speed`` (``progress()`` after each). A row is skipped where its
-    prefill, predicted from its mode's last row by :data:`GROWTH`, would end past ``deadline`` (a
-    ``time.perf_counter()`` value); a mode that ran out of device memory runs no longer rows."""
+    """Runs :func:`speed_plan`'s rows into ``report.speed`` (``progress()`` after each). The rows the targets read
+    always run; another is skipped where its prefill, predicted from its mode's last row by :data:`GROWTH`, would
+    end past ``deadline`` (a ``time.perf_counter()`` value). A mode that ran out of device memory runs no longer
+    rows."""
     # The exactness step compiled FlexAttention for many small shapes and dtypes; past dynamo's recompile limit a new
     # shape would run uncompiled (every logit materialised), so the timed shapes start from an empty compile cache.
     torch._dynamo.reset()
     model = random_model(SHAPES[args.shape], device, dtype)
     last: dict[str, SpeedRow] = {}
     out_of_memory: dict[str, int] = {}
-    for mode, n in speed_plan(args.lengths, args.max_tokens):
+    targets = n_target_rows(args.lengths, args.max_tokens)
+    for index, (mode, n) in enumerate(speed_plan(args.lengths, args.max_tokens)):
         if n >= out_of_memory.get(mode, n + 1):
             continue
-        if mode in last:
+        if index >= targets and mode in last:
             predicted = last[mode].prefill_s * (n / last[mode].tokens) ** GROWTH[mode]
             if time.perf_counter() + predicted > deadline:
                 report.skipped.append(f"{mode} at {n} tokens (predicted {predicted:.0f} s, past the time limit)")

@@ -107,6 +107,12 @@ class Report:
     def ok(self) -> bool:
         return not self.errors and all(c.ok for c in self.checks + self.split)
 
+    def note_flex_attention(self) -> None:
+        """FlexAttention that did not compile counts as a failure: attention was exact, but not the kernel meant."""
+        failure = f"FlexAttention did not compile: {flex.COMPILE_FAILURE}"
+        if flex.COMPILE_FAILURE and failure not in self.errors:
+            self.errors.append(failure)
+
 
 def guarded(
     report: Report, what: str, step: Callable[[], T], let_through: tuple[type[Exception], ...] = ()
@@ -487,7 +493,8 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
         "",
         f"LM-Infinite's band on {args.device}: "
         + ("FlexAttention, compiled (`ops/flex.py`)" if flex.applies(torch.device(args.device)) else
-           "PyTorch's CPU flash kernel")
+           "PyTorch's CPU flash kernel" if args.device == "cpu" else
+           f"exact unfused kernels, FlexAttention did not compile ({flex.COMPILE_FAILURE})")
         + ". Each row follows an untimed warm-up of the same kind (kernel compiles happen there).",
         "",
         "Decode tok/s: eager forward calls, one token each; compiled: LM-Infinite's `compile_decode=True` steps "
@@ -588,11 +595,13 @@ def main(argv: list[str] | None = None) -> Report:
     exactness(device, dtypes, tokenizer, args.compiled_decode, report)
     failed = [c.what for c in report.checks if not c.ok]
     print(f"exactness: {len(report.checks) - len(failed)}/{len(report.checks)} ok {failed or ''}", flush=True)
+    report.note_flex_attention()
     done("exactness")
     guarded(report, "split", lambda: split(args, device, dtype, report, tokenizer))
     done("split")
     guarded(report, "speed", lambda: speed(args, device, dtype, report, started + args.time_limit,
                                            lambda: _write(report, args)))  # fmt: skip
+    report.note_flex_attention()
     done("speed and memory")
     print(markdown(report, args))
     if not report.ok:

@@ -10,11 +10,16 @@ log-sum-exp that the exact merge with the global and top-k parts needs.
 The CPU path stays where it is: compiled FlexAttention on a CPU does not return the log-sum-exp, and uncompiled it
 materialises every logit. Tests set :data:`FLEX_ON_CPU` to run this path uncompiled on a CPU, where it is exact
 and small inputs keep it cheap.
+
+Where FlexAttention does not compile (a torch without Triton, a GPU its kernels do not support), the first failure
+is logged once and recorded in :data:`COMPILE_FAILURE`; that call and every later one take the exact unfused
+kernels instead (:func:`.partial.plain_attention`, and the CPU's blockwise band layout over it): slower, but right.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -32,12 +37,15 @@ Part = tuple[torch.Tensor, torch.Tensor]
 
 #: Take this path on the CPU too, uncompiled (tests: the path CUDA takes, checked on a CPU).
 FLEX_ON_CPU = False
+#: Why compiled FlexAttention failed in this process ("ErrorType: message"); set, no call goes through it again.
+COMPILE_FAILURE: str | None = None
+logger = logging.getLogger(__name__)
 _MASKS_KEPT = 32  # block masks kept per process: a prefill uses a few shapes (its chunks, and the last one)
 
 
 def applies(device: torch.device) -> bool:
     """Whether partial attentions of several queries on ``device`` go through FlexAttention."""
-    return device.type == "cuda" or (device.type == "cpu" and FLEX_ON_CPU)
+    return (device.type == "cuda" or (device.type == "cpu" and FLEX_ON_CPU)) and COMPILE_FAILURE is None
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,8 +83,12 @@ def band(
         raise ValueError(f"queries up to key index {first_index + n_queries - 1}, but {keys.shape[-2]} keys")
     low = max(0, first_index - window + 1)  # keys before the first query's window are never seen
     keys, values = keys[:, :, low : first_index + n_queries], values[:, :, low : first_index + n_queries]
-    mask = band_mask(n_queries, keys.shape[-2], first_index - low, window, query.device)
-    return _attend(query, keys, values, mask, scale)
+    offset = first_index - low
+    try:
+        return _attend(query, keys, values, band_mask(n_queries, keys.shape[-2], offset, window, query.device), scale)
+    except torch._dynamo.exc.TorchDynamoException as error:  # the compile failed, not the inputs
+        _note_compile_failure(error, query.device)
+        return _unfused(query, keys, values, scale, _band_seen(n_queries, keys.shape[-2], offset, window, query.device))
 
 
 def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, is_causal: bool, scale: float) -> Part:
@@ -84,7 +96,11 @@ def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, is_
     ``[0, r]`` (top-left aligned)."""
     if is_causal:
         return band(query, keys, values, max(query.shape[-2], 1), 0, scale)
-    return _attend(query, keys, values, None, scale)
+    try:
+        return _attend(query, keys, values, None, scale)
+    except torch._dynamo.exc.TorchDynamoException as error:  # the compile failed, not the inputs
+        _note_compile_failure(error, query.device)
+        return _unfused(query, keys, values, scale, None)
 
 
 def _attend(
@@ -99,3 +115,33 @@ def _attend(
                           return_aux=_AUX_REQUEST(lse=True))  # fmt: skip
         lse = aux.lse
     return out, lse.float()
+
+
+def _note_compile_failure(error: Exception, device: torch.device) -> None:
+    global COMPILE_FAILURE
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    COMPILE_FAILURE = f"{type(error).__name__}: {first_line}"
+    logger.warning(
+        "FlexAttention did not compile on %s (%s); attention takes exact unfused kernels instead (slower, and more "
+        "memory per call). The full error is logged at DEBUG level.", device, COMPILE_FAILURE,
+    )  # fmt: skip
+    logger.debug("FlexAttention compile error", exc_info=error)
+
+
+def _band_seen(n_queries: int, n_keys: int, offset: int, window: int, device: torch.device) -> torch.Tensor:
+    """:func:`_band_rule` as a boolean ``(Lq, Lk)`` tensor."""
+    at = torch.arange(offset, offset + n_queries, device=device)[:, None]
+    key = torch.arange(n_keys, device=device)[None, :]
+    return (key <= at) & (at - key < window)
+
+
+def _unfused(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, seen: torch.Tensor | None
+) -> Part:
+    """The exact unfused attention where FlexAttention did not compile: query row ``r`` sees the keys where
+    ``seen[r]`` is true (all keys if ``seen`` is None)."""
+    from .partial import additive_mask, plain_attention  # .partial imports this module: imported at use
+
+    mask = None if seen is None else additive_mask(seen, query.dtype)
+    return plain_attention(query, keys, values, False, mask, scale)
+

@@ -81,13 +81,16 @@ def test_a_step_that_raises_is_reported_and_the_others_still_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One run on a lent GPU must bring back every step it can: a step that raises (a kernel that fails to compile,
-    say) is named in the report with its error, the other steps run, and the command exits non-zero."""
+    say) is named in the report with its error, the other steps run, and the command exits non-zero. FlexAttention
+    that did not compile (attention then takes slower exact kernels) is reported as a failure too."""
     from bench.__main__ import main as bench_main
+    from lminf_integrations.ops import flex
 
     def fails(*args: object) -> gpu.Check:
         raise RuntimeError("the kernel did not compile")
 
     monkeypatch.setattr(gpu, "_xl3m_check", fails)
+    monkeypatch.setattr(flex, "COMPILE_FAILURE", "InductorError: no Triton")
     with pytest.raises(SystemExit) as stopped:
         bench_main(["gpu", "--device", "cpu", "--quick", "--lengths", "128", "--max-tokens", "128",
                     "--results", str(tmp_path)])  # fmt: skip
@@ -97,6 +100,7 @@ def test_a_step_that_raises_is_reported_and_the_others_still_run(
     assert len(payload["checks"]) >= 12 and all(c["error"] <= c["bound"] for c in payload["checks"])
     assert payload["split"] and {r["mode"] for r in payload["speed"]} == {"vanilla", "lm-infinite"}
     assert "RuntimeError: the kernel did not compile" in (tmp_path / "gpu.md").read_text(encoding="utf-8")
+    assert "FlexAttention did not compile: InductorError: no Triton" in payload["errors"]
 
 
 def test_the_timed_rows_run_the_comparison_first_then_the_longest_then_the_rest() -> None:

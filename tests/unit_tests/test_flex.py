@@ -6,6 +6,7 @@ kernel) against their references. The compiled CUDA kernels themselves are check
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -136,3 +137,34 @@ def test_the_log_sum_exp_is_asked_for_as_the_installed_torch_wants() -> None:
         warnings.simplefilter("error", DeprecationWarning)
         out, lse = flex.band(q, k, v, 4, 0, 0.25)
     assert lse.shape == (1, 2, 8)
+
+
+def test_where_flex_attention_does_not_compile_attention_falls_back_to_exact_unfused_kernels(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU whose torch cannot compile FlexAttention (no Triton, an older GPU) must still get exact attention: the
+    first compile error is logged once with its cause, that call is computed without FlexAttention, and later calls
+    do not try again. The compile error here is a real one: inductor's CPU lowering of FlexAttention cannot return
+    the log-sum-exp (``ops/flex.py``)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(flex, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(flex, "COMPILE_FAILURE", None)
+    compiled = torch.compile(flex_attention)
+    calls = []
+
+    def compiled_and_counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return compiled(*args, **kwargs)
+
+    monkeypatch.setattr(flex, "flex_attention", compiled_and_counted)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lminf_integrations"):
+            STACKS["lm-infinite, window"]("llama")
+            STACKS["dca"]("qwen2")
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == 1  # the first call failed to compile; no call tried again
+    assert flex.COMPILE_FAILURE and not flex.applies(torch.device("cuda"))
+    warned = [r.getMessage() for r in caplog.records if "FlexAttention" in r.getMessage()]
+    assert len(warned) == 1 and "InductorError" in warned[0], warned

@@ -7,6 +7,8 @@ decoding with the cache equals recomputing the whole sequence; (d) the window ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import (
@@ -231,6 +233,35 @@ def test_decoding_with_cache_equals_recomputation(cache: str, kernel: str, monke
     # 16 single-token steps (the last prompt token, then 15), 3 layers each
     steady_window_steps = 16 * 3 if cache == "window" and kernel == "decode kernel" else 0
     assert len(calls) == steady_window_steps
+
+
+@torch.no_grad()
+def test_an_eager_decoding_step_reads_no_tensor_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a GPU tensor's value in Python waits for every kernel queued before it, so an eager decoding step that
+    read one (the position, per layer or for transformers' sequence length) could not queue work ahead of the GPU.
+    The window cache counts eager steps on the host; counted here on the CPU as the reads behind ``int()`` and
+    ``.item()`` (``aten::_local_scalar_dense``), through steps past the window's filling, with logits equal to a
+    recomputation without cache."""
+    monkeypatch.setenv("LMINF_DECODE_KERNEL", "0")
+    model = _tiny("llama")
+    patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode="window", chunk_size=4))
+    ids = _ids(30, seed=4)
+    kv = new_cache(model)
+    model(ids[:, :20], **cache_kwargs(kv))
+
+    def reads(step: Callable[..., object], *args: object) -> int:
+        with torch.profiler.profile() as profile:
+            step(*args)
+        return sum(e.name == "aten::_local_scalar_dense" for e in profile.events())
+
+    def decode(position: int) -> None:
+        logits[:] = [model(ids[:, position : position + 1], **cache_kwargs(kv)).logits]
+
+    logits: list[torch.Tensor] = []
+    assert reads(int, torch.tensor(3)) == 1  # the count sees a read
+    assert [reads(decode, position) for position in range(20, 30)] == [0] * 10
+    assert kv.get_seq_length() == 30
+    _close(logits[0][:, -1], model(ids).logits[:, -1])
 
 
 @torch.no_grad()

@@ -24,8 +24,9 @@ from .attention import LayerSettings, PreparedKeys, hand_over
 
 @functools.lru_cache(maxsize=4)
 def _rotation_to(position: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos/sin moving position-0 keys to ``position``: computed once per eager decoding step, for all layers."""
-    return rotation(torch.tensor([position], device=inv_freq.device), inv_freq, torch.float32)
+    """float32 cos/sin moving position-0 keys to ``position``: computed once per eager decoding step, for all layers.
+    ``torch.full`` rather than ``torch.tensor``: a copy from host memory to a GPU waits for the queued kernels."""
+    return rotation(torch.full((1,), position, device=inv_freq.device), inv_freq, torch.float32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,10 +43,13 @@ class LambdaLayer(CacheLayerMixin):
     def __init__(self, settings: LayerSettings) -> None:
         super().__init__()
         self.settings = settings
-        self._seen = 0  # tokens written so far (absolute position of the next token), while not steady
+        # Tokens written so far (absolute position of the next token); while steady with compiled steps allowed, the
+        # position lives in ``_position`` alone.
+        self._seen = 0
         # Window mode from ``_steady_from`` on: a decoding step is then the same computation with the same shapes
         # at every position, so it reads its position from a tensor (no Python int that a compiled step would have
-        # to specialise on), and ``steady`` is the only flag it checks.
+        # to specialise on), and ``steady`` is the only flag it checks. Eager steps also count on the host: reading
+        # the tensor there would wait for every kernel queued on a GPU, once per layer.
         self.steady = False
         self._position = torch.zeros((), dtype=torch.long)  # the next token's position, while steady
         self.compiled_steps = False  # opt-in: see LambdaCache.allow_compiled_steps
@@ -57,7 +61,7 @@ class LambdaLayer(CacheLayerMixin):
     @property
     def seen(self) -> int:
         """Tokens written so far: the absolute position of the next token."""
-        return int(self._position) if self.steady else self._seen
+        return int(self._position) if self.steady and self.compiled_steps else self._seen
 
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]
@@ -213,8 +217,9 @@ class LambdaLayer(CacheLayerMixin):
             if torch.compiler.is_compiling():
                 cos, sin = rotation(target.view(1), inv_freq, torch.float32)
                 sink_slots = torch.arange(cfg.n_global, device=slot.device)
-            else:  # eager: one rotation per step shared by all layers (an int read is cheap here)
-                cos, sin = _rotation_to(int(target), inv_freq)
+            else:  # eager: one rotation per step, shared by all layers
+                at = int(position) if self.compiled_steps else self._seen  # compiled steps count on the device only
+                cos, sin = _rotation_to(at - cfg.effective_distance_limit, inv_freq)
                 sink_slots = _leading_slots(cfg.n_global, slot.device)
             sinks = rotate(self.sink_keys, cos, sin).to(key_states.dtype)
             new_keys = torch.cat([sinks, key_states], dim=-2)
@@ -225,6 +230,8 @@ class LambdaLayer(CacheLayerMixin):
         self.values.index_copy_(2, slot[-1:], value_states)
         mask = self._visibility_mask(position) if self.compiled_steps else None
         position.add_(1)
+        if not self.compiled_steps:
+            self._seen += 1
         hand_over(PreparedKeys(self.keys, self.values, local_start=-1, single_softmax=True, mask=mask))
         return self.keys, self.values
 

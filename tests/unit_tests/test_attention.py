@@ -236,30 +236,36 @@ def test_decoding_with_cache_equals_recomputation(cache: str, kernel: str, monke
 
 
 @torch.no_grad()
-def test_an_eager_decoding_step_reads_no_tensor_value(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_eager_decoding_step_or_chunk_reads_no_tensor_value(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a GPU tensor's value in Python waits for every kernel queued before it, so an eager decoding step that
     read one (the position, per layer or for transformers' sequence length) could not queue work ahead of the GPU.
-    The window cache counts eager steps on the host; counted here on the CPU as the reads behind ``int()`` and
-    ``.item()`` (``aten::_local_scalar_dense``), through steps past the window's filling, with logits equal to a
-    recomputation without cache."""
-    monkeypatch.setenv("LMINF_DECODE_KERNEL", "0")
+    The window cache counts eager steps on the host. Counted here on the CPU through the path a GPU takes
+    (``ops.flex``), as the reads behind ``int()`` and ``.item()`` (``aten::_local_scalar_dense``): decoding steps
+    past the window's filling, then a prompt chunk of a shape seen before (a new shape builds its block mask once),
+    with logits equal to a recomputation without cache."""
+    from lminf_integrations.ops import flex, partial
+
+    monkeypatch.setattr(flex, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(partial, "PLAIN_ON_CPU", True)
     model = _tiny("llama")
     patch_model(model, LMInfiniteConfig(n_global=2, n_local=8, cache_mode="window", chunk_size=4))
     ids = _ids(30, seed=4)
     kv = new_cache(model)
-    model(ids[:, :20], **cache_kwargs(kv))
+    for start in range(0, 20, 4):
+        model(ids[:, start : start + 4], **cache_kwargs(kv))
 
     def reads(step: Callable[..., object], *args: object) -> int:
         with torch.profiler.profile() as profile:
             step(*args)
         return sum(e.name == "aten::_local_scalar_dense" for e in profile.events())
 
-    def decode(position: int) -> None:
-        logits[:] = [model(ids[:, position : position + 1], **cache_kwargs(kv)).logits]
+    def forward(start: int, end: int) -> None:
+        logits[:] = [model(ids[:, start:end], **cache_kwargs(kv)).logits]
 
     logits: list[torch.Tensor] = []
     assert reads(int, torch.tensor(3)) == 1  # the count sees a read
-    assert [reads(decode, position) for position in range(20, 30)] == [0] * 10
+    assert [reads(forward, position, position + 1) for position in range(20, 26)] == [0] * 6
+    assert reads(forward, 26, 30) == 0
     assert kv.get_seq_length() == 30
     _close(logits[0][:, -1], model(ids).logits[:, -1])
 

@@ -100,7 +100,7 @@ class LambdaLayer(CacheLayerMixin):
         if self.steady:
             if count == 1:
                 return self._steady_decode_step(key_states, value_states)
-            self._seen, self.steady = int(self._position), False  # a chunk: back to the general path
+            self._seen, self.steady = self.seen, False  # a chunk: back to the general path
         first = self._seen
         self._keep_sinks(key_states, value_states, first)
         if self.settings.config.cache_mode == "window":

@@ -30,11 +30,13 @@ fails. Writes ``gpu.md`` and ``gpu.json`` to ``bench/results/`` (``--results DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -460,16 +462,39 @@ def split(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, re
             placed, _ = load_model(folder, _dtype_name(dtype), device_map=dict.fromkeys(names, "cpu"))
         layout = getattr(placed, "hf_device_map", {}) or {}
         report.split_layout = {str(d): sum(1 for v in layout.values() if v == d) for d in set(layout.values())}
-        for what, config in (("unpatched", None), ("lm-infinite", LMInfiniteConfig(n_global=4, n_local=256))):
-            for m in (whole, placed):
+        # The window cache's layers live where their attention runs: prefill in chunks, then decoding steps.
+        window = max(16, args.split_tokens // 4)
+        cases: list[tuple[str, LMInfiniteConfig | None, bool]] = [
+            ("unpatched", None, False),
+            ("lm-infinite", LMInfiniteConfig(n_global=4, n_local=256), False),
+            ("lm-infinite, window cache", LMInfiniteConfig(n_global=4, n_local=window), True),
+        ]
+        for what, config, cached in cases:
+            logits = []
+            for m, inputs in ((whole, ids.to(device)), (placed, ids)):
                 patch_model(m, config) if config else unpatch_model(m)
-            expected = whole(ids.to(device)).logits.float()
-            got = placed(ids).logits.float()
-            bound = network_bound(expected, dtype, SHAPES[args.shape]["intermediate_size"], args.split_layers + 1)
-            report.split.append(Check(f"split vs whole: {what}", _dtype_name(dtype), _error(got.cpu(), expected.cpu()),
-                                      bound))  # fmt: skip
-            for m in (whole, placed):
+                if cached:  # the CPU's decoding kernel would be built for the CPU's layers: not what this checks
+                    with _decode_kernel_off():
+                        logits.append(_logits_through_cache(m, inputs, new_cache(m), window // 2, ids.shape[1] - 8))
+                else:
+                    logits.append(m(inputs).logits)
                 unpatch_model(m)
+            expected, got = (x.float().cpu() for x in logits)
+            bound = network_bound(expected, dtype, SHAPES[args.shape]["intermediate_size"], args.split_layers + 1)
+            report.split.append(Check(f"split vs whole: {what}", _dtype_name(dtype), _error(got, expected), bound))
+
+
+@contextlib.contextmanager
+def _decode_kernel_off() -> Iterator[None]:
+    previous = os.environ.get("LMINF_DECODE_KERNEL")
+    os.environ["LMINF_DECODE_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LMINF_DECODE_KERNEL"]
+        else:
+            os.environ["LMINF_DECODE_KERNEL"] = previous
 
 
 # ---- report ---------------------------------------------------------------------------------------------------

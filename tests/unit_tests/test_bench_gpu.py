@@ -24,6 +24,10 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
     assert all((r.compiled_decode_tok_s or 0) > 0 for r in report.speed if r.mode == "lm-infinite")
     assert all(r.compiled_decode_tok_s is None for r in report.speed if r.mode == "vanilla")
     assert report.split and all(c.ok for c in report.split)
+    # the split model also through the window cache, whose layers then live on the devices of theirs
+    assert {c.what for c in report.split} == {
+        "split vs whole: unpatched", "split vs whole: lm-infinite", "split vs whole: lm-infinite, window cache"
+    }  # fmt: skip
     payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
     assert len(payload["checks"]) == len(report.checks)
     assert "## Exactness" in (tmp_path / "gpu.md").read_text(encoding="utf-8")

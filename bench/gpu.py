@@ -502,7 +502,10 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
     lines = [
         f"# GPU check ({report.device}), `python -m bench gpu {' '.join(args.argv)}`".rstrip(),
         "",
-        f"{machine_line()}; device: {report.device}.",
+        f"{machine_line()}; device: {report.device}; float32 matrix products: "
+        f"{torch.get_float32_matmul_precision()} precision"
+        + (", TF32 forced by TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+           else "") + ".",  # fp32 bounds assume full precision
         "",
         "## Exactness (tiny random models, against the dense references)",
         "",

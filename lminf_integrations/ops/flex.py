@@ -144,4 +144,3 @@ def _unfused(
 
     mask = None if seen is None else additive_mask(seen, query.dtype)
     return plain_attention(query, keys, values, False, mask, scale)
-

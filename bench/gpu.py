@@ -104,6 +104,7 @@ class Report:
     split: list[Check] = field(default_factory=list)
     split_layout: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # steps that raised: "what: Error: message"
+    ended: dict[str, float] = field(default_factory=dict)  # seconds from the start at which each step ended
 
     @property
     def ok(self) -> bool:
@@ -507,6 +508,9 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
         + (", TF32 forced by TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
            else "") + ".",  # fp32 bounds assume full precision
         "",
+        "Steps ended at: " + (", ".join(f"{step} {t:.0f} s" for step, t in report.ended.items()) or "–")
+        + f" (time limit {args.time_limit:.0f} s).",
+        "",
         "## Exactness (tiny random models, against the dense references)",
         "",
         "| model: strategy | dtype | max error | bound | |",
@@ -558,6 +562,7 @@ def _write(report: Report, args: argparse.Namespace) -> None:
         "split": [asdict(c) for c in report.split],
         "layout": report.split_layout,
         "errors": report.errors,
+        "ended": report.ended,
     }
     write_result("gpu.json", json.dumps(payload, indent=1) + "\n", args.results)
 
@@ -615,8 +620,9 @@ def main(argv: list[str] | None = None) -> Report:
     started = time.perf_counter()
 
     def done(step: str) -> None:
+        report.ended[step] = time.perf_counter() - started
         _write(report, args)
-        print(f"{step} done ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"{step} done ({report.ended[step]:.0f} s)", flush=True)
 
     tokenizer = load_tokenizer(args.tokenizer)
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, dtype]

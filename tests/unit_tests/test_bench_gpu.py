@@ -28,6 +28,8 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
     assert {c.what for c in report.split} == {
         "split vs whole: unpatched", "split vs whole: lm-infinite", "split vs whole: lm-infinite, window cache"
     }  # fmt: skip
+    assert list(report.ended) == ["exactness", "split", "speed and memory"]  # when each step ended, in order
+    assert sorted(report.ended.values()) == list(report.ended.values())
     payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
     assert len(payload["checks"]) == len(report.checks)
     assert "## Exactness" in (tmp_path / "gpu.md").read_text(encoding="utf-8")

@@ -127,3 +127,17 @@ class StepClock(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+@contextmanager
+def decode_kernel_set(enabled: bool) -> Iterator[None]:
+    """``LMINF_DECODE_KERNEL`` set for the duration (the C++ CPU decoding kernel on or off), then restored."""
+    previous = os.environ.get("LMINF_DECODE_KERNEL")
+    os.environ["LMINF_DECODE_KERNEL"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LMINF_DECODE_KERNEL"]
+        else:
+            os.environ["LMINF_DECODE_KERNEL"] = previous

@@ -15,16 +15,13 @@ Writes ``bench/results/decode.md`` and ``bench/results/decode.png``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import torch
 
-from bench.common import RESULTS, StepClock, machine_line, token_ids, write_result
+from bench.common import RESULTS, StepClock, decode_kernel_set, machine_line, token_ids, write_result
 from lminf_integrations.config import LMInfiniteConfig
 from lminf_integrations.model_thread import run
 
@@ -74,10 +71,10 @@ def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[R
         caches[n] = state.cache.clone()
     setup = _warm_up(model, ids, caches[min(lengths)], kernel=True)
     for n, cache in caches.items():
-        with _decode_kernel(True):
+        with decode_kernel_set(True):
             eager = _decode(model, ids[:n], cache.clone(), steps, compiled=False)
             compiled = _decode(model, ids[:n], cache.clone(), steps, compiled=True)
-        with _decode_kernel(False):
+        with decode_kernel_set(False):
             eager_flash = _decode(model, ids[:n], cache.clone(), steps, compiled=False)
         rows.append({"context": n, "eager_tok_s": eager, "compiled_tok_s": compiled, "eager_flash_tok_s": eager_flash})
         print(rows[-1], flush=True)
@@ -85,29 +82,16 @@ def measure(lengths: list[int], dtype: str, n_local: int, steps: int) -> tuple[R
     setup["compile_flash_s"] = _warm_up(model, ids, caches[min(lengths)], kernel=False)["compile_s"]
     for row in rows:
         n = int(row["context"])
-        with _decode_kernel(False):
+        with decode_kernel_set(False):
             row["compiled_flash_tok_s"] = _decode(model, ids[:n], caches[n].clone(), steps, compiled=True)
         print(row, flush=True)
     return rows, setup
 
 
-@contextlib.contextmanager
-def _decode_kernel(enabled: bool) -> Iterator[None]:
-    previous = os.environ.get("LMINF_DECODE_KERNEL")
-    os.environ["LMINF_DECODE_KERNEL"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["LMINF_DECODE_KERNEL"]
-        else:
-            os.environ["LMINF_DECODE_KERNEL"] = previous
-
-
 def _warm_up(model: Any, ids: list[int], cache: Any, kernel: bool) -> dict[str, float]:
     """The one-time compile (and its memory: the frozen weights are a second copy), then one eager generation."""
     n = cache.get_seq_length() + 1
-    with _decode_kernel(kernel):
+    with decode_kernel_set(kernel):
         rss = psutil.Process().memory_info().rss
         started = time.perf_counter()
         _decode(model, ids[:n], cache.clone(), 2, compiled=True)

@@ -30,13 +30,12 @@ fails. Writes ``gpu.md`` and ``gpu.json`` to ``bench/results/`` (``--results DIR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from bench.common import RESULTS, StepClock, machine_line, write_result
+from bench.common import RESULTS, StepClock, decode_kernel_set, machine_line, write_result
 from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
@@ -475,7 +474,7 @@ def split(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, re
             for m, inputs in ((whole, ids.to(device)), (placed, ids)):
                 patch_model(m, config) if config else unpatch_model(m)
                 if cached:  # the CPU's decoding kernel would be built for the CPU's layers: not what this checks
-                    with _decode_kernel_off():
+                    with decode_kernel_set(False):
                         logits.append(_logits_through_cache(m, inputs, new_cache(m), window // 2, ids.shape[1] - 8))
                 else:
                     logits.append(m(inputs).logits)
@@ -483,19 +482,6 @@ def split(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, re
             expected, got = (x.float().cpu() for x in logits)
             bound = network_bound(expected, dtype, SHAPES[args.shape]["intermediate_size"], args.split_layers + 1)
             report.split.append(Check(f"split vs whole: {what}", _dtype_name(dtype), _error(got, expected), bound))
-
-
-@contextlib.contextmanager
-def _decode_kernel_off() -> Iterator[None]:
-    previous = os.environ.get("LMINF_DECODE_KERNEL")
-    os.environ["LMINF_DECODE_KERNEL"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["LMINF_DECODE_KERNEL"]
-        else:
-            os.environ["LMINF_DECODE_KERNEL"] = previous
 
 
 # ---- report ---------------------------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ def test_where_flex_attention_does_not_compile_attention_falls_back_to_exact_unf
             STACKS["dca"]("qwen2")
     finally:
         torch._dynamo.reset()
+    assert flex.COMPILE_FAILURE, "this torch compiles it on a CPU: the test needs another real compile error"
     assert len(calls) == 1  # the first call failed to compile; no call tried again
-    assert flex.COMPILE_FAILURE and not flex.applies(torch.device("cuda"))
+    assert not flex.applies(torch.device("cuda"))
     warned = [r.getMessage() for r in caplog.records if "FlexAttention" in r.getMessage()]
     assert len(warned) == 1 and "InductorError" in warned[0], warned

@@ -1,5 +1,5 @@
-"""The GPU check (issue 19), one command, no download: every strategy exact on the device, then speed and memory of
-a large model's shape, then a model split over GPU and CPU.
+"""The GPU check (issue 19), one command, no download: every strategy exact on the device, a model split over GPU
+and CPU, then speed and memory of a large model's shape.
 
     python -m bench gpu                              # on a CUDA machine (make gpu-check does the same)
     python -m bench gpu --device cpu --quick         # the same steps on a CPU, tiny shapes (the suite runs this)
@@ -8,11 +8,12 @@ a large model's shape, then a model split over GPU and CPU.
    float32 and bfloat16 (float32 only on a CPU): LM-Infinite (window cache; full cache with top-k) and Dual Chunk
    Attention against the independent dense references of ``tests/unit_tests`` (run on the device too), prefill in
    chunks then decoding; XL3M's answer on the device against the same engine's on the CPU; with compiled decoding
-   (``--compiled-decode``, default on a GPU), LM-Infinite's compiled steps (CUDA graphs on a GPU) against its eager
-   ones, for two caches in turn. Tolerances: ``tests.tolerances.network_bound`` for the dtype.
+   (``--compiled-decode``, default on a GPU), LM-Infinite's compiled steps (CUDA graphs on a GPU) against eager ones
+   fed the same tokens, for two caches in turn. Tolerances: ``tests.tolerances.network_bound`` for the dtype.
 2. **Split**: the model shape with ``--split-layers`` layers saved to a temporary folder, loaded whole on the device
    and with ``device_map="auto"`` and a ``max_memory`` that leaves about half the layers to the CPU; logits of both,
-   unpatched and with LM-Infinite, must agree within the dtype's tolerance.
+   unpatched and with LM-Infinite (one forward, and through the window cache), must agree within the dtype's
+   tolerance.
 3. **Speed and memory**: a random-weight model with a real large model's shape (default: Llama-3-8B's, 32 layers,
    hidden 4096, 32 query and 8 key/value heads, bf16 — weights do not change speed), vanilla (transformers' SDPA,
    one forward, DynamicCache) against LM-Infinite (window cache, prefill in ``--chunk`` steps): prefill tokens/s,

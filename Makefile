@@ -37,8 +37,9 @@ test-avx2: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
 
-# The GPU check (every strategy exact on CUDA, speed and memory of a Llama-3-8B shape, a split model): needs a CUDA
-# build of torch in $(VENV) (README, "GPUs"); `python -m bench gpu --device cpu --quick` runs its steps on a CPU.
+# The GPU check (every strategy exact on CUDA, a split model, speed and memory of a Llama-3-8B shape): needs a CUDA
+# build of torch in $(VENV) (README, "GPUs and split models"); `python -m bench gpu --device cpu --quick` runs its
+# steps on a CPU.
 gpu-check: $(VENV)/.installed
 	$(PY) -m bench gpu $(ARGS)
 

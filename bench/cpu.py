@@ -15,8 +15,9 @@ Every measurement runs in a fresh subprocess, as a user's command would:
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m bench cpu
                                                  # the AVX2-only code path on a newer CPU
 
-Writes ``bench/results/cpu-<class>.md`` and ``.json`` (``--results DIR`` elsewhere); a part left out with ``--skip``
-keeps its earlier result from that file, with the date and command that measured it.
+Writes ``bench/results/cpu-<class>.md`` and ``.json`` (``cpu-<class>-capped`` for a capped run; ``--results DIR``
+elsewhere); a part left out with ``--skip`` keeps its earlier result from that file, with the date and command
+that measured it.
 """
 
 from __future__ import annotations
@@ -209,9 +210,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report_name() -> str:
+    """``cpu-<class>``, and ``-capped`` where PyTorch is limited below the CPU (a newer CPU running the AVX2 path):
+    that run and one on a CPU of the class itself are kept apart."""
     from lminf_integrations.cpu import cpu_info
 
-    return "cpu-" + cpu_info().cpu_class.lower().replace(" ", "-").replace("_", "-")
+    info = cpu_info()
+    return "cpu-" + info.cpu_class.lower().replace(" ", "-").replace("_", "-") + ("-capped" if info.limited else "")
 
 
 def _previous_report(results: Path) -> dict[str, Any]:

@@ -60,9 +60,13 @@ class CpuInfo:
             return "AVX2"
         return "baseline"
 
+    @property
+    def limited(self) -> bool:
+        """Whether PyTorch runs below what the CPU offers (``ATEN_CPU_CAPABILITY`` set lower than its AVX-512)."""
+        return self.capability != "AVX512" and "avx512f" in self.flags
+
     def describe(self) -> str:
-        limited = self.capability != "AVX512" and "avx512f" in self.flags
-        note = f", limited to {self.capability} by ATEN_CPU_CAPABILITY" if limited else ""
+        note = f", limited to {self.capability} by ATEN_CPU_CAPABILITY" if self.limited else ""
         return f"{self.name} ({self.cpu_class}{note})"
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.cpu import main
 
 
 def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> None:
     from lminf_integrations.cpu import cpu_info
 
-    name = "cpu-" + cpu_info().cpu_class.lower().replace(" ", "-")
+    info = cpu_info()
+    name = "cpu-" + info.cpu_class.lower().replace(" ", "-") + ("-capped" if info.limited else "")
     earlier = {"startup": {"import_s": 1.0, "first_load_s": 9.0, "load_s": 0.5, "ask_s": 3.0, "encode_s": 60.0,
                            "ask_state_s": 4.0, "answer": "green"},
                "measured": {"startup": "earlier, `python -m bench cpu --repeats 3`"}}
@@ -27,3 +30,18 @@ def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> No
     assert "`python -m bench cpu --dtype-tokens 512 --decode-steps 2`" in table
     report = json.loads((tmp_path / f"{name}.json").read_text())
     assert all(row["ppl"] > 1 and row["prefill_tok_s"] > 0 for row in report["dtypes"].values())
+
+
+def test_a_capped_run_and_a_run_on_the_class_itself_write_different_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make test-avx2``'s code path on a newer CPU must not overwrite (or merge into) a real AVX2 CPU's report."""
+    from bench import cpu as bench_cpu
+    from lminf_integrations import cpu
+
+    real = cpu.CpuInfo("AMD EPYC", frozenset({"avx2", "fma"}), "AVX2", "AuthenticAMD")
+    capped = cpu.CpuInfo("AMD EPYC", frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}), "AVX2", "AuthenticAMD")
+    names = []
+    for info in (real, capped):
+        monkeypatch.setattr(cpu, "cpu_info", lambda info=info: info)
+        names.append(bench_cpu._report_name())
+    assert names == ["cpu-avx2", "cpu-avx2-capped"]
+    assert "limited to AVX2" in capped.describe() and "limited" not in real.describe()

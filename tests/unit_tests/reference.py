@@ -49,10 +49,16 @@ def reference_attention(
     local = (dist >= 0) & (dist < cfg.n_local)
     is_global = (dist >= cfg.n_local) & (k_pos[None, :] < cfg.n_global)
     middle = (dist >= cfg.n_local) & (k_pos[None, :] >= cfg.n_global)
-    effective = torch.where(local, dist, torch.full_like(dist, float(limit)))
-    # q_i · k_j at relative distance e = Re Σ_f zq conj(zk) e^{+i e f}  (key behind the query by e).
-    phase = torch.exp(1j * effective[..., None] * inv_freq)  # (n_q, n_keys, F)
-    logits = torch.einsum("bhqf,bhkf,qkf->bhqk", zq, zk.conj(), phase).real * (scaling or query.shape[-1] ** -0.5)
+    # q_p · k_j at relative distance e = Re Σ_f zq conj(zk) e^{+i e f}  (key behind the query by e). The effective
+    # distance e is p - j inside the window and the limit L outside it. e^{i(p-j)f} = e^{ipf} conj(e^{ijf}), so each
+    # case is one dense product, and every pair takes the one its distance calls for. (One einsum over a (q, k, f)
+    # phase tensor says the same, but builds an n_q × n_keys × F complex tensor per head: minutes on a real model.)
+    def turn(positions: torch.Tensor) -> torch.Tensor:  # e^{i p f}, one row per position
+        return torch.exp(1j * positions[:, None] * inv_freq)
+
+    at_true = torch.einsum("bhqf,bhkf->bhqk", zq * turn(q_pos), (zk * turn(k_pos)).conj()).real
+    at_limit = torch.einsum("bhqf,bhkf->bhqk", zq * turn(torch.tensor([float(limit)])), zk.conj()).real
+    logits = torch.where(local, at_true, at_limit) * (scaling or query.shape[-1] ** -0.5)
     allowed = (local | is_global).expand_as(logits).clone()
     if cfg.top_k > 0 and layer >= cfg.top_k_from_layer:
         start = TOP_K_FROM_POSITION[0] if TOP_K_FROM_POSITION[0] is not None else n_keys - 1

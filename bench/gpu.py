@@ -427,8 +427,11 @@ def speed(
             continue
         if index >= targets and mode in last:
             predicted = last[mode].prefill_s * (n / last[mode].tokens) ** GROWTH[mode]
-            if time.perf_counter() + predicted > deadline:
-                report.skipped.append(f"{mode} at {n} tokens (predicted {predicted:.0f} s, past the time limit)")
+            left = deadline - time.perf_counter()
+            if predicted > left:
+                report.skipped.append(
+                    f"{mode} at {n} tokens (predicted {predicted:.0f} s, {max(left, 0):.0f} s of the time limit left)"
+                )
                 continue
         try:
             row = guarded(report, f"{mode} at {n} tokens", partial(

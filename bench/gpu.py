@@ -17,10 +17,12 @@ and CPU, then speed and memory of a large model's shape.
 3. **Speed and memory**: a random-weight model with a real large model's shape (default: Llama-3-8B's, 32 layers,
    hidden 4096, 32 query and 8 key/value heads, bf16 — weights do not change speed), vanilla (transformers' SDPA,
    one forward, DynamicCache) against LM-Infinite (window cache, prefill in ``--chunk`` steps): prefill tokens/s,
-   decoding tokens/s (eager; and LM-Infinite's compiled decoding with ``--compiled-decode``) and peak device memory
-   beyond the weights. Rows run in the order :func:`speed_plan` gives: the compared ``--lengths`` and LM-Infinite
-   at ``--max-tokens``, which the targets read and which always run, then the doublings between while
-   ``--time-limit`` (the whole check's) and the device's memory last.
+   decoding tokens/s and peak device memory beyond the weights. Decoding is timed eager, and with
+   ``--compiled-decode`` compiled too, each mode its fastest way in transformers: LM-Infinite's
+   ``compile_decode=True`` steps, vanilla's from a ``StaticCache`` (at the compared lengths; each length compiles
+   anew). Rows run in the order :func:`speed_plan` gives: the compared ``--lengths`` and LM-Infinite at
+   ``--max-tokens``, which the targets read and which always run, then the doublings between while ``--time-limit``
+   (the whole check's) and the device's memory last.
 
 The short steps come before the open-ended one, and the report is written after each step and speed row, so a run
 stopped by a time limit keeps what it did. A step that raises is reported with its error and the others still run
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, StaticCache
 
 from bench.common import RESULTS, StepClock, decode_kernel_set, machine_line, write_result
 from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
@@ -92,7 +94,7 @@ class SpeedRow:
     prefill_tok_s: float
     decode_tok_s: float
     peak_gib: float  # device memory beyond the weights (CPU: resident memory rise)
-    compiled_decode_tok_s: float | None = None  # LM-Infinite's compile_decode=True steps through generate
+    compiled_decode_tok_s: float | None = None  # compiled steps through generate (vanilla's: on a StaticCache)
 
 
 @dataclass
@@ -319,16 +321,16 @@ def _warm_up(model: Any, mode: str, ids: torch.Tensor, chunk: int) -> None:
 
 
 def _compiled_decode(model: Any, cache: Any, steps: int, device: torch.device) -> float:
-    """Tokens/s of ``steps`` decoding steps as ``compile_decode=True`` runs them (the package's compile settings for
-    the device, through ``generate``), continuing the steady window ``cache``. A first, untimed call compiles (and on
-    CUDA records the graphs); the window cache has one shape, so later lengths reuse it."""
+    """Tokens/s of ``steps`` decoding steps through ``generate`` with the package's compile settings for the device
+    (CUDA graphs on a GPU), continuing ``cache``: LM-Infinite's steady window cache (``compile_decode=True``), or
+    vanilla's :func:`static_copy`. A first, untimed call compiles (and on CUDA records the graphs); the window cache
+    has one shape, so later lengths reuse its compile, while each static cache's length compiles anew."""
     from lminf_integrations.compiled import compiled_step_errors, generate_kwargs, inductor_settings
 
-    cache.allow_compiled_steps(True)
     rate = 0.0
     for new_tokens in (3, steps + 1):
         # generate reads only the prompt's tokens past the cache: their values do not matter for speed.
-        prompt = torch.randint(0, model.config.vocab_size, (1, cache.get_seq_length() + 1), device=device)
+        prompt = torch.randint(0, model.config.vocab_size, (1, int(cache.get_seq_length()) + 1), device=device)
         clock = StepClock(device)
         with inductor_settings(True, device), compiled_step_errors(True, "the speed model"):
             model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_kwargs(cache),
@@ -336,6 +338,16 @@ def _compiled_decode(model: Any, cache: Any, steps: int, device: torch.device) -
                            pad_token_id=0, **generate_kwargs(True, device))  # fmt: skip
         rate = (new_tokens - 1) / (clock.times[-1] - clock.times[1])  # times[1]: the first new token
     return rate
+
+
+def static_copy(cache: DynamicCache, config: Any, room: int) -> StaticCache:
+    """``cache``'s keys and values in a :class:`~transformers.StaticCache` with ``room`` free positions: vanilla's own
+    way to compiled decoding in transformers (fixed shapes, so ``generate`` compiles its steps, with CUDA graphs on a
+    GPU). Each step then attends over the whole static length, so ``room`` is kept to what the steps need."""
+    static = StaticCache(config=config, max_cache_len=int(cache.get_seq_length()) + room)
+    for layer, source in zip(static.layers, cache.layers, strict=True):
+        layer.update(source.keys, source.values)
+    return static
 
 
 @torch.inference_mode()
@@ -379,8 +391,14 @@ def measure(
         token = model(input_ids=token, **cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
     _sync(device)
     decode_s = time.perf_counter() - started
-    peak = _memory_now(device) - base  # before any compiled steps: CUDA graphs keep a memory pool of their own
-    compiled_rate = _compiled_decode(model, cache, decode_steps, device) if compiled and mode != "vanilla" else None
+    peak = _memory_now(device) - base
+    compiled_rate = None
+    if compiled:  # the compiled steps after the peak: CUDA graphs keep a memory pool of their own
+        if mode == "vanilla":
+            cache = static_copy(cache, model.config, room=decode_steps + 8)  # two generate calls: 3 + steps + 1
+        else:
+            cache.allow_compiled_steps(True)
+        compiled_rate = _compiled_decode(model, cache, decode_steps, device)
     del cache
     return SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak, compiled_rate)
 
@@ -433,9 +451,11 @@ def speed(
                     f"{mode} at {n} tokens (predicted {predicted:.0f} s, {max(left, 0):.0f} s of the time limit left)"
                 )
                 continue
+        # Vanilla's compiled steps compile anew for each length (its static cache's): only at the compared lengths.
+        compiled = args.compiled_decode and (mode != "vanilla" or n in args.lengths)
         try:
             row = guarded(report, f"{mode} at {n} tokens", partial(
-                measure, model, mode, n, args.chunk, args.decode_steps, device, args.n_local, args.compiled_decode),
+                measure, model, mode, n, args.chunk, args.decode_steps, device, args.n_local, compiled),
                 let_through=(torch.OutOfMemoryError,))  # fmt: skip
         except torch.OutOfMemoryError:  # a finding here (the longest that fits), not a failure
             report.skipped.append(f"{mode} at {n} tokens (out of device memory)")
@@ -527,9 +547,10 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
            f"exact unfused kernels, FlexAttention did not compile ({flex.COMPILE_FAILURE})")
         + ". Each row follows an untimed warm-up of the same kind (kernel compiles happen there).",
         "",
-        "Decode tok/s: eager forward calls, one token each; compiled: LM-Infinite's `compile_decode=True` steps "
-        "through `generate` (the package's compile settings for the device: CUDA graphs on a GPU), after an untimed "
-        "compile.",
+        "Decode tok/s: eager forward calls, one token each. Compiled: steps through `generate` with the package's "
+        "compile settings for the device (CUDA graphs on a GPU), after an untimed compile; LM-Infinite's "
+        "`compile_decode=True` steps on its window cache, vanilla's on a `StaticCache` copy of its cache with room "
+        "for the steps (transformers' own compiled decoding; at the compared lengths only).",
         "",
         "| mode | tokens | prefill s | prefill tok/s | decode tok/s | compiled decode tok/s | peak memory beyond "
         "weights GiB |",
@@ -584,8 +605,8 @@ def main(argv: list[str] | None = None) -> Report:
     )  # fmt: skip
     parser.add_argument(
         "--compiled-decode", action=argparse.BooleanOptionalAction, default=None,
-        help="also check LM-Infinite's compiled decoding (compile_decode=True) against eager steps and time it "
-        "(compiles once per dtype) (default: on a GPU)",
+        help="also check LM-Infinite's compiled decoding (compile_decode=True) against eager steps, and time it and "
+        "vanilla's (a StaticCache, at the compared lengths) (default: on a GPU)",
     )  # fmt: skip
     parser.add_argument("--split-layers", type=int, default=4)
     parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")

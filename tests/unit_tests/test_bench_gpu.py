@@ -21,9 +21,12 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
     assert all(c.ok for c in report.checks), [c for c in report.checks if not c.ok]
     assert {r.mode for r in report.speed} == {"vanilla", "lm-infinite"}
     assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in report.speed)
-    # LM-Infinite's compiled decoding (compile_decode=True through generate, CUDA graphs on a GPU) is timed too
+    # Compiled decoding is timed too (through generate, CUDA graphs on a GPU): LM-Infinite's compile_decode=True at
+    # every length, vanilla's from a StaticCache at the compared lengths (each of its lengths compiles anew)
     assert all((r.compiled_decode_tok_s or 0) > 0 for r in report.speed if r.mode == "lm-infinite")
-    assert all(r.compiled_decode_tok_s is None for r in report.speed if r.mode == "vanilla")
+    vanilla = {r.tokens: r.compiled_decode_tok_s for r in report.speed if r.mode == "vanilla"}
+    assert all((vanilla[n] or 0) > 0 for n in (256, 512)), vanilla  # --quick's compared lengths
+    assert all(rate is None for n, rate in vanilla.items() if n not in (256, 512)), vanilla
     assert report.split and all(c.ok for c in report.split)
     # the split model also through the window cache, whose layers then live on the devices of theirs
     assert {c.what for c in report.split} == {
@@ -156,3 +159,34 @@ def test_past_the_time_limit_only_the_rows_the_targets_do_not_read_are_skipped(
     assert re.search(r"predicted 80 s, (49|50) s of the time limit left", skipped), skipped
     assert any(s.startswith("vanilla at 256 tokens") and "out of device memory" in s for s in report.skipped)
     assert not any("vanilla at 512" in s for s in report.skipped)  # after running out of memory, not tried at all
+
+
+def test_vanillas_static_copy_continues_its_cache() -> None:
+    """Vanilla's compiled decoding (transformers' StaticCache, whose fixed shapes let ``generate`` compile its steps)
+    starts from a copy of the eager prefill's DynamicCache: steps from the copy must give the logits of the whole
+    sequence computed without a cache. The steps run eagerly here; the check above compiles them (its vanilla rows'
+    compiled decoding)."""
+    import torch
+    from transformers import DynamicCache
+
+    from lminf_integrations.compiled import generate_kwargs
+    from lminf_integrations.hf_compat import cache_kwargs
+    from tests.tolerances import network_bound
+
+    model = gpu.random_model(gpu.TINY_SHAPE, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        prefilled = DynamicCache(config=model.config)
+        model(ids[:, :-1], **cache_kwargs(prefilled))
+        static = gpu.static_copy(prefilled, model.config, room=8)
+        assert [layer.max_cache_len for layer in static.layers] == [39 + 8] * model.config.num_hidden_layers
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(static), max_new_tokens=6,
+                             min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0, **generate_kwargs(False))  # fmt: skip
+        stepped = torch.stack(out.logits).float()
+        whole = model(out.sequences[:, :-1]).logits[0, ids.shape[1] - 1 :, None]
+    assert stepped.shape == whole.shape == (6, 1, model.config.vocab_size)
+    error = float((stepped - whole).abs().max())
+    reduction = max(model.config.hidden_size, model.config.intermediate_size, ids.shape[1] + 6)  # the longest sum
+    bound = network_bound(whole, torch.float32, reduction, model.config.num_hidden_layers)
+    assert error <= bound, (error, bound)

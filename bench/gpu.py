@@ -95,6 +95,7 @@ class SpeedRow:
     decode_tok_s: float
     peak_gib: float  # device memory beyond the weights (CPU: resident memory rise)
     compiled_decode_tok_s: float | None = None  # compiled steps through generate (vanilla's: on a StaticCache)
+    compiled_error: str | None = None  # why the compiled steps failed ("Error: message"); the eager numbers stand
 
 
 @dataclass
@@ -392,15 +393,19 @@ def measure(
     _sync(device)
     decode_s = time.perf_counter() - started
     peak = _memory_now(device) - base
-    compiled_rate = None
+    row = SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak)
     if compiled:  # the compiled steps after the peak: CUDA graphs keep a memory pool of their own
-        if mode == "vanilla":
-            cache = static_copy(cache, model.config, room=decode_steps + 8)  # two generate calls: 3 + steps + 1
-        else:
-            cache.allow_compiled_steps(True)
-        compiled_rate = _compiled_decode(model, cache, decode_steps, device)
+        try:
+            if mode == "vanilla":
+                cache = static_copy(cache, model.config, room=decode_steps + 8)  # two generate calls: 3 + steps + 1
+            else:
+                cache.allow_compiled_steps(True)
+            row.compiled_decode_tok_s = _compiled_decode(model, cache, decode_steps, device)
+        except Exception as error:  # the numbers above stand: speed() reports this one as the row's error
+            traceback.print_exc()
+            row.compiled_error = f"{type(error).__name__}: {error}"
     del cache
-    return SpeedRow(mode, n_tokens, prefill_s, n_tokens / prefill_s, decode_steps / decode_s, peak, compiled_rate)
+    return row
 
 
 def speed_plan(lengths: list[int], max_tokens: int) -> list[tuple[str, int]]:
@@ -465,6 +470,8 @@ def speed(
             torch.cuda.empty_cache()
         if row is not None:
             report.speed.append(row)
+            if row.compiled_error:
+                report.errors.append(f"{mode} at {n} tokens, compiled decoding: {row.compiled_error}")
             last[mode] = row
             print(f"{mode:12s} {n:8d} tokens: {asdict(row)}", flush=True)
         progress()
@@ -558,7 +565,7 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
     ]
     lines += [
         f"| {r.mode} | {r.tokens} | {r.prefill_s:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | "
-        f"{'–' if r.compiled_decode_tok_s is None else f'{r.compiled_decode_tok_s:.1f}'} | {r.peak_gib:.2f} |"
+        f"{_compiled_cell(r)} | {r.peak_gib:.2f} |"
         for r in sorted(report.speed, key=lambda r: (r.mode != "vanilla", r.tokens))
     ]
     lines += [f"- not run: {s}" for s in report.skipped]
@@ -570,6 +577,12 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
     if report.errors:
         lines += ["", "## Steps that raised", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(lines) + "\n"
+
+
+def _compiled_cell(row: SpeedRow) -> str:
+    if row.compiled_error:
+        return "failed (see errors)"
+    return "–" if row.compiled_decode_tok_s is None else f"{row.compiled_decode_tok_s:.1f}"
 
 
 def _write(report: Report, args: argparse.Namespace) -> None:

@@ -190,3 +190,31 @@ def test_vanillas_static_copy_continues_its_cache() -> None:
     reduction = max(model.config.hidden_size, model.config.intermediate_size, ids.shape[1] + 6)  # the longest sum
     bound = network_bound(whole, torch.float32, reduction, model.config.num_hidden_layers)
     assert error <= bound, (error, bound)
+
+
+def test_compiled_decoding_that_fails_keeps_the_rows_eager_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled steps come last in a timed row: if they fail (a step that does not compile on the device's torch,
+    CUDA graphs out of memory), the row's prefill, eager decoding and memory, which the targets read, are kept, and
+    the failure is reported as an error of that row's compiled decoding."""
+    import argparse
+    import time
+
+    import torch
+
+    def fails(*args: object) -> float:
+        raise RuntimeError("the step did not compile")
+
+    monkeypatch.setattr(gpu, "_compiled_decode", fails)
+    args = argparse.Namespace(shape="tiny", lengths=[128], max_tokens=128, chunk=64, decode_steps=2, n_local=64,
+                              compiled_decode=True, argv=[], device="cpu", dtype="fp32", time_limit=60.0)  # fmt: skip
+    report = gpu.Report("cpu")
+    gpu.speed(args, torch.device("cpu"), torch.float32, report, deadline=time.perf_counter() + 60)
+    table = [line for line in gpu.markdown(report, args).splitlines() if line.startswith(("| vanilla", "| lm-inf"))]
+    assert len(table) == 2 and all("| failed (see errors) |" in line for line in table), table
+    assert [(r.mode, r.tokens) for r in report.speed] == [("vanilla", 128), ("lm-infinite", 128)]
+    assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 and r.compiled_decode_tok_s is None for r in report.speed)
+    assert report.errors == [
+        f"{mode} at 128 tokens, compiled decoding: RuntimeError: the step did not compile"
+        for mode in ("vanilla", "lm-infinite")
+    ]
+    assert not report.ok

@@ -11,10 +11,9 @@ from bench.cpu import main
 
 
 def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> None:
-    from lminf_integrations.cpu import cpu_info
+    from bench.cpu import _report_name
 
-    info = cpu_info()
-    name = "cpu-" + info.cpu_class.lower().replace(" ", "-") + ("-capped" if info.limited else "")
+    name = _report_name()  # this machine's report (its naming: the test below)
     earlier = {"startup": {"import_s": 1.0, "first_load_s": 9.0, "load_s": 0.5, "ask_s": 3.0, "encode_s": 60.0,
                            "ask_state_s": 4.0, "answer": "green"},
                "measured": {"startup": "earlier, `python -m bench cpu --repeats 3`"}}

@@ -30,18 +30,19 @@ def dca_reference_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     settings = module.lminf_settings
-    s, w, c, inv_freq = settings.chunk, settings.local, settings.far + 1, settings.inv_freq.double()
+    s, w, c = settings.chunk, settings.local, settings.far + 1
+    inv_freq = settings.inv_freq.to(query.device, torch.float64)
     n_keys, n_q = key.shape[-2], query.shape[-2]
     rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(rep, dim=1)
     v = value.repeat_interleave(rep, dim=1).double()
-    q_pos = torch.arange(n_keys - n_q, n_keys)
-    k_pos = torch.arange(n_keys)
+    q_pos = torch.arange(n_keys - n_q, n_keys, device=query.device)
+    k_pos = torch.arange(n_keys, device=query.device)
     zq = _complex(query) * torch.exp(-1j * q_pos.double()[:, None] * inv_freq[None, :])
     zk = _complex(k) * torch.exp(-1j * k_pos.double()[:, None] * inv_freq[None, :])
     q_chunk, q_offset = (q_pos // s)[:, None], (q_pos % s)[:, None]
     k_chunk, k_offset = (k_pos // s)[None, :], (k_pos % s)[None, :]
-    far = torch.full((n_q, n_keys), c - 1)
+    far = torch.full((n_q, n_keys), c - 1, device=query.device)
     successive = torch.where(q_offset < w, s + q_offset, far)
     p_query = torch.where(q_chunk == k_chunk, q_offset, torch.where(q_chunk == k_chunk + 1, successive, far))
     distance = (p_query - k_offset).double()

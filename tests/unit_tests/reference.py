@@ -34,13 +34,13 @@ def reference_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     settings = module.lminf_settings
-    cfg, inv_freq, layer = settings.config, settings.inv_freq.double(), settings.layer_idx
+    cfg, inv_freq, layer = settings.config, settings.inv_freq.to(query.device, torch.float64), settings.layer_idx
     n_keys, n_q = key.shape[-2], query.shape[-2]
     rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(rep, dim=1)
     v = value.repeat_interleave(rep, dim=1).double()
-    q_pos = torch.arange(n_keys - n_q, n_keys, dtype=torch.float64)
-    k_pos = torch.arange(n_keys, dtype=torch.float64)
+    q_pos = torch.arange(n_keys - n_q, n_keys, dtype=torch.float64, device=query.device)
+    k_pos = torch.arange(n_keys, dtype=torch.float64, device=query.device)
     # Back to position 0: multiply by e^{-i p f}.
     zq = _complex(query) * torch.exp(-1j * q_pos[:, None] * inv_freq[None, :])
     zk = _complex(k) * torch.exp(-1j * k_pos[:, None] * inv_freq[None, :])
@@ -57,7 +57,8 @@ def reference_attention(
         return torch.exp(1j * positions[:, None] * inv_freq)
 
     at_true = torch.einsum("bhqf,bhkf->bhqk", zq * turn(q_pos), (zk * turn(k_pos)).conj()).real
-    at_limit = torch.einsum("bhqf,bhkf->bhqk", zq * turn(torch.tensor([float(limit)])), zk.conj()).real
+    limit_turn = turn(torch.tensor([float(limit)], device=query.device))
+    at_limit = torch.einsum("bhqf,bhkf->bhqk", zq * limit_turn, zk.conj()).real
     logits = torch.where(local, at_true, at_limit) * (scaling or query.shape[-1] ** -0.5)
     allowed = (local | is_global).expand_as(logits).clone()
     if cfg.top_k > 0 and layer >= cfg.top_k_from_layer:

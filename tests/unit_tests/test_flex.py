@@ -119,10 +119,45 @@ STACKS = {
 }
 
 
-@pytest.mark.usefixtures("cuda_path")
+@pytest.fixture
+def default_device_elsewhere() -> Iterator[None]:
+    """While a model runs, tensors made without ``device=`` go to the ``meta`` device, where they cannot meet the
+    model's CPU tensors: on the CPU, the same failure a tensor left on the CPU meets in a model on a GPU."""
+    from torch.nn.modules import module as nn_module
+    from transformers import PreTrainedModel
+
+    depth, entered = [0], []
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        if isinstance(module, PreTrainedModel):
+            depth[0] += 1
+            if depth[0] == 1:
+                torch.set_default_device("meta")
+                entered.append(module)
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, PreTrainedModel):
+            depth[0] -= 1
+            if depth[0] == 0:
+                torch.set_default_device(None)
+
+    handles = [nn_module.register_module_forward_pre_hook(enter),
+               nn_module.register_module_forward_hook(leave, always_call=True)]  # fmt: skip
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_default_device(None)
+    assert entered  # the model ran with the default device elsewhere
+
+
+@pytest.mark.usefixtures("cuda_path", "default_device_elsewhere")
 @pytest.mark.parametrize("arch", test_attention.ARCHITECTURES)
 @pytest.mark.parametrize("stack", sorted(STACKS))
 def test_every_attention_through_the_cuda_path_equals_its_reference(stack: str, arch: str) -> None:
+    """Exact, and every tensor the stacks and the dense references create follows the layer's inputs (on a GPU, one
+    made on the default device, the CPU, would raise "Expected all tensors to be on the same device")."""
     STACKS[stack](arch)
 
 

@@ -101,7 +101,6 @@ from transformers import (
     DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
 
@@ -109,7 +108,7 @@ from bench.common import RESULTS, machine_line, peak_rss, rate, wilson
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
 from lminf_integrations.config import DCAConfig, XL3MConfig
-from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, pad_token_id
+from lminf_integrations.engine import DocumentState, Engine, GenerationSettings, StopWhen, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.model_thread import on_model_thread
 from lminf_integrations.models import load_model, model_name
@@ -188,14 +187,6 @@ def engine_answer(
     return clock.result()
 
 
-class _Flag(StoppingCriteria):
-    def __init__(self) -> None:
-        self.stop = False
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool)  # type: ignore[return-value]
-
-
 @on_model_thread
 @torch.inference_mode()
 def vanilla_answer(
@@ -208,10 +199,10 @@ def vanilla_answer(
 ) -> Timed:
     """Greedy generation by the model as it is (call with the model unpatched), streamed like the engine's."""
     clock = _Clock(started)
-    flag = _Flag()
+    done = [False]
 
     def emit(delta: str) -> None:
-        flag.stop = clock.feed(delta) or flag.stop
+        done[0] = clock.feed(delta) or done[0]
 
     input_ids = torch.tensor([ids], device=model.device)
     model.generate(  # type: ignore[operator]
@@ -222,7 +213,7 @@ def vanilla_answer(
         do_sample=False,
         top_k=None,
         streamer=DeltaStreamer(tokenizer, emit),
-        stopping_criteria=StoppingCriteriaList([flag]),
+        stopping_criteria=StoppingCriteriaList([StopWhen(lambda: done[0])]),
         pad_token_id=pad_token_id(tokenizer),
     )
     return clock.result()

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,16 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer.eos_token_id if pad is None else int(pad)
 
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+class StopWhen(StoppingCriteria):
+    """Stops every sequence of a ``generate`` call once ``stop()`` says so (a reader gone, an answer complete)."""
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)  # type: ignore[return-value]
+        # On the tokens' device: transformers ORs every criterion's answer into a tensor there (a GPU's, say).
+        done = torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)
+        return done  # type: ignore[return-value]
 
 
 class Engine:
@@ -479,7 +483,7 @@ class Engine:
                 **cache_kwargs(encoded.cache),
                 max_new_tokens=settings.max_new_tokens,
                 streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                stopping_criteria=StoppingCriteriaList([StopWhen(cancelled.is_set)]),
                 pad_token_id=pad_token_id(self.tokenizer),
                 top_k=None,
                 **generate_kwargs(compiled, input_ids.device),

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.config import XL3MConfig
-from lminf_integrations.engine import Engine, GenerationSettings, pad_token_id
+from lminf_integrations.engine import Engine, GenerationSettings, StopWhen, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 
 Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -33,6 +33,19 @@ def test_a_pad_token_id_of_zero_is_kept(tiny_llama_with_real_tokenizer: Pair, mo
     tokenizer.pad_token = None
     assert pad_token_id(tokenizer) == tokenizer.eos_token_id  # no pad token: EOS stands in, as before
 
+
+
+def test_the_stop_criterion_answers_on_the_tokens_device() -> None:
+    """transformers ORs each criterion's answer into a tensor on the tokens' device: an answer left on the CPU raises
+    there when the tokens are on a GPU (here: on ``meta``, which mixes with the CPU no more than a GPU does)."""
+    stop = [False]
+    criteria = StoppingCriteriaList([StopWhen(lambda: stop[0])])
+    ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    assert criteria(ids, torch.zeros(2, 5, device="meta")).device.type == "meta"
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert criteria(ids, torch.zeros(2, 5)).tolist() == [False, False]
+    stop[0] = True
+    assert criteria(ids, torch.zeros(2, 5)).tolist() == [True, True]
 
 @pytest.mark.parametrize("cache_mode", ["window", "full"])
 @torch.no_grad()

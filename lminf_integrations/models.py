@@ -217,7 +217,9 @@ class Placement:
     def key(self) -> str:
         if self.device_map is None:
             return str(self.main_device)
-        return json.dumps({"device_map": self.device_map, "max_memory": self.max_memory}, sort_keys=True, default=str)
+        # JSON keys are strings: a limit's GPU index and "cpu" side by side ({0: ..., "cpu": ...}) cannot be sorted.
+        memory = None if self.max_memory is None else {str(k): v for k, v in self.max_memory.items()}
+        return json.dumps({"device_map": self.device_map, "max_memory": memory}, sort_keys=True, default=str)
 
     def from_pretrained_kwargs(self) -> dict[str, object]:
         """What ``from_pretrained`` takes to place the weights as it loads them (none: loaded on the CPU, then

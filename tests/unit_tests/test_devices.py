@@ -21,7 +21,7 @@ from lminf_integrations.config import EngineOptions
 from lminf_integrations.engine import Engine, GenerationSettings
 from lminf_integrations.langchain import LMInfiniteLLM
 from lminf_integrations.llama_index import LMInfiniteLLM as LlamaIndexLLM
-from lminf_integrations.models import input_device, layer_devices, load_model, resolve_device
+from lminf_integrations.models import Placement, input_device, layer_devices, load_model, resolve_device
 from tests.tiny_models import tiny_llama
 
 Tiny = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -71,6 +71,15 @@ def test_the_same_placements_are_accepted_everywhere() -> None:
     assert llm.device == "cpu"
     assert LlamaIndexLLM(device_map="balanced").device_map == "balanced"
 
+
+
+def test_a_memory_limit_over_a_gpu_and_the_cpu_is_one_placement_however_its_keys_are_spelt() -> None:
+    """accelerate's own form mixes GPU indices and "cpu" as keys (``{0: ..., "cpu": ...}``); JSON spells the index
+    ``"0"``. Both name one placement (one loaded copy), and accelerate gets the index."""
+    as_python = Placement.of(None, "auto", {0: "20GiB", "cpu": "60GiB"})
+    as_json = Placement.of(None, "auto", {"0": "20GiB", "cpu": "60GiB"})
+    assert as_python.key == as_json.key
+    assert as_json.from_pretrained_kwargs()["max_memory"] == {0: "20GiB", "cpu": "60GiB"}
 
 def test_command_line_takes_json_placements() -> None:
     parser = build_parser()

@@ -12,6 +12,7 @@ from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.compiled import generate_kwargs, inductor_settings
 from lminf_integrations.engine import Engine, GenerationSettings
 from lminf_integrations.hf_compat import cache_kwargs
+from lminf_integrations.ops import decode_kernel
 from lminf_integrations.strategies.lm_infinite import attention
 from tests.tolerances import assert_close, network_bound
 
@@ -104,6 +105,33 @@ def test_caches_that_change_shape_decode_eagerly(
     assert "".join(compiled.stream(prompt, settings)) == "".join(eager.stream(prompt, settings))
     assert counters["stats"]["unique_graphs"] == 0
 
+
+
+@torch.no_grad()
+def test_compiled_steps_build_the_cpus_decoding_kernel_only_for_a_cache_on_the_cpu(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiled step uses the C++ kernel only if it was built before the step was traced, so allowing compiled
+    steps builds it; but an empty cache does not know its device yet, and a GPU's cache must not build a CPU kernel
+    (a compiler run, and it needs a C++ compiler). It is built when the cache meets its first keys, on the CPU."""
+    builds: list[int] = []
+    monkeypatch.setattr(decode_kernel, "_state", {})
+    monkeypatch.setattr(decode_kernel, "_build", lambda: builds.append(1) or None)
+    model, _ = tiny_llama_with_real_tokenizer
+    patch_model(model, CONFIG)
+    cache = new_cache(model)
+    cache.allow_compiled_steps()
+    assert not builds  # no device yet
+    layer = cache.lambda_layers[0]  # type: ignore[union-attr]
+    elsewhere = torch.zeros(1, 2, 3, 16, device="meta")  # stands for a GPU's keys
+    layer.lazy_initialization(elsewhere, elsewhere)
+    assert not builds
+    model.model(torch.tensor([_prompt(4)]), **cache_kwargs(new_cache(model)))  # eager steps: nothing to build
+    assert not builds
+    cpu_cache = new_cache(model)
+    cpu_cache.allow_compiled_steps()
+    model.model(torch.tensor([_prompt(4)]), **cache_kwargs(cpu_cache))
+    assert builds == [1]
 
 @torch.no_grad()
 def test_steady_cache_is_compileable_only_while_shapes_are_fixed_and_allowed(

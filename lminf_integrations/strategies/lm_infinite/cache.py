@@ -90,6 +90,13 @@ class LambdaLayer(CacheLayerMixin):
             self.middle_keys = key_states.new_zeros(batch, heads, capacity, dim)
         self._position = self._position.to(key_states.device)
         self.is_initialized = True
+        self._build_decode_kernel_if_needed()
+
+    def _build_decode_kernel_if_needed(self) -> None:
+        # A compiled step uses the CPU's C++ kernel only if it exists when the step is traced; build it now, before
+        # any step. Not for a cache on a GPU (or before the cache knows its device).
+        if self.compiled_steps and self.is_initialized and self.device.type == "cpu" and decode_kernel.enabled():
+            decode_kernel.decode_attention_op()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -194,6 +201,7 @@ class LambdaLayer(CacheLayerMixin):
         if self.steady:  # the point where steadiness starts moves: leave, and enter again if past it
             self._seen, self.steady = int(self._position), False
         self.compiled_steps = allowed
+        self._build_decode_kernel_if_needed()
         self._become_steady_when_ready()
 
     def _steady_decode_step(
@@ -329,6 +337,7 @@ class LambdaLayer(CacheLayerMixin):
         self._seen, self.top_k_from_position = seen, top_k_from_position
         self.steady, self._position = False, torch.zeros((), dtype=torch.long, device=keys.device)
         self.is_initialized = True
+        self._build_decode_kernel_if_needed()
         self._become_steady_when_ready()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -394,9 +403,6 @@ class LambdaCache(Cache):
         """
         for layer in self.lambda_layers:
             layer._set_compiled_steps(allowed)
-        keys = self.lambda_layers[0].keys if self.lambda_layers else None
-        if allowed and decode_kernel.enabled() and (keys is None or keys.device.type == "cpu"):
-            decode_kernel.decode_attention_op()  # built now: a compiled step only uses it if it exists when traced
 
     def set_prompt_length(self, prompt_length: int) -> None:
         """Top-k middle attention applies to queries from ``prompt_length - 1`` on (last prompt token onwards)."""

@@ -32,6 +32,10 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path: Path) -> None:
     assert {c.what for c in report.split} == {
         "split vs whole: unpatched", "split vs whole: lm-infinite", "split vs whole: lm-infinite, window cache"
     }  # fmt: skip
+    from lminf_integrations import models
+
+    # The split's two copies are let go (on a GPU they would hold its memory through the speed step).
+    assert not [key for key in models._loaded if not Path(key[0]).exists()]
     assert list(report.ended) == ["exactness", "split", "speed and memory"]  # when each step ended, in order
     assert sorted(report.ended.values()) == list(report.ended.values())
     payload = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
@@ -218,3 +222,22 @@ def test_compiled_decoding_that_fails_keeps_the_rows_eager_numbers(monkeypatch: 
         for mode in ("vanilla", "lm-infinite")
     ]
     assert not report.ok
+
+
+@pytest.mark.parametrize("layers", [2, 4, 8])
+def test_the_split_budget_puts_half_the_layers_on_the_gpu_by_accelerates_own_placement(layers: int) -> None:
+    """The GPU run's split loads the large model's shape with ``max_memory={0: budget, "cpu": ...}``: the budget must
+    make accelerate place the embedding and half the layers on the GPU and the rest on the CPU, not everything on one
+    device (accelerate keeps room for the largest offloaded module, the output head). A model on ``meta`` (no
+    weights, no GPU needed) is placed the same way."""
+    import torch
+    from accelerate import infer_auto_device_map
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**{**gpu.LLAMA3_8B, "num_hidden_layers": layers})).to(torch.bfloat16)
+    placed = infer_auto_device_map(model, max_memory={0: gpu.split_budget(model), "cpu": 64 * 2**30},
+                                   no_split_module_classes=model._no_split_modules)  # fmt: skip
+    on_gpu = [name for name, where in placed.items() if where == 0]
+    assert on_gpu == ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(layers // 2)], placed
+    assert set(placed.values()) == {0, "cpu"}

@@ -144,3 +144,14 @@ def test_engine_options_name_where_the_model_is(tiny_llama_with_real_tokenizer: 
     options = Engine(model=model, tokenizer=tokenizer).options
     assert options.device == "cpu" and options.device_map is None
     json.dumps(options.__dict__)  # plain values, as the adapters report them
+
+
+def test_rotation_tables_are_made_on_the_layers_device() -> None:
+    """In a model split over GPUs the rotary embedding (``inv_freq``) sits with the last layers: the tables that move
+    a layer's queries and keys must be made where that layer runs (here ``meta`` stands for the layer's GPU)."""
+    from lminf_integrations.strategies.lm_infinite.attention import _far_rotation
+    from lminf_integrations.strategies.lm_infinite.cache import _rotation_to
+
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+    layer = torch.device("meta")
+    assert {t.device for t in (*_far_rotation(0, 3, 10, inv_freq, layer), *_rotation_to(5, inv_freq, layer))} == {layer}

@@ -161,7 +161,7 @@ def _one_query(
     ((start, stop, ordinary_start),) = runs(n - 1, n, settings.chunk, settings.local)
     logits = []
     for shift, key_start, key_end in _frames(start, stop, ordinary_start, settings):
-        delta = torch.tensor([shift], device=query.device)
+        delta = torch.full((1,), shift, device=query.device)  # no copy from host memory (it would wait on the GPU)
         moved = shift_positions(query, delta, settings.inv_freq).reshape(batch, keys.shape[1], groups, dim)
         logits.append(torch.matmul(moved, keys[:, :, key_start:key_end].transpose(-1, -2)).float())
     weights = (torch.cat(logits, dim=-1) * scale).softmax(-1).to(values.dtype)

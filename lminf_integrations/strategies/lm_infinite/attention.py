@@ -176,7 +176,7 @@ def attend(query: torch.Tensor, prepared: PreparedKeys, settings: LayerSettings,
     )
     if needs_far or needs_top_k:
         # Queries moved to position `distance` and keys at position 0 give relative distance `distance`.
-        cos, sin = _far_rotation(first, n_queries, distance, settings.inv_freq)
+        cos, sin = _far_rotation(first, n_queries, distance, settings.inv_freq, query.device)
         far_query = rotate(query, cos, sin)  # float32: the global logits are taken in float32
         if needs_far:
             scores.append(_global_scores(far_query, prepared, cfg, first, scale))
@@ -207,11 +207,12 @@ def _decode_op(query: torch.Tensor, keys: torch.Tensor) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _far_rotation(
-    first: int, n_queries: int, distance: int, inv_freq: torch.Tensor
+    first: int, n_queries: int, distance: int, inv_freq: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 tables moving the queries at ``[first, first + n_queries)`` to position ``distance``: the same for
-    every layer of a forward, so computed once per chunk."""
-    positions = torch.arange(first, first + n_queries, device=inv_freq.device)
+    """float32 tables on ``device`` moving the queries at ``[first, first + n_queries)`` to position ``distance``:
+    the same for every layer of a forward on that device, so computed once per chunk. On the layer's device, not
+    ``inv_freq``'s: in a model split over GPUs the rotary embedding sits with the last layers."""
+    positions = torch.arange(first, first + n_queries, device=device)
     return rotation(distance - positions, inv_freq, torch.float32)
 
 

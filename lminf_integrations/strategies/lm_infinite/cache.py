@@ -23,10 +23,11 @@ from .attention import LayerSettings, PreparedKeys, hand_over
 
 
 @functools.lru_cache(maxsize=4)
-def _rotation_to(position: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos/sin moving position-0 keys to ``position``: computed once per eager decoding step, for all layers.
+def _rotation_to(position: int, inv_freq: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin on ``device`` (the layer's: a split model's rotary embedding may sit on another GPU) moving
+    position-0 keys to ``position``: computed once per eager decoding step, for all layers on that device.
     ``torch.full`` rather than ``torch.tensor``: a copy from host memory to a GPU waits for the queued kernels."""
-    return rotation(torch.full((1,), position, device=inv_freq.device), inv_freq, torch.float32)
+    return rotation(torch.full((1,), position, device=device), inv_freq, torch.float32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -227,7 +228,7 @@ class LambdaLayer(CacheLayerMixin):
                 sink_slots = torch.arange(cfg.n_global, device=slot.device)
             else:  # eager: one rotation per step, shared by all layers
                 at = int(position) if self.compiled_steps else self._seen  # compiled steps count on the device only
-                cos, sin = _rotation_to(at - cfg.effective_distance_limit, inv_freq)
+                cos, sin = _rotation_to(at - cfg.effective_distance_limit, inv_freq, key_states.device)
                 sink_slots = _leading_slots(cfg.n_global, slot.device)
             sinks = rotate(self.sink_keys, cos, sin).to(key_states.dtype)
             new_keys = torch.cat([sinks, key_states], dim=-2)

@@ -180,9 +180,9 @@ def attention_scores(
         logits = torch.empty(query.shape[0], query.shape[1], len(places))
         for block, indices, low, high, picked, hidden in groups:
             keys = block.keys[layer][low:high]
-            logits[:, :, indices] = _row_best_logits(query.to(keys.device), scale, keys, hidden).cpu()[
-                :, :, picked
-            ]
+            # A split model's layers (their keys) may sit on several GPUs: the bias goes where each layer's keys are.
+            row_logits = _row_best_logits(query.to(keys.device), scale, keys, hidden.to(keys.device))
+            logits[:, :, indices] = row_logits.cpu()[:, :, picked]
         best = torch.maximum(best, top_token_share(logits).amax(0))
     return best.tolist()
 

@@ -256,7 +256,10 @@ def _row_logits(
             layers = [(k[pick], v[pick]) for k, v in zip(block.keys, block.values, strict=True)]
         else:
             index = torch.tensor(chosen, device=block.keys[0].device)
-            layers = [(k[index], v[index]) for k, v in zip(block.keys, block.values, strict=True)]
+            layers = []
+            for k, v in zip(block.keys, block.values, strict=True):
+                at = index.to(k.device)  # a split model's layers may sit on several GPUs
+                layers.append((k[at], v[at]))
         lengths_now = torch.tensor(read_to[first : first + per_forward])
         # Each row sees its own positions and the question, not its padding; the question continues its positions.
         positions = lengths_now[:, None] + torch.arange(q)[None, :]

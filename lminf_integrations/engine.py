@@ -70,6 +70,15 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer.eos_token_id if pad is None else int(pad)
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory a new cache can take on ``device``: on a GPU, the free memory plus what PyTorch holds cached but
+    unused (an earlier long prompt's blocks, which it hands out again), as accelerate's ``get_max_memory`` counts."""
+    if device.type != "cuda":
+        return int(psutil.virtual_memory().available)
+    free = torch.cuda.mem_get_info(device)[0]
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 class StopWhen(StoppingCriteria):
     """Stops every sequence of a ``generate`` call once ``stop()`` says so (a reader gone, an answer complete)."""
 
@@ -214,7 +223,7 @@ class Engine:
         device = input_device(self.model)
         # The cache grows where the layers are: on a GPU, its free memory is what counts (a split model: the first
         # device's, a conservative reading since the layers spread the cache).
-        available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+        available = free_bytes(device)
         if needed > 0.8 * available:
             raise MemoryError(
                 f"encoding {n_tokens} tokens with strategy={self.strategy.name!r} needs about "

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.config import XL3MConfig
-from lminf_integrations.engine import Engine, GenerationSettings, StopWhen, pad_token_id
+from lminf_integrations.engine import Engine, GenerationSettings, StopWhen, free_bytes, pad_token_id
 from lminf_integrations.hf_compat import cache_kwargs
 
 Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -132,3 +132,14 @@ def test_all_model_work_of_every_engine_runs_on_one_thread(
     finally:
         hook.remove()
     assert len(seen) == 1 and threading.get_ident() not in seen
+
+
+def test_free_gpu_memory_counts_what_pytorch_holds_cached_but_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a long prompt PyTorch keeps its blocks reserved for reuse; the driver reports them as used. A check
+    that reads only the driver's free memory refuses a document that fits. (The GPU's readings are set here: no GPU
+    in CI.)"""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
+    assert free_bytes(torch.device("cuda:0")) == 12 * gib

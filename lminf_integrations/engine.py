@@ -62,12 +62,22 @@ def _lock_for(model: PreTrainedModel) -> threading.RLock:
 logger = logging.getLogger(__name__)
 # Models and settings whose compiled decoding step has been announced (it takes a while, once).
 _announced_compiles: weakref.WeakKeyDictionary[PreTrainedModel, set[LMInfiniteConfig]] = weakref.WeakKeyDictionary()
+# Offloaded models told that compile_decode has no effect on them (once each).
+_told_offloaded: weakref.WeakSet[PreTrainedModel] = weakref.WeakSet()
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The tokenizer's pad id for ``generate``, EOS where it has none (a pad id of 0 is a real id)."""
     pad = tokenizer.pad_token_id
     return tokenizer.eos_token_id if pad is None else int(pad)
+
+
+def offloads(model: PreTrainedModel) -> bool:
+    """Whether accelerate's device map keeps some weights on the CPU (beside a GPU) or on disk: transformers then
+    never compiles the decoding step (``GenerationMixin._valid_auto_compile_criteria``; its rule, restated here
+    because the method is private)."""
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    return "disk" in devices or ("cpu" in devices and len(devices) > 1)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -394,7 +404,14 @@ class Engine:
     def _compiles(self, cache: DocumentCache) -> bool:
         """Allow compiled steps on this generation's cache (or not, per ``compile_decode``) and say whether they will
         run compiled: transformers decides from the cache it gets."""
-        if not self.strategy.allow_compiled_steps(cache, self.compile_decode):
+        offloaded = self.compile_decode and offloads(self.model)
+        if offloaded and self.model not in _told_offloaded:
+            _told_offloaded.add(self.model)
+            logger.warning(
+                "%s has layers offloaded to the CPU or disk: transformers does not compile its decoding step, so "
+                "compile_decode has no effect (decoding runs eagerly)", self.model_name,
+            )  # fmt: skip
+        if not self.strategy.allow_compiled_steps(cache, self.compile_decode and not offloaded):
             return False
         if not getattr(cache, "is_compileable", False):
             return False

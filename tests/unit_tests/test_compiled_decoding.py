@@ -206,3 +206,26 @@ def test_on_cuda_compiled_steps_give_the_eager_logits_for_one_cache_after_anothe
     for dtype in (torch.float32, torch.bfloat16):
         check = gpu._compiled_decoding_check(torch.device("cuda"), dtype)
         assert check.ok, check
+
+
+@torch.no_grad()
+def test_a_model_offloaded_to_the_cpu_decodes_eagerly_and_says_so(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """transformers does not compile a model whose device map offloads layers to the CPU or disk: compiled steps
+    must not be allowed on its cache then (their eager form waits on the device at every layer), and the user is
+    told why compile_decode has no effect. The device map is accelerate's record of where each module went."""
+    import logging
+
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": 0, "model.layers": "cpu"}, raising=False)
+    engine = Engine(model=model, tokenizer=tokenizer, config=CONFIG, reuse_prefixes=False, compile_decode=True)
+    patch_model(model, CONFIG)
+    cache = new_cache(model)
+    model.model(torch.tensor([_prompt(20)]), **cache_kwargs(cache))
+    with caplog.at_level(logging.WARNING, logger="lminf_integrations"):
+        assert not engine._compiles(cache)  # type: ignore[arg-type]
+    assert not cache.is_compileable
+    assert any("offload" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import typing
@@ -32,9 +33,12 @@ def read_document(path: str) -> str:
     if b"\x00" in data[:8192]:
         raise SystemExit(f"lminf: error: {path} looks binary (NUL bytes); give a UTF-8 text file")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise SystemExit(f"lminf: error: {path} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if not text.strip():  # an answer would come from the model alone
+        raise SystemExit(f"lminf: error: {path} is empty")
+    return text
 
 
 def _add_settings(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
@@ -146,7 +150,15 @@ def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[in
 def _engine(settings: Resolved) -> Engine:
     from .engine import Engine  # heavy imports only once the arguments are good
 
-    return Engine.from_settings(settings, reuse_prefixes=False)
+    if not (sys.stderr.isatty() if settings.progress is None else settings.progress):
+        # no bars at all: transformers' own (loading the weights) neither; its carriage returns would fill a log
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        return Engine.from_settings(settings, reuse_prefixes=False)
+    except RuntimeError as error:  # a device this torch cannot use (a CUDA device on a CPU build)
+        raise SystemExit(f"lminf: error: {error}") from None
 
 
 def _progress_bar(settings: Resolved) -> TerminalProgress:
@@ -160,8 +172,10 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if len(args.inputs) != expected:
         parser.error("give FILE QUESTION, or --state STATE QUESTION")
     settings = _settings(args, parser, ASK_GROUPS)
-    document = "" if args.state else read_document(args.inputs[0])
     question = args.inputs[-1]
+    if not question.strip():
+        parser.error("the question is empty")
+    document = "" if args.state else read_document(args.inputs[0])
     engine = _engine(settings)
     head, instruction, question_ids, closing = _split_prompt(engine, document, question)
     state = None
@@ -252,6 +266,9 @@ def _selection(details: dict[str, Any] | None) -> str:
 
 def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _settings(args, parser, ENCODE_GROUPS)
+    from .state import check_writable
+
+    check_writable(args.output)  # before the model loads and the document is read
     document = read_document(args.file)
     engine = _engine(settings)
     head = _split_prompt(engine, document, "")[0]
@@ -266,9 +283,14 @@ def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "ask":
-        return cmd_ask(args, parser)
-    return cmd_encode(args, parser)
+    command = cmd_ask if args.command == "ask" else cmd_encode
+    try:
+        return command(args, parser)
+    except BrokenPipeError:  # the reader left (`lminf ask ... | head`): nothing more to write, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush fails silently
+        return 1
+    except (OSError, ValueError, MemoryError) as error:  # a model that does not load, settings it refuses, no room
+        raise SystemExit(f"lminf: error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
             raise RuntimeError(
                 f"device={str(device)!r}, but this torch ({torch.__version__}, {build}) sees no GPU; install a CUDA "
-                "build of torch (README, 'GPUs') or use device='cpu'"
+                "build of torch (README, 'GPUs and split models') or use device='cpu'"
             )
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
             raise RuntimeError(f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} GPU(s)")

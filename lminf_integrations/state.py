@@ -142,10 +142,24 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
         "data_sha256": _digest(tensors),
         "layers": layers,
     }
-    path = Path(path)
+    path = check_writable(path)
     temporary = path.with_name(path.name + ".partial")
-    save_file(tensors, str(temporary), metadata={"lminf": json.dumps(header)})
-    temporary.replace(path)
+    try:
+        save_file(tensors, str(temporary), metadata={"lminf": json.dumps(header)})
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)  # gone once renamed; else a failed write's remains
+    return path
+
+
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if a state file can be written there (a file, new or replaced, in a
+    folder that exists); else ``ValueError`` saying why, before any work is spent on the state."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name for the state (say {path / 'document.lminf'})")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: no folder {path.parent}")
     return path
 
 

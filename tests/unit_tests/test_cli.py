@@ -56,7 +56,12 @@ def test_console_script_help() -> None:
 
 @pytest.mark.parametrize(
     "content,message",
-    [(None, "no such file"), (b"\x00\x01binary", "looks binary"), (b"caf\xe9 au lait", "not valid UTF-8")],
+    [
+        (None, "no such file"),
+        (b"\x00\x01binary", "looks binary"),
+        (b"caf\xe9 au lait", "not valid UTF-8"),
+        (b" \n\t\n", "is empty"),  # nothing to read: an answer would come from the model alone
+    ],
 )
 def test_unreadable_files_are_reported(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "doc.txt"
@@ -84,6 +89,38 @@ def test_argument_errors(tmp_path: Path, extra: list[str], message: str, capsys:
     assert message in capsys.readouterr().err
 
 
+
+def test_an_empty_question_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    with pytest.raises(SystemExit):
+        main(["ask", str(path), "  "])
+    assert "the question is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["/no/such/model/folder", "doc.txt"])
+def test_a_model_that_does_not_load_is_an_error_not_a_traceback(tmp_path: Path, model: str) -> None:
+    """What a person typed wrong (a missing folder, a text file as the model) is said in one line, as argument
+    errors are."""
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    with pytest.raises(SystemExit) as error:
+        main(["ask", str(path), "q", "--model", model if model.startswith("/") else str(path)])
+    assert str(error.value).startswith("lminf: error: ")
+
+
+@pytest.mark.parametrize("target", ["a folder", "a missing folder"])
+def test_encode_checks_where_it_writes_before_it_reads(tmp_path: Path, target: str) -> None:
+    """An output path that cannot be written is refused before the model loads and the document is read (minutes
+    for a book), and nothing is left behind."""
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    output = tmp_path if target == "a folder" else tmp_path / "missing" / "doc.lminf"
+    with pytest.raises(SystemExit) as error:
+        main(["encode", str(path), "-o", str(output), "--model", "/no/such/model/folder"])
+    assert str(error.value).startswith("lminf: error: ") and str(output) in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
+
 SMALL = ["--max-new-tokens", "8", "--n-local", "512", "--chunk-size", "1024", "--dtype", "fp32"]
 
 
@@ -105,6 +142,7 @@ def test_compiled_decoding_gives_the_same_answer(tmp_path: Path, tiny_model_dir:
     compiled = _run("ask", str(document), "What jumps?", "--model", str(tiny_model_dir), *settings, "--compile-decode")
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
+    assert "Loading weights" not in eager.stderr  # --no-progress: no bar at all, transformers' loading bar neither
 
 
 @pytest.mark.parametrize(

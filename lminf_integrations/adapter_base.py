@@ -87,7 +87,8 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
             if fixed:
                 raise ValueError(
                     f"pass either engine= or {', '.join(fixed)}, not both: an engine is built with its model and "
-                    f"settings; build Engine(..., {fixed[0]}=...) instead"
+                    f"settings; build one with them instead: Engine.from_settings(resolve({{'{fixed[0]}': ...}})) "
+                    "(resolve from lminf_integrations.settings)"
                 )
             values = {**asdict(self.engine.options), **self.engine.strategy.settings()}
             for name, value in values.items():

@@ -133,7 +133,8 @@ class LMInfiniteConfig:
     # Every strategy's prefill step (kept here, where the engine has always read it): its own settings group, so
     # that it is not refused with strategies other than LM-Infinite.
     chunk_size: int = setting(
-        2048, "prompt tokens per forward call while encoding (every strategy); bounds activation memory",
+        2048, "prompt tokens per forward call while encoding (LM-Infinite, DCA, vanilla; XL3M reads its segments in "
+        "rows of its own); bounds activation memory",
         group="encoding",
     )  # fmt: skip
 
@@ -204,9 +205,11 @@ class DCAConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None:
-            _require(_is_int(self.chunk_size) and self.chunk_size >= 1, "chunk_size must be None or an int >= 1")
+            _require(_is_int(self.chunk_size) and self.chunk_size >= 1,
+                     "dca_chunk_size (DCAConfig.chunk_size) must be None or an int >= 1")  # fmt: skip
         if self.local_window is not None:
-            _require(_is_int(self.local_window) and self.local_window >= 0, "local_window must be None or an int >= 0")
+            _require(_is_int(self.local_window) and self.local_window >= 0,
+                     "dca_local_window (DCAConfig.local_window) must be None or an int >= 0")  # fmt: skip
 
     def settings(self) -> dict[str, Any]:
         """The fields by their setting names (``dca_chunk_size``, ``dca_local_window``)."""
@@ -218,7 +221,8 @@ class DCAConfig:
         local = self.local_window if self.local_window is not None else max(0, training_length - chunk)
         _require(
             chunk + local <= training_length,
-            f"chunk_size + local_window = {chunk} + {local} exceeds the model's training length {training_length}",
+            f"dca_chunk_size + dca_local_window = {chunk} + {local} exceeds the model's training length "
+            f"{training_length}",
         )
         return chunk, local
 

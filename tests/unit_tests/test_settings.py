@@ -208,8 +208,10 @@ def test_one_rule_for_engine(cls: type, engine: Engine) -> None:
     assert (wrapped.n_local, wrapped.chunk_size, wrapped.dtype) == (64, 32, "fp32")  # the engine's own values
     for name, values in SAMPLES.items():
         if BY_NAME[name].group in ENGINE_GROUPS:
-            with pytest.raises(ValueError, match=f"either engine= or {name}"):
+            with pytest.raises(ValueError, match=f"either engine= or {name}") as error:
                 cls(engine=engine, **{name: values[name]})
+            # advice that works: Engine takes its settings as dataclasses, not by name
+            assert f"Engine.from_settings(resolve({{'{name}': ...}}))" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ metadata) let a query engine send a whole book in one prompt instead of hundreds
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,9 +71,14 @@ class WholeDocumentSetup:
         **kwargs: Any,
     ) -> BaseQueryEngine:
         """``index.as_query_engine`` with this LLM and prompt helper (``as_query_engine`` alone would build a
-        prompt helper with the global tokenizer and 10% chunk overlap)."""
-        synthesizer = self.response_synthesizer(response_mode, streaming)
-        return index.as_query_engine(llm=self.llm, response_synthesizer=synthesizer, **kwargs)
+        prompt helper with the global tokenizer and 10% chunk overlap). ``kwargs`` that
+        ``get_response_synthesizer`` takes (``text_qa_template``, ``refine_template``, ``output_cls``...) go to the
+        synthesizer, the rest to ``as_query_engine``, which ignores the synthesizer's once it is given one."""
+        own = set(inspect.signature(get_response_synthesizer).parameters)
+        synthesizer_kwargs = {name: value for name, value in kwargs.items() if name in own}
+        rest = {name: value for name, value in kwargs.items() if name not in own}
+        synthesizer = self.response_synthesizer(response_mode, streaming, **synthesizer_kwargs)
+        return index.as_query_engine(llm=self.llm, response_synthesizer=synthesizer, **rest)
 
     @contextmanager
     def as_global_settings(self) -> Iterator[None]:

@@ -254,6 +254,20 @@ def test_query_over_a_long_document_is_one_call_with_the_whole_text(
     assert len(spy.prompts) == 1 and long_text in spy.prompts[0] and QUESTION in spy.prompts[0]
 
 
+
+def test_the_query_engine_takes_the_synthesizers_own_options(engine: Engine, spy: PromptSpy) -> None:
+    """``text_qa_template`` (and the synthesizer's other options) reach the synthesizer the setup builds:
+    ``as_query_engine`` ignores them once it is given a synthesizer. Its own options (``similarity_top_k``...) still
+    go to it."""
+    from llama_index.core import PromptTemplate
+
+    setup = whole_document_setup(make_llm(engine, max_new_tokens=2))
+    index = SummaryIndex.from_documents([Document(text="The ferry leaves at nine.")],
+                                        transformations=setup.transformations)  # fmt: skip
+    template = PromptTemplate("OUR OWN TEMPLATE\n{context_str}\nQ: {query_str}\nA: ")
+    setup.query_engine(index, text_qa_template=template).query(QUESTION)
+    assert len(spy.prompts) == 1 and "OUR OWN TEMPLATE" in spy.prompts[0] and "ferry" in spy.prompts[0]
+
 async def test_async_query_is_one_call(engine: Engine, events: EventRecorder, long_text: str) -> None:
     setup = whole_document_setup(make_llm(engine, max_new_tokens=2))
     index = SummaryIndex.from_documents([Document(text=long_text)], transformations=setup.transformations)

@@ -27,7 +27,13 @@ from .strategies.base import DocumentCache
 
 logger = logging.getLogger(__name__)
 # 2: the settings' cache mode is named ``cache_mode`` (1: ``cache``); the header names the strategy.
-FORMAT = "lminf-state/2"
+# 3: the model is known by its weights (``weights_sha256``); its name or path is kept but not compared.
+FORMAT = "lminf-state/3"
+#: Header fields kept to describe a state but not compared on loading: a model's folder may move or be copied while
+#: its weights stay the same (``weights_sha256`` tells).
+NOT_COMPARED = frozenset({"model"})
+#: Values sampled per parameter for ``weights_sha256``.
+WEIGHT_SAMPLES = 64
 
 
 @dataclass
@@ -106,17 +112,35 @@ class StateStore:
 def state_identity(
     model_name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, strategy: dict[str, Any]
 ) -> dict[str, Any]:
-    """What must match for a saved state to be valid: the model, its tokenizer's vocabulary, the strategy and its
-    settings (``Strategy.identity()``)."""
+    """What must match for a saved state to be valid: the model's weights (:func:`weights_sha256`), its tokenizer's
+    vocabulary, the strategy and its settings (``Strategy.identity()``); ``model_name`` is recorded, not compared."""
     vocab = sorted(tokenizer.get_vocab().items())
     return {
         "model": model_name,
+        "weights_sha256": weights_sha256(model),
         "model_type": model.config.model_type,
         "num_hidden_layers": model.config.num_hidden_layers,
         "dtype": str(model.dtype),
         "tokenizer_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
         **strategy,
     }
+
+
+def weights_sha256(model: PreTrainedModel) -> str:
+    """A fingerprint of ``model``'s weights: SHA-256 over each parameter's name, shape and :data:`WEIGHT_SAMPLES`
+    evenly spaced values. Another training of the same architecture (a fine-tune saved over the same folder) changes
+    it; reading a few values per tensor costs milliseconds at any model size, where hashing every weight would read
+    gigabytes. Weights accelerate keeps offloaded (on ``meta``) count by name and shape only."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        flat = parameter.detach().reshape(-1)
+        if flat.device.type == "meta" or flat.numel() == 0:
+            continue
+        count = min(WEIGHT_SAMPLES, flat.numel())
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        digest.update(flat[index].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -192,7 +216,7 @@ def read_state(
             f"{path} has state format {header.get('format')!r}; this version reads {FORMAT!r} only: encode the "
             "document again (and save it again)"
         )
-    mismatched = [key for key, value in identity.items() if header.get(key) != value]
+    mismatched = [key for key, value in identity.items() if key not in NOT_COMPARED and header.get(key) != value]
     if mismatched:
         details = "; ".join(f"{key}: file {header.get(key)!r} vs now {identity[key]!r}" for key in mismatched)
         raise ValueError(f"{path} was encoded with a different model or settings ({details})")

@@ -113,6 +113,26 @@ def test_mismatched_settings_and_damaged_files_are_refused(tiny: tuple, tmp_path
         engine.load_state(tmp_path / "missing.lminf")
 
 
+
+@torch.no_grad()
+def test_a_state_belongs_to_the_models_weights_not_its_name(tiny: tuple, tmp_path: Path) -> None:
+    """A model saved again over the same folder (a fine-tune) reads the document differently: its states are
+    refused. The same weights under another name (a folder moved or copied) read it the same: accepted."""
+    import copy
+
+    model, tokenizer = tiny
+    path = _engine(tiny, CONFIGS[0], reuse_prefixes=False).save_state(
+        _engine(tiny, CONFIGS[0], reuse_prefixes=False).encode_document(DOCUMENT), tmp_path / "doc.lminf"
+    )
+    moved = copy.deepcopy(model)
+    moved.config.name_or_path = "/somewhere/else"
+    assert Engine(model=moved, tokenizer=tokenizer, config=CONFIGS[0]).load_state(path).token_ids
+    tuned = copy.deepcopy(model)
+    for parameter in tuned.parameters():
+        parameter.add_(torch.randn_like(parameter) * 1e-3)
+    with pytest.raises(ValueError, match="weights"):
+        Engine(model=tuned, tokenizer=tokenizer, config=CONFIGS[0]).load_state(path)
+
 def test_files_of_the_previous_format_are_refused_by_their_format(tiny: tuple, tmp_path: Path) -> None:
     """Format 1 named the cache setting ``cache``: such a file is refused for its format, not as other settings."""
     engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)

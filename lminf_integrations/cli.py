@@ -61,7 +61,7 @@ def _add_settings(parser: argparse.ArgumentParser, groups: Sequence[str]) -> Non
         else:
             kind = next(kind for kind in (int, float, str) if annotation in (kind, kind | None))
             metavar = {int: "N", float: "X", str: "NAME"}[kind]
-            if setting.default is not None and annotation == kind | None:  # None must be sayable: "none"
+            if annotation == kind | None:  # None must be sayable ("none"), also where it is the default
                 kwargs.update(type=_or_none(kind), metavar=f"{metavar}|none")
             else:
                 kwargs.update(type=kind, metavar=metavar)

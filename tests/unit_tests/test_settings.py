@@ -143,6 +143,10 @@ def test_the_cli_takes_each_setting_by_its_one_name(name: str, values: dict[str,
     for flag in BY_NAME[name].flags[1:]:  # aliases
         args = cli.build_parser().parse_args(["ask", "doc.txt", "q", flag, str(values[name])])
         assert getattr(args, name) == values[name]
+    annotation = BY_NAME[name].annotation
+    if any(annotation == kind | None for kind in (int, float, str)):  # "none" says None, whatever the default
+        args = cli.build_parser().parse_args(["ask", "doc.txt", "q", BY_NAME[name].flags[0], "none"])
+        assert getattr(args, name) is None
 
 
 def test_bad_values_are_refused_by_every_entry_point(capsys: pytest.CaptureFixture[str]) -> None:

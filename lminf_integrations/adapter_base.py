@@ -96,6 +96,27 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
         self.lminf_settings  # noqa: B018 - bad values fail at construction, not at the first call
         return self
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A setting assigned after construction is checked as at construction; one the engine fixes (model,
+        strategy, attention...) is refused once the engine is built: it would not change the engine, only what the
+        field (and traces, and cache keys) report."""
+        setting = BY_NAME.get(name)
+        if setting is None:
+            super().__setattr__(name, value)
+            return
+        if setting.group in ENGINE_GROUPS and (self.engine is not None or self._loaded is not None):
+            raise ValueError(
+                f"{name} is fixed once the engine is built (it holds the loaded, prepared model); make a new "
+                f"{type(self).__name__}({name}=...) instead"
+            )
+        previous = getattr(self, name)
+        super().__setattr__(name, value)
+        try:
+            self.lminf_settings  # noqa: B018 - the same checks as at construction
+        except ValueError:
+            super().__setattr__(name, previous)
+            raise
+
     # ---- settings ----------------------------------------------------------------------------------------------
     @property
     def lminf_settings(self) -> Resolved:

@@ -218,6 +218,26 @@ def test_one_rule_for_engine(cls: type, engine: Engine) -> None:
             assert f"Engine.from_settings(resolve({{'{name}': ...}}))" in str(error.value)
 
 
+
+@pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.__module__.split('.')[-2]}.{c.__name__}")
+def test_settings_are_checked_when_assigned_and_the_engines_stay_fixed_once_built(cls: type, engine: Engine) -> None:
+    """An engine's settings cannot change under it: assigning one after it is built is refused (the field would
+    report a value that never ran, in traces and cache keys too). Other settings are checked as they are assigned,
+    not at the next call."""
+    wrapped = cls(engine=engine)
+    with pytest.raises(ValueError, match="n_local is fixed once the engine is built"):
+        wrapped.n_local = 2048
+    assert wrapped.n_local == 64 and wrapped.lminf_config.n_local == 64
+    wrapped.temperature = 0.3
+    with pytest.raises(ValueError, match="temperature"):
+        wrapped.temperature = -1.0
+    assert wrapped.temperature == 0.3
+    unbuilt = cls()  # no engine yet: its settings may still change, each checked
+    unbuilt.n_local = 2048
+    with pytest.raises(ValueError, match="n_local"):
+        unbuilt.n_local = -5
+    assert unbuilt.n_local == 2048
+
 @pytest.mark.parametrize(
     ("message", "match"),
     [

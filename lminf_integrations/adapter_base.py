@@ -74,6 +74,8 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
             return values
         values = {name: value for name, value in values.items() if name not in cls._ignored_names}
         values = canonical(values, cls.model_fields, cls.__name__)
+        if isinstance(values.get("stop"), str):  # one stop string, as a call takes it
+            values["stop"] = (values["stop"],)
         if isinstance(values.get("model_id"), os.PathLike):
             values["model_id"] = os.fspath(values["model_id"])
         return values

@@ -219,6 +219,12 @@ def test_one_rule_for_engine(cls: type, engine: Engine) -> None:
 
 
 
+
+@pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.__module__.split('.')[-2]}.{c.__name__}")
+def test_one_stop_string_is_taken_as_at_a_call(cls: type) -> None:
+    """A call takes ``stop="###"`` as one stop string; the constructor takes it the same way."""
+    assert cls(stop="###").stop == ("###",)
+
 @pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.__module__.split('.')[-2]}.{c.__name__}")
 def test_settings_are_checked_when_assigned_and_the_engines_stay_fixed_once_built(cls: type, engine: Engine) -> None:
     """An engine's settings cannot change under it: assigning one after it is built is refused (the field would

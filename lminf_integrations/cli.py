@@ -176,6 +176,8 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not question.strip():
         parser.error("the question is empty")
     document = "" if args.state else read_document(args.inputs[0])
+    if args.state and not Path(args.state).is_file():  # said before the model loads
+        raise SystemExit(f"lminf: error: no such state file: {args.state}")
     engine = _engine(settings)
     head, instruction, question_ids, closing = _split_prompt(engine, document, question)
     state = None

@@ -109,6 +109,12 @@ def test_a_model_that_does_not_load_is_an_error_not_a_traceback(tmp_path: Path, 
     assert str(error.value).startswith("lminf: error: ")
 
 
+
+def test_a_missing_state_file_is_said_before_the_model_loads(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as error:
+        main(["ask", "--state", str(tmp_path / "missing.lminf"), "q", "--model", "/no/such/model/folder"])
+    assert str(error.value) == f"lminf: error: no such state file: {tmp_path / 'missing.lminf'}"
+
 @pytest.mark.parametrize("target", ["a folder", "a missing folder"])
 def test_encode_checks_where_it_writes_before_it_reads(tmp_path: Path, target: str) -> None:
     """An output path that cannot be written is refused before the model loads and the document is read (minutes

@@ -241,3 +241,20 @@ def test_the_split_budget_puts_half_the_layers_on_the_gpu_by_accelerates_own_pla
     on_gpu = [name for name, where in placed.items() if where == 0]
     assert on_gpu == ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(layers // 2)], placed
     assert set(placed.values()) == {0, "cpu"}
+
+
+def test_a_function_past_dynamos_recompile_limit_is_reported() -> None:
+    """Past dynamo's recompile limit a compiled function (FlexAttention, in the check's one process of many shapes
+    and dtypes) runs uncompiled for new inputs, with only a log line: its times would no longer be the kernel's.
+    The check watches for that line and reports it as an error."""
+    import torch
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager")
+    with gpu.RecompileLimitWatch() as watch, torch._dynamo.config.patch(recompile_limit=1):
+        for dtype in (torch.float32, torch.float64, torch.int64):  # each dtype a new guard: past a limit of 1
+            compiled(torch.ones(3, dtype=dtype))
+    torch._dynamo.reset()
+    assert watch.hits and "double" in watch.hits[0], watch.hits

@@ -82,7 +82,8 @@ def offloads(model: PreTrainedModel) -> bool:
 
 def free_bytes(device: torch.device) -> int:
     """Memory a new cache can take on ``device``: on a GPU, the free memory plus what PyTorch holds cached but
-    unused (an earlier long prompt's blocks, which it hands out again), as accelerate's ``get_max_memory`` counts."""
+    unused (an earlier long prompt's blocks, which it hands out again). transformers' ``get_max_memory`` counts it
+    so too (accelerate's does not), but it first touches every visible GPU, making a CUDA context on each."""
     if device.type != "cuda":
         return int(psutil.virtual_memory().available)
     free = torch.cuda.mem_get_info(device)[0]

@@ -138,7 +138,32 @@ def resolve(values: Mapping[str, Any]) -> Resolved:
                 f"{', '.join(changed)}: settings of strategy={owner!r} have no effect with strategy={strategy!r}; "
                 "leave them out"
             )
+    for name, because in switched_off(resolved).items():
+        if values.get(name, BY_NAME[name].default) != BY_NAME[name].default:
+            raise ValueError(f"{name}={values[name]!r} has no effect with {because}; leave it out")
     return resolved
+
+
+def switched_off(resolved: Resolved) -> dict[str, str]:
+    """Settings that do nothing with the others as they are, each with the settings that switch it off.
+
+    Refused when given (:func:`resolve`), as a setting of another strategy is, so that no run looks as if it had
+    used them. Not in the dataclasses' own checks: there a default may be switched off (``hop_margin`` with
+    ``passage_tokens=None``), and a comparison may share one config among strategies and variants.
+    """
+    config, xl3m = resolved.config, resolved.xl3m
+    off: dict[str, str] = {}
+    if config.top_k == 0:
+        off["top_k_from_layer"] = "top_k=0"
+        if config.n_global == 0:  # the distance limit places global and top-k keys only
+            off["distance_limit"] = "n_global=0 and top_k=0"
+    if config.cache_mode == "full":  # only the window cache's decoding steps keep their shapes
+        off["compile_decode"] = "cache_mode='full'"
+    if xl3m.passage_tokens is None:  # no passages: none to keep by margin, and no hop from the best one
+        off["passage_margin"] = off["hop_margin"] = off["hop_confidence"] = "passage_tokens=None"
+    elif xl3m.hop_margin is None:
+        off["hop_confidence"] = "hop_margin=None"
+    return off
 
 
 def canonical(values: Mapping[str, Any], known: Iterable[str], owner: str) -> dict[str, Any]:

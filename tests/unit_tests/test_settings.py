@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "n_local": {"n_local": 100},
     "distance_limit": {"distance_limit": 50},
     "top_k": {"top_k": 2, "cache_mode": "full"},
-    "top_k_from_layer": {"top_k_from_layer": 1},
+    "top_k_from_layer": {"top_k": 2, "cache_mode": "full", "top_k_from_layer": 1},
     "cache_mode": {"cache_mode": "full"},
     "chunk_size": {"chunk_size": 64},
     "segment_tokens": {"strategy": "xl3m", "segment_tokens": 512},
@@ -158,6 +159,37 @@ def test_bad_values_are_refused_by_every_entry_point(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         _cli_settings({"top_k": 3})
     assert "top_k > 0 needs cache_mode='full'" in capsys.readouterr().err
+
+
+# A setting another setting switches off does nothing; given anyway, it is refused (as a setting of another strategy
+# is), so that a run never looks as if it had used it. Each case: the settings, and the one the message must name.
+SWITCHED_OFF = [
+    ({"top_k_from_layer": 2}, "top_k_from_layer=2 has no effect with top_k=0"),
+    ({"compile_decode": True, "cache_mode": "full"}, "compile_decode=True has no effect with cache_mode='full'"),
+    ({"distance_limit": 50, "n_global": 0}, "distance_limit=50 has no effect with n_global=0 and top_k=0"),
+    ({"strategy": "xl3m", "passage_tokens": None, "passage_margin": 1.0}, "passage_margin=1.0 has no effect with "
+     "passage_tokens=None"),
+    ({"strategy": "xl3m", "passage_tokens": None, "hop_margin": 1.0}, "hop_margin=1.0 has no effect with "
+     "passage_tokens=None"),
+    ({"strategy": "xl3m", "hop_margin": None, "hop_confidence": 0.9}, "hop_confidence=0.9 has no effect with "
+     "hop_margin=None"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "message"), SWITCHED_OFF, ids=[m.split("=")[0] for _, m in SWITCHED_OFF])
+def test_a_setting_switched_off_by_another_is_refused(
+    values: dict[str, Any], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for cls in ADAPTERS:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cls(**values)
+    with pytest.raises(SystemExit):
+        _cli_settings(values)
+    assert message in capsys.readouterr().err
+    # The switch alone is fine, and so is the setting once it is switched on.
+    switch = {k: v for k, v in values.items() if k != message.split("=")[0]}
+    for cls in ADAPTERS:
+        cls(**switch)
 
 
 # ---- with a real (tiny) engine -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,7 +29,10 @@ from .strategies.base import DocumentCache
 logger = logging.getLogger(__name__)
 # 2: the settings' cache mode is named ``cache_mode`` (1: ``cache``); the header names the strategy.
 # 3: the model is known by its weights (``weights_sha256``); its name or path is kept but not compared.
-FORMAT = "lminf-state/3"
+# 4: a window cache saves the slots it filled (a document shorter than the window: its own size); format 3 files
+#    (every slot) are read as they are.
+FORMAT = "lminf-state/4"
+READS = frozenset({"lminf-state/3", FORMAT})
 #: Header fields kept to describe a state but not compared on loading: a model's folder may move or be copied while
 #: its weights stay the same (``weights_sha256`` tells).
 NOT_COMPARED = frozenset({"model"})
@@ -168,12 +172,30 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
     }
     path = check_writable(path)
     temporary = path.with_name(path.name + ".partial")
+    # safetensors writes through a private temporary file (mode 0600); give the state the mode any file the user
+    # writes gets, or the mode of the file it replaces.
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
     try:
         save_file(tensors, str(temporary), metadata={"lminf": json.dumps(header)})
+        os.chmod(temporary, mode)
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)  # gone once renamed; else a failed write's remains
     return path
+
+
+def _umask() -> int:
+    """The process's umask. Read from ``/proc`` where Linux has it: setting it to read it back would, for that
+    moment, give files other threads create the wrong mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
@@ -211,9 +233,9 @@ def read_state(
     if "lminf" not in metadata:
         raise ValueError(f"{path} is a safetensors file but not an lminf document state")
     header = json.loads(metadata["lminf"])
-    if header.get("format") != FORMAT:
+    if header.get("format") not in READS:
         raise ValueError(
-            f"{path} has state format {header.get('format')!r}; this version reads {FORMAT!r} only: encode the "
+            f"{path} has state format {header.get('format')!r}; this version reads {sorted(READS)} only: encode the "
             "document again (and save it again)"
         )
     mismatched = [key for key, value in identity.items() if key not in NOT_COMPARED and header.get(key) != value]

@@ -60,7 +60,7 @@ def test_defaults_scale_with_the_training_length() -> None:
     assert DCAConfig(chunk_size=100, local_window=10).resolve(8192) == (100, 10)
     with pytest.raises(ValueError, match="exceeds the model's training length 64"):
         DCAConfig(chunk_size=60, local_window=8).resolve(64)
-    with pytest.raises(ValueError, match="dca_chunk_size \(DCAConfig.chunk_size\) must be None or an int >= 1"):
+    with pytest.raises(ValueError, match=r"dca_chunk_size \(DCAConfig.chunk_size\) must be None or an int >= 1"):
         DCAConfig(chunk_size=0)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +95,37 @@ def test_saved_state_reloads_and_answers_the_same(tiny: tuple, config: LMInfinit
     assert "".join(engine.stream(ids, GREEDY, state=loaded)) == engine.generate(ids, GREEDY)
 
 
+def test_a_document_shorter_than_the_window_saves_only_what_it_filled(tiny: tuple, tmp_path: Path) -> None:
+    """A window cache holds n_global + n_local slots from its first token; a state saves the slots written, and
+    the loaded one continues past the point where the window fills, as the unsaved one does."""
+    config = CONFIGS[0]
+    engine = _engine(tiny, config, reuse_prefixes=False)
+    ids = engine.tokenize(DOCUMENT)[:200]
+    path = engine.save_state(engine.encode(ids), tmp_path / "short.lminf")
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_slice("layer.0.keys").get_shape()[-2] == config.n_global + 200
+        assert handle.get_slice("layer.0.values").get_shape()[-2] == config.n_global + 200
+    loaded = engine.load_state(path)
+    question = ids + engine.tokenize(" Where is the key?")
+    long_answer = GenerationSettings(max_new_tokens=config.n_local - len(question) + 20)  # past the full window
+    assert "".join(engine.stream(question, long_answer, state=loaded)) == engine.generate(question, long_answer)
+
+
+def test_state_files_are_made_with_the_users_file_mode(tiny: tuple, tmp_path: Path) -> None:
+    """As any file the user writes: readable by others when the umask allows it (safetensors' temporary file's
+    0600 is not kept); a file saved over keeps its mode."""
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    state = engine.encode(engine.tokenize(DOCUMENT)[:50])
+    old = os.umask(0o022)
+    try:
+        path = engine.save_state(state, tmp_path / "doc.lminf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o600)  # a file the user made private stays private when saved over
+    assert stat.S_IMODE(engine.save_state(state, path).stat().st_mode) == 0o600
+
+
 def test_mismatched_settings_and_damaged_files_are_refused(tiny: tuple, tmp_path: Path) -> None:
     engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
     path = engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "doc.lminf")
@@ -145,6 +178,26 @@ def test_files_of_the_previous_format_are_refused_by_their_format(tiny: tuple, t
     save_file(tensors, str(old), metadata={"lminf": json.dumps(header)})
     with pytest.raises(ValueError, match="state format 'lminf-state/1'.*encode the document again"):
         engine.load_state(old)
+
+
+def test_files_of_format_3_are_read(tiny: tuple, tmp_path: Path) -> None:
+    """Format 3 saved a window cache's every slot, written or not: such a file loads and answers the same."""
+    config = CONFIGS[0]
+    engine = _engine(tiny, config, reuse_prefixes=False)
+    ids = engine.tokenize(DOCUMENT)[:200]
+    path = engine.save_state(engine.encode(ids), tmp_path / "doc.lminf")
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads((handle.metadata() or {})["lminf"])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name in [n for n in tensors if n.endswith((".keys", ".values"))]:
+        short = tensors[name]
+        tensors[name] = torch.zeros(*short.shape[:-2], config.n_global + config.n_local, short.shape[-1])
+        tensors[name][:, :, : short.shape[-2]] = short
+    header["format"], header["data_sha256"] = "lminf-state/3", state_module._digest(tensors)
+    old = tmp_path / "format3.lminf"
+    save_file(tensors, str(old), metadata={"lminf": json.dumps(header)})
+    question = ids + engine.tokenize(" Where is the key?")
+    assert "".join(engine.stream(question, GREEDY, state=engine.load_state(old))) == engine.generate(question, GREEDY)
 
 
 def test_an_empty_state_saves_and_loads(tiny: tuple, tmp_path: Path) -> None:

@@ -318,19 +318,29 @@ class LambdaLayer(CacheLayerMixin):
     GROWING = ("keys", "values", "middle_keys")  # full mode: buffers indexed by position
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The layer's state; full-mode buffers are cut to the filled length (for saving and cloning)."""
+        """The layer's state, cut to the slots written (for saving and cloning): full-mode buffers to the tokens
+        seen; window buffers, which hold ``n_global + n_local`` slots from the first token, to the global slots and
+        the part of the ring filled so far (a document shorter than the window saves its own size, not the
+        window's). :meth:`restore` gives window buffers their whole size back."""
+        cfg = self.settings.config
+        filled = self.seen if cfg.cache_mode == "full" else cfg.n_global + min(self.seen, cfg.n_local)
         out = {}
         for name in self._TENSOR_NAMES:
             tensor = getattr(self, name)
             if tensor is None:
                 continue
-            if self.settings.config.cache_mode == "full" and name in self.GROWING:
-                tensor = tensor[:, :, : self.seen]
+            if name in self.GROWING:
+                tensor = tensor[:, :, :filled]
             out[name] = tensor
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor], seen: int, top_k_from_position: int | None) -> None:
         """Take over ``tensors`` (as returned by :meth:`tensors`, copied by the caller if shared)."""
+        cfg = self.settings.config
+        tensors = dict(tensors)
+        if cfg.cache_mode == "window":  # back to the whole window: steps write any slot in place
+            for name in ("keys", "values"):
+                tensors[name] = _with_slots(tensors[name], cfg.n_global + cfg.n_local)
         for name in self._TENSOR_NAMES:
             setattr(self, name, tensors.get(name))
         keys = tensors["keys"]
@@ -462,6 +472,15 @@ class LambdaCache(Cache):
 # A clone usually continues with a question and an answer: leave room for them in full-mode buffers, so the first
 # new token does not reallocate (and transiently double) a cache that may be gigabytes.
 _CLONE_ROOM = 1024
+
+
+def _with_slots(tensor: torch.Tensor, slots: int) -> torch.Tensor:
+    """``tensor`` with ``slots`` positions, the ones it lacks zero (itself when it has them all)."""
+    if tensor.shape[-2] == slots:
+        return tensor
+    whole = tensor.new_zeros(*tensor.shape[:-2], slots, tensor.shape[-1])
+    whole[:, :, : tensor.shape[-2]] = tensor
+    return whole
 
 
 def _copy(tensor: torch.Tensor, seen: int, with_room: bool) -> torch.Tensor:

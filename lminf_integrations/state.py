@@ -238,10 +238,9 @@ def read_state(
             f"{path} has state format {header.get('format')!r}; this version reads {sorted(READS)} only: encode the "
             "document again (and save it again)"
         )
-    mismatched = [key for key, value in identity.items() if key not in NOT_COMPARED and header.get(key) != value]
-    if mismatched:
-        details = "; ".join(f"{key}: file {header.get(key)!r} vs now {identity[key]!r}" for key in mismatched)
-        raise ValueError(f"{path} was encoded with a different model or settings ({details})")
+    refusal = _mismatch(header, identity)
+    if refusal:
+        raise ValueError(f"{path} {refusal}")
     if _digest(tensors) != header["data_sha256"]:
         raise ValueError(f"{path} is corrupt: its data does not match the checksum in its header")
     token_ids = tensors.pop("token_ids").tolist()
@@ -251,6 +250,66 @@ def read_state(
         tensors = {name: _to_layer_device(name, tensor, devices) for name, tensor in tensors.items()}
     cache.load_state_tensors(tensors, header["layers"])
     return DocumentState(token_ids, cache)
+
+
+def _mismatch(header: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """Why a file with ``header`` cannot be read with ``identity`` (None: it can): each difference once, settings by
+    their names with both values, and what to do (the file's settings, where only settings differ)."""
+    from .settings import BY_NAME  # the settings table, to tell a setting the user can pass from the model's facts
+
+    model_differs, settings, details = False, {}, []
+    # Another strategy's settings differ in kind, not value: said by the strategy's name alone.
+    other_strategy = header.get("strategy") != identity.get("strategy")
+    for key, now in identity.items():
+        if other_strategy and key not in header:
+            continue
+        then = header.get(key)
+        if key in NOT_COMPARED or then == now:
+            continue
+        if key == "dtype":  # a setting (dtype="auto" differs between CPUs); the weights' values differ with it
+            then, now = _dtype_setting(then), _dtype_setting(now)
+            details.append(f"dtype: file {then!r}, now {now!r}")
+            settings["dtype"] = then
+            continue
+        if key in ("weights_sha256", "model_type", "num_hidden_layers", "tokenizer_sha256"):
+            if key == "weights_sha256" and header.get("dtype") != identity.get("dtype"):
+                continue  # said by the dtype; once it matches, a change of the weights themselves is still told
+            model_differs = True
+            if key == "tokenizer_sha256":
+                details.append("another tokenizer (its vocabulary differs)")
+            elif not any(d.startswith("the model") for d in details):
+                same = header.get("model") == identity.get("model")
+                details.append(
+                    f"the model {header.get('model')!r}, whose weights have changed since"
+                    if same
+                    else f"the model {header.get('model')!r}, not {identity.get('model')!r}"
+                )
+            continue
+        if isinstance(then, dict) and isinstance(now, dict):  # a strategy's settings: the ones that differ
+            names = sorted(then.keys() | now.keys())
+            differences = [(name, then.get(name), now.get(name)) for name in names if then.get(name) != now.get(name)]
+        else:
+            differences = [(key, then, now)]
+        for name, file_value, value in differences:
+            details.append(f"{name}: file {file_value!r}, now {value!r}")
+            if name in BY_NAME:
+                settings[name] = file_value
+    if not details:
+        return None
+    if model_differs:
+        advice = "encode the document again with this model"
+    else:
+        passed = ", ".join(f"{name}={value!r}" for name, value in settings.items())
+        advice = f"to read it, use its settings ({passed}), or encode the document again"
+    return f"was encoded with other settings or another model ({'; '.join(details)}): {advice}"
+
+
+def _dtype_setting(recorded: object) -> object:
+    """``dtype=``'s name for a dtype recorded as ``str(torch.bfloat16)`` (``"bf16"``)."""
+    from .models import dtype_name
+
+    found = getattr(torch, str(recorded).removeprefix("torch."), None)
+    return dtype_name(found) if isinstance(found, torch.dtype) else recorded
 
 
 _LAYER = re.compile(r"(?:^|\.)layer\.([0-9]+)\.")

@@ -171,4 +171,5 @@ def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Pat
     assert from_state.stdout == direct.stdout and direct.stdout.strip()
     other = ["--dca-chunk-size", "128"] if strategy else ["--n-global", "2"]
     mismatch = _run("ask", "--state", str(state), "Who?", *model, *small, *other)
-    assert mismatch.returncode != 0 and "different model or settings" in mismatch.stderr
+    differs = "dca_chunk_size: file 256, now 128" if strategy else "n_global: file 10, now 2"
+    assert mismatch.returncode != 0 and differs in mismatch.stderr, mismatch.stderr

@@ -153,7 +153,7 @@ def test_the_engine_with_strategy_dca_encodes_and_answers_as_the_reference(
     loaded = engine.load_state(engine.save_state(state, tmp_path / "dca.lminf"))
     _close(model(ids[:, -1:], **cache_kwargs(loaded.cache)).logits[:, -1], expected, "after save and load")
     other = Engine(model=model, tokenizer=default_tokenizer, strategy="dca", dca=DCAConfig(chunk_size=10))
-    with pytest.raises(ValueError, match="different model or settings"):
+    with pytest.raises(ValueError, match="dca_chunk_size: file 12, now 10.*use its settings"):
         other.load_state(tmp_path / "dca.lminf")
     assert engine.options.strategy == "dca" and engine.strategy.settings() == {
         "dca_chunk_size": 12,

@@ -130,8 +130,11 @@ def test_mismatched_settings_and_damaged_files_are_refused(tiny: tuple, tmp_path
     engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
     path = engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "doc.lminf")
     other = _engine(tiny, LMInfiniteConfig(n_global=4, n_local=128, chunk_size=128), reuse_prefixes=False)
-    with pytest.raises(ValueError, match="n_local"):
+    with pytest.raises(ValueError, match="n_local") as refused:
         other.load_state(path)
+    # The setting that differs, both values, and how to read the file; not every setting of the strategy.
+    message = str(refused.value)
+    assert "n_local: file 256, now 128" in message and "n_local=256" in message and "n_global" not in message
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # flip bits inside the tensor data
     corrupt = tmp_path / "corrupt.lminf"
@@ -147,6 +150,15 @@ def test_mismatched_settings_and_damaged_files_are_refused(tiny: tuple, tmp_path
 
 
 
+def test_a_state_of_another_strategy_is_refused_naming_the_strategy_only(tiny: tuple, tmp_path: Path) -> None:
+    xl3m = Engine(model=tiny[0], tokenizer=tiny[1], strategy="xl3m", reuse_prefixes=False)
+    path = xl3m.save_state(xl3m.encode_document(DOCUMENT), tmp_path / "doc.lminf")
+    with pytest.raises(ValueError, match="strategy: file 'xl3m', now 'lm-infinite'") as refused:
+        _engine(tiny, CONFIGS[0]).load_state(path)
+    assert "strategy='xl3m'" in str(refused.value)
+    assert "segment_tokens" not in str(refused.value) and "config" not in str(refused.value)
+
+
 @torch.no_grad()
 def test_a_state_belongs_to_the_models_weights_not_its_name(tiny: tuple, tmp_path: Path) -> None:
     """A model saved again over the same folder (a fine-tune) reads the document differently: its states are
@@ -154,17 +166,25 @@ def test_a_state_belongs_to_the_models_weights_not_its_name(tiny: tuple, tmp_pat
     import copy
 
     model, tokenizer = tiny
-    path = _engine(tiny, CONFIGS[0], reuse_prefixes=False).save_state(
-        _engine(tiny, CONFIGS[0], reuse_prefixes=False).encode_document(DOCUMENT), tmp_path / "doc.lminf"
-    )
+    model = copy.deepcopy(model)
+    model.config.name_or_path = "/models/tiny-v1"
+    engine = Engine(model=model, tokenizer=tokenizer, config=CONFIGS[0], reuse_prefixes=False)
+    path = engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "doc.lminf")
     moved = copy.deepcopy(model)
     moved.config.name_or_path = "/somewhere/else"
     assert Engine(model=moved, tokenizer=tokenizer, config=CONFIGS[0]).load_state(path).token_ids
     tuned = copy.deepcopy(model)
     for parameter in tuned.parameters():
         parameter.add_(torch.randn_like(parameter) * 1e-3)
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="weights") as refused:
         Engine(model=tuned, tokenizer=tokenizer, config=CONFIGS[0]).load_state(path)
+    # Named by the model the file was encoded with, not by two fingerprints.
+    assert "'/models/tiny-v1'" in str(refused.value) and "sha256" not in str(refused.value)
+    # dtype="auto" picks bf16 on one CPU and fp32 on another: said as the setting to pass.
+    halved = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype: file 'fp32', now 'bf16'.*use its settings \\(dtype='fp32'\\)"):
+        Engine(model=halved, tokenizer=tokenizer, config=CONFIGS[0]).load_state(path)
+
 
 def test_files_of_the_previous_format_are_refused_by_their_format(tiny: tuple, tmp_path: Path) -> None:
     """Format 1 named the cache setting ``cache``: such a file is refused for its format, not as other settings."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import Resolved, in_groups, resolve
+from .settings import STRATEGY_GROUPS, Resolved, in_groups, resolve
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are good
     from .engine import Engine
@@ -268,6 +268,7 @@ def _selection(details: dict[str, Any] | None) -> str:
 
 def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _settings(args, parser, ENCODE_GROUPS)
+    _refuse_what_only_questions_use(args, parser, settings)
     from .state import check_writable
 
     check_writable(args.output)  # before the model loads and the document is read
@@ -280,6 +281,29 @@ def cmd_encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     path = engine.save_state(state, args.output)
     print(f"saved {len(head)} tokens to {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
+
+
+def _refuse_what_only_questions_use(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, settings: Resolved
+) -> None:
+    """A strategy's setting given to ``encode`` that its state does not keep (XL3M's selection: read when a
+    question is asked) is refused, naming where it belongs, rather than dropped."""
+    from .strategies import make_strategy
+
+    strategy = make_strategy(settings.options.strategy, settings.config, settings.xl3m, settings.dca)
+    kept = set(_names(strategy.identity()))
+    for setting in in_groups(*STRATEGY_GROUPS):
+        value = getattr(args, setting.name)
+        if value != setting.default and setting.name not in kept:
+            parser.error(
+                f"{setting.name}={value!r} is read when a question is asked and is not kept in the state: give it to "
+                "`lminf ask --state`"
+            )
+
+
+def _names(identity: dict[str, Any]) -> list[str]:
+    """Every name in a strategy's identity, its nested settings included."""
+    return [n for key, value in identity.items() for n in ([key, *_names(value)] if isinstance(value, dict) else [key])]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

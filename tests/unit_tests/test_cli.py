@@ -109,11 +109,11 @@ def test_a_model_that_does_not_load_is_an_error_not_a_traceback(tmp_path: Path, 
     assert str(error.value).startswith("lminf: error: ")
 
 
-
 def test_a_missing_state_file_is_said_before_the_model_loads(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as error:
         main(["ask", "--state", str(tmp_path / "missing.lminf"), "q", "--model", "/no/such/model/folder"])
     assert str(error.value) == f"lminf: error: no such state file: {tmp_path / 'missing.lminf'}"
+
 
 @pytest.mark.parametrize("target", ["a folder", "a missing folder"])
 def test_encode_checks_where_it_writes_before_it_reads(tmp_path: Path, target: str) -> None:
@@ -126,6 +126,25 @@ def test_encode_checks_where_it_writes_before_it_reads(tmp_path: Path, target: s
         main(["encode", str(path), "-o", str(output), "--model", "/no/such/model/folder"])
     assert str(error.value).startswith("lminf: error: ") and str(output) in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
+
+
+@pytest.mark.parametrize(
+    "given", [["--candidates", "3"], ["--hop-margin", "none"], ["--score", "entropy"], ["--question-tokens", "9"]]
+)
+def test_encode_refuses_what_only_a_question_uses(
+    tmp_path: Path, given: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state keeps what encoding fixes; a setting read only when a question is asked would be dropped silently:
+    it is refused, before the model loads, saying where it belongs."""
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    with pytest.raises(SystemExit):
+        main(["encode", str(path), "-o", str(tmp_path / "d.lminf"), "--strategy", "xl3m", *given,
+              "--model", "/no/such/model/folder"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert given[0].removeprefix("--").replace("-", "_") + "=" in err and "lminf ask --state" in err, err
+    assert "/no/such/model" not in err
+
 
 SMALL = ["--max-new-tokens", "8", "--n-local", "512", "--chunk-size", "1024", "--dtype", "fp32"]
 

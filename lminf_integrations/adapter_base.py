@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import typing
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from contextlib import aclosing, closing
 from dataclasses import asdict
@@ -53,6 +54,10 @@ _DeclaredFields: Any = create_model(  # type: ignore[call-overload] # made at ru
 )
 
 
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
 class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
     """The declared settings as fields, plus ``engine=`` and ``on_progress=``, and the calls both adapters make."""
 
@@ -74,6 +79,12 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
             return values
         values = {name: value for name, value in values.items() if name not in cls._ignored_names}
         values = canonical(values, cls.model_fields, cls.__name__)
+        for name, value in values.items():
+            if isinstance(value, bool) and name in BY_NAME and not _takes_bool(BY_NAME[name].annotation):
+                # pydantic would take True as 1 (n_local=True: a one-token window, silently)
+                annotation = BY_NAME[name].annotation
+                kind = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+                raise ValueError(f"{name}={value!r}: {name} takes {kind}, not a bool")
         if isinstance(values.get("stop"), str):  # one stop string, as a call takes it
             values["stop"] = (values["stop"],)
         if isinstance(values.get("model_id"), os.PathLike):

@@ -125,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-selection", action="store_true", help="print what the strategy chose (XL3M: segments and scores)"
     )
     _add_settings(ask, ASK_GROUPS)
+    ask.set_defaults(command_parser=ask)  # errors after parsing show the command's usage, not the program's
     encode = commands.add_parser("encode", help="encode a document once and save its state for many `ask --state`")
     encode.add_argument("file", help="UTF-8 text file")
     encode.add_argument("-o", "--output", required=True, help="state file to write (safetensors)")
     _add_settings(encode, ENCODE_GROUPS)
+    encode.set_defaults(command_parser=encode)
     return parser
 
 
@@ -311,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = cmd_ask if args.command == "ask" else cmd_encode
     try:
-        return command(args, parser)
+        return command(args, args.command_parser)
     except BrokenPipeError:  # the reader left (`lminf ask ... | head`): nothing more to write, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush fails silently
         return 1

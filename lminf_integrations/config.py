@@ -350,7 +350,10 @@ class GenerationSettings:
         _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an int >= 1")
         _require(isinstance(self.temperature, int | float) and self.temperature >= 0, "temperature must be >= 0")
         _require(isinstance(self.top_p, int | float) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _require(self.seed is None or _is_int(self.seed), "seed must be None or an int")
+        _require(
+            self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+            "seed must be None or an int in [-2**63, 2**64) (what torch.manual_seed takes)",
+        )
         if isinstance(self.stop, str) or not all(isinstance(text, str) for text in self.stop):
             raise ValueError("stop must be a list of strings")
         object.__setattr__(self, "stop", tuple(self.stop))

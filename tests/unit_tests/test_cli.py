@@ -86,8 +86,9 @@ def test_argument_errors(tmp_path: Path, extra: list[str], message: str, capsys:
     with pytest.raises(SystemExit) as error:
         main(["ask", str(path), "q", *extra])
     assert error.value.code == 2
-    assert message in capsys.readouterr().err
-
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("usage: lminf ask FILE QUESTION"), err  # the command's usage, not the program's
 
 
 def test_an_empty_question_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,6 +156,12 @@ def test_bad_values_are_refused_by_every_entry_point(capsys: pytest.CaptureFixtu
             cls(top_k=3)
         with pytest.raises(ValueError, match="n_locl.*did you mean 'n_local'"):
             cls(n_locl=5)
+        with pytest.raises(ValueError, match="n_local=True: n_local takes"):  # not pydantic's True -> 1
+            cls(n_local=True)
+        with pytest.raises(ValueError, match="top_p=False: top_p takes"):
+            cls(top_p=False)
+        with pytest.raises(ValueError, match="seed must be None or an int in"):  # at once, not at generation
+            cls(seed=2**70)
     with pytest.raises(SystemExit):
         _cli_settings({"top_k": 3})
     assert "top_k > 0 needs cache_mode='full'" in capsys.readouterr().err

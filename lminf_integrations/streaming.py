@@ -58,7 +58,7 @@ class DeltaStreamer(BaseStreamer):
     """A transformers streamer that turns generated token ids into text deltas, one per token.
 
     Text is decoded from all generated ids each time so multi-token characters come out whole; a delta is held
-    back while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
+    back while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD), and dropped if generation ends there.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, emit: Callable[[str], None]) -> None:
@@ -81,7 +81,8 @@ class DeltaStreamer(BaseStreamer):
             self.sent = len(text)
 
     def end(self) -> None:
-        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        # Generation may stop (max_new_tokens) between the byte tokens of one character: end before it.
+        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True)).rstrip("\ufffd")
         if len(text) > self.sent:
             self.emit(text[self.sent :])
             self.sent = len(text)

@@ -134,7 +134,8 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
     @property
     def lminf_settings(self) -> Resolved:
         """Every declared setting of this instance, validated into the engine's dataclasses."""
-        return resolve({setting.name: getattr(self, setting.name) for setting in SETTINGS})
+        values = {setting.name: getattr(self, setting.name) for setting in SETTINGS}
+        return resolve(values, refuse_switched_off=self.engine is None)  # an engine's own settings are as built
 
     @property
     def lminf_config(self) -> LMInfiniteConfig:

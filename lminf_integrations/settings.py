@@ -111,8 +111,10 @@ class Resolved:
     progress: bool | None
 
 
-def resolve(values: Mapping[str, Any]) -> Resolved:
-    """The settings named in ``values`` (canonical names), defaults for the rest; ``ValueError`` on bad values."""
+def resolve(values: Mapping[str, Any], refuse_switched_off: bool = True) -> Resolved:
+    """The settings named in ``values`` (canonical names), defaults for the rest; ``ValueError`` on bad values, and
+    (``refuse_switched_off``) on a setting another one switches off (:func:`switched_off`): off for values read
+    from an engine built directly from the dataclasses, which do not apply that rule."""
 
     def pick(cls: type) -> dict[str, Any]:
         return {f.name: values[setting_name(f)] for f in fields(cls) if setting_name(f) in values}
@@ -138,7 +140,8 @@ def resolve(values: Mapping[str, Any]) -> Resolved:
                 f"{', '.join(changed)}: settings of strategy={owner!r} have no effect with strategy={strategy!r}; "
                 "leave them out"
             )
-    for name, because in switched_off(resolved).items():
+    unused = switched_off(resolved) if refuse_switched_off else {}
+    for name, because in unused.items():
         if values.get(name, BY_NAME[name].default) != BY_NAME[name].default:
             raise ValueError(f"{name}={values[name]!r} has no effect with {because}; leave it out")
     return resolved

@@ -198,6 +198,17 @@ def test_a_setting_switched_off_by_another_is_refused(
         cls(**switch)
 
 
+def test_an_engine_built_directly_is_wrapped_whatever_its_settings(
+    tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    """The rule above is for settings a person gives an entry point; an Engine built from the dataclasses (which do
+    not apply it) is wrapped as it is, and its settings reported."""
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    engine = Engine(model=model, tokenizer=tokenizer, config=LMInfiniteConfig(n_local=64, top_k_from_layer=1))
+    for cls in ADAPTERS:
+        assert cls(engine=engine).top_k_from_layer == 1
+
+
 # ---- with a real (tiny) engine -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tiny_llama_with_real_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> Engine:

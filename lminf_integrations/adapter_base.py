@@ -191,7 +191,7 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
             with closing(stream.events()) as events:
                 for item in events:
                     if isinstance(item, Progress):
-                        bar(item.done, item.total)
+                        self._report(bar, item)
                         if sink is not None:
                             sink(item)
                     else:
@@ -209,7 +209,7 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
             async with aclosing(stream.aevents()) as events:
                 async for item in events:
                     if isinstance(item, Progress):
-                        bar(item.done, item.total)
+                        self._report(bar, item)
                         if sink is not None:
                             await sink(item)
                     else:
@@ -217,6 +217,12 @@ class LMInfiniteFields(_DeclaredFields):  # type: ignore[misc]
         finally:
             bar.close()
             await asyncio.to_thread(stream.close)
+
+    def _report(self, bar: TerminalProgress, progress: Progress) -> None:
+        """Progress to the terminal bar and ``on_progress`` (``events()`` yields it instead of calling it)."""
+        bar(progress.done, progress.total)
+        if self.on_progress is not None:
+            self.on_progress(progress.done, progress.total)
 
     def result_metadata(self, result: StreamResult | None) -> dict[str, Any]:
         """What both frameworks report about a finished answer besides its usage."""

@@ -227,11 +227,29 @@ class SettingsSpy:
         return self.real(prompt, settings, *args, **kwargs)
 
 
-def _call(model: Any, **options: Any) -> None:
+def _call(model: Any, prompt: str = "Hello there", **options: Any) -> None:
     if isinstance(model, LlamaIndexLLM):
-        model.complete("Hello there", **options)
+        model.complete(prompt, **options)
     else:
-        model.invoke("Hello there", **options)
+        model.invoke(prompt, **options)
+
+
+@pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.__module__.split('.')[-2]}.{c.__name__}")
+async def test_on_progress_is_called_while_a_prompt_is_encoded(cls: type, engine: Engine) -> None:
+    """``on_progress=`` (a field of every class): called with (done, total) as the prompt is read, ending at the
+    whole prompt, in sync and async calls."""
+    prompt = "The kettle is kept in the blue cupboard. " * 12  # over chunk_size=32 tokens: several reports
+    for run in ("sync", "async"):
+        seen: list[tuple[int, int]] = []
+        model = cls(engine=engine, max_new_tokens=2, on_progress=lambda d, t, seen=seen: seen.append((d, t)))
+        if run == "sync":
+            _call(model, prompt=prompt + run)
+        elif isinstance(model, LlamaIndexLLM):
+            await model.acomplete(prompt + run)
+        else:
+            await model.ainvoke(prompt + run)
+        assert len(seen) >= 2 and seen[-1][0] == seen[-1][1] > 32, (run, seen)
+        assert all(a[0] < b[0] for a, b in zip(seen, seen[1:], strict=False)), (run, seen)  # each report once
 
 
 @pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: f"{c.__module__.split('.')[-2]}.{c.__name__}")

@@ -204,8 +204,18 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name for the state (say {path / 'document.lminf'})")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: {path.parent} is a file, not a folder")
     if not path.parent.is_dir():
         raise ValueError(f"cannot write {path}: no folder {path.parent}")
+    # Permissions alone do not tell (root passes every check; a read-only file system refuses root too): make the
+    # file the state is written through, and remove it.
+    probe = path.with_name(path.name + ".partial")
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {error.strerror or error}") from error
     return path
 
 

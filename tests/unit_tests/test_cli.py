@@ -116,16 +116,22 @@ def test_a_missing_state_file_is_said_before_the_model_loads(tmp_path: Path) -> 
     assert str(error.value) == f"lminf: error: no such state file: {tmp_path / 'missing.lminf'}"
 
 
-@pytest.mark.parametrize("target", ["a folder", "a missing folder"])
+@pytest.mark.parametrize("target", ["a folder", "a missing folder", "a file's name as folder", "an unwritable folder"])
 def test_encode_checks_where_it_writes_before_it_reads(tmp_path: Path, target: str) -> None:
     """An output path that cannot be written is refused before the model loads and the document is read (minutes
     for a book), and nothing is left behind."""
     path = tmp_path / "doc.txt"
     path.write_text("hello")
-    output = tmp_path if target == "a folder" else tmp_path / "missing" / "doc.lminf"
+    output = {
+        "a folder": tmp_path,
+        "a missing folder": tmp_path / "missing" / "doc.lminf",
+        "a file's name as folder": path / "doc.lminf",
+        "an unwritable folder": Path("/proc/doc.lminf"),  # no file can be made there, even by root
+    }[target]
     with pytest.raises(SystemExit) as error:
         main(["encode", str(path), "-o", str(output), "--model", "/no/such/model/folder"])
     assert str(error.value).startswith("lminf: error: ") and str(output) in str(error.value)
+    assert "no folder" not in str(error.value) or target == "a missing folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser(
         "ask",
+        allow_abbrev=False,  # --n-loc is not --n-local: a typo is refused (_refuse_unknown), never guessed
         help="answer a question about a text file, streamed to stdout",
         usage="lminf ask FILE QUESTION [options]  |  lminf ask --state STATE QUESTION [options]",
         description="Compiled decoding (--compile-decode) compiles again in every run: it pays off only for long "
@@ -126,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings(ask, ASK_GROUPS)
     ask.set_defaults(command_parser=ask)  # errors after parsing show the command's usage, not the program's
-    encode = commands.add_parser("encode", help="encode a document once and save its state for many `ask --state`")
+    encode = commands.add_parser(
+        "encode", help="encode a document once and save its state for many `ask --state`", allow_abbrev=False
+    )
     encode.add_argument("file", help="UTF-8 text file")
     encode.add_argument("-o", "--output", required=True, help="state file to write (safetensors)")
     _add_settings(encode, ENCODE_GROUPS)
@@ -308,9 +312,23 @@ def _names(identity: dict[str, Any]) -> list[str]:
     return [n for key, value in identity.items() for n in ([key, *_names(value)] if isinstance(value, dict) else [key])]
 
 
+def _refuse_unknown(unknown: Sequence[str], parser: argparse.ArgumentParser) -> typing.NoReturn:
+    """argparse's "unrecognized arguments" error, naming the closest option to each unknown one (as the Python
+    classes name the closest setting)."""
+    options = [option for option in parser._option_string_actions if option.startswith("--")]
+    hints = [
+        f"did you mean {close[0]}?"
+        for typed in unknown
+        if typed.startswith("--") and (close := difflib.get_close_matches(typed.split("=")[0], options, n=1))
+    ]
+    parser.error(" ".join([f"unrecognized arguments: {' '.join(unknown)}", *hints]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(unknown, args.command_parser)
     command = cmd_ask if args.command == "ask" else cmd_encode
     try:
         return command(args, args.command_parser)

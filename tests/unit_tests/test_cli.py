@@ -91,6 +91,21 @@ def test_argument_errors(tmp_path: Path, extra: list[str], message: str, capsys:
     assert err.startswith("usage: lminf ask FILE QUESTION"), err  # the command's usage, not the program's
 
 
+@pytest.mark.parametrize("typed", ["--n-locl", "--n-loc"])
+def test_a_misspelt_or_shortened_option_is_refused_naming_the_closest(
+    tmp_path: Path, typed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the Python classes refuse n_locl=: the closest option named; a prefix is not taken as the option (argparse
+    would read --n-loc as --n-local, and a later option could make it ambiguous)."""
+    path = tmp_path / "doc.txt"
+    path.write_text("hello")
+    with pytest.raises(SystemExit) as error:
+        main(["ask", str(path), "q", typed, "5"])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {typed} 5" in err and "did you mean --n-local?" in err, err
+
+
 def test_an_empty_question_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "doc.txt"
     path.write_text("hello")

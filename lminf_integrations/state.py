@@ -309,9 +309,14 @@ def _mismatch(header: dict[str, Any], identity: dict[str, Any]) -> str | None:
     if model_differs:
         advice = "encode the document again with this model"
     else:
-        passed = ", ".join(f"{name}={value!r}" for name, value in settings.items())
-        advice = f"to read it, use its settings ({passed}), or encode the document again"
+        python = ", ".join(f"{name}={value!r}" for name, value in settings.items())
+        command_line = " ".join(f"{BY_NAME[name].flags[0]} {_on_command_line(v)}" for name, v in settings.items())
+        advice = f"to read it, use its settings ({python}; {command_line} for lminf), or encode the document again"
     return f"was encoded with other settings or another model ({'; '.join(details)}): {advice}"
+
+
+def _on_command_line(value: object) -> str:
+    return "none" if value is None else json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
 def _dtype_setting(recorded: object) -> object:

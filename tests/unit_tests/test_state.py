@@ -135,6 +135,7 @@ def test_mismatched_settings_and_damaged_files_are_refused(tiny: tuple, tmp_path
     # The setting that differs, both values, and how to read the file; not every setting of the strategy.
     message = str(refused.value)
     assert "n_local: file 256, now 128" in message and "n_local=256" in message and "n_global" not in message
+    assert "--n-local 256" in message  # the command line's spelling too
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # flip bits inside the tensor data
     corrupt = tmp_path / "corrupt.lminf"
@@ -182,7 +183,7 @@ def test_a_state_belongs_to_the_models_weights_not_its_name(tiny: tuple, tmp_pat
     assert "'/models/tiny-v1'" in str(refused.value) and "sha256" not in str(refused.value)
     # dtype="auto" picks bf16 on one CPU and fp32 on another: said as the setting to pass.
     halved = copy.deepcopy(model).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="dtype: file 'fp32', now 'bf16'.*use its settings \\(dtype='fp32'\\)"):
+    with pytest.raises(ValueError, match="dtype: file 'fp32', now 'bf16'.*settings \\(dtype='fp32'; --dtype fp32"):
         Engine(model=halved, tokenizer=tokenizer, config=CONFIGS[0]).load_state(path)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import GenerationChunk
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from ..streaming import TokenStream
 from .base import MODEL_CONFIG, LangChainBase, class_docstring
@@ -39,6 +39,30 @@ class LMInfiniteLLM(LangChainBase, LLM):
         **kwargs: Any,
     ) -> str:
         return "".join([chunk.text async for chunk in self._astream(prompt, stop, run_manager, **kwargs)])
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        # LLM's own _generate keeps only _call's text: the stream's closing chunk (finish reason, usage) would be lost.
+        chunks = [list(self._stream(prompt, stop, run_manager, **kwargs)) for prompt in prompts]
+        return LLMResult(generations=[[_generation(answer)] for answer in chunks])
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations = []
+        for prompt in prompts:
+            answer = [chunk async for chunk in self._astream(prompt, stop, run_manager, **kwargs)]
+            generations.append([_generation(answer)])
+        return LLMResult(generations=generations)
 
     def _stream(
         self,
@@ -87,6 +111,11 @@ class LMInfiniteLLM(LangChainBase, LLM):
         if stream.result is not None:
             info["usage"] = stream.result.usage()
         return GenerationChunk(text="", generation_info=info)
+
+
+def _generation(chunks: list[GenerationChunk]) -> Generation:
+    """One answer's chunks as one generation: the text, and the closing chunk's ``generation_info``."""
+    return Generation(text="".join(chunk.text for chunk in chunks), generation_info=chunks[-1].generation_info)
 
 
 LMInfiniteLLM.__doc__ = class_docstring(

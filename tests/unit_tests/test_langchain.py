@@ -238,6 +238,17 @@ def test_llm_stream_matches_invoke_and_reports_each_chunk_once(engine: Engine) -
     assert recorder.tokens == chunks  # exactly one on_llm_new_token per chunk
 
 
+async def test_llm_generate_reports_finish_reason_and_usage(engine: Engine) -> None:
+    """Without streaming too: ``generate``'s generation carries what the stream's last chunk does."""
+    model = llm(engine, max_new_tokens=3)
+    for result in (model.generate([PROMPT]), await model.agenerate([PROMPT])):
+        generation = result.generations[0][0]
+        assert generation.text == model.invoke(PROMPT)
+        info = generation.generation_info or {}
+        assert info.get("finish_reason") in ("length", "eos") and info.get("model_name") == engine.model_name
+        assert info["usage"]["input_tokens"] == engine.count_tokens(PROMPT) and 1 <= info["usage"]["output_tokens"] <= 3
+
+
 def test_chat_stream_matches_invoke_without_duplicate_tokens(engine: Engine) -> None:
     model, recorder = chat(engine), Recorder()
     chunks = list(model.stream(PROMPT, config={"callbacks": [recorder]}))

@@ -24,6 +24,8 @@ INDUCTOR_SETTINGS: dict[str, Any] = {
     "max_autotune": True,
     "cpp.enable_concat_linear": True,
     "cpp_wrapper": True,
+    # Autotuning's timing tables, written to stderr on a first compile: nothing a user can act on.
+    "autotune_num_choices_displayed": 0,
 }
 
 # One graph per model and settings (fixed shapes). fullgraph=True: a step that dynamo cannot trace whole fails at

@@ -179,6 +179,8 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
         save_file(tensors, str(temporary), metadata={"lminf": json.dumps(header)})
         os.chmod(temporary, mode)
         temporary.replace(path)
+    except SafetensorError as error:  # safetensors' I/O errors (a full disk) are not OSErrors
+        raise OSError(f"cannot write {path}: {error}") from error
     finally:
         temporary.unlink(missing_ok=True)  # gone once renamed; else a failed write's remains
     return path

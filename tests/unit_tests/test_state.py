@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -109,6 +109,24 @@ def test_a_document_shorter_than_the_window_saves_only_what_it_filled(tiny: tupl
     question = ids + engine.tokenize(" Where is the key?")
     long_answer = GenerationSettings(max_new_tokens=config.n_local - len(question) + 20)  # past the full window
     assert "".join(engine.stream(question, long_answer, state=loaded)) == engine.generate(question, long_answer)
+
+
+def test_a_write_that_fails_midway_is_an_os_error_and_leaves_nothing(
+    tiny: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up during the write: safetensors' own error becomes an ``OSError`` naming the state's path
+    (the command line's one-line errors catch those), and no partial file stays behind."""
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    state = engine.encode(engine.tokenize(DOCUMENT)[:50])
+
+    def disk_full(tensors: object, filename: str, metadata: object = None) -> None:
+        Path(filename).write_bytes(b"half a state")
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(state_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="cannot write .*doc.lminf.*No space left"):
+        engine.save_state(state, tmp_path / "doc.lminf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_state_files_are_made_with_the_users_file_mode(tiny: tuple, tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_states_record_their_strategy(tiny: tuple[PreTrainedModel, PreTrainedTok
     assert loaded.token_ids == ids[:40] and loaded.cache.get_seq_length() == 40
     assert vanilla.generate(ids, GREEDY) == "".join(vanilla.stream(ids, GREEDY, state=loaded))
     other = Engine(model=model, tokenizer=tokenizer, config=CONFIG, reuse_prefixes=False)
-    with pytest.raises(ValueError, match="strategy: file 'vanilla' vs now 'lm-infinite'"):
+    with pytest.raises(ValueError, match="strategy: file 'vanilla', now 'lm-infinite'"):
         other.load_state(path)
 
 

@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .models import dtype_name
+from .settings import BY_NAME
 from .strategies.base import DocumentCache
 
 logger = logging.getLogger(__name__)
@@ -267,8 +269,6 @@ def read_state(
 def _mismatch(header: dict[str, Any], identity: dict[str, Any]) -> str | None:
     """Why a file with ``header`` cannot be read with ``identity`` (None: it can): each difference once, settings by
     their names with both values, and what to do (the file's settings, where only settings differ)."""
-    from .settings import BY_NAME  # the settings table, to tell a setting the user can pass from the model's facts
-
     model_differs, settings, details = False, {}, []
     # Another strategy's settings differ in kind, not value: said by the strategy's name alone.
     other_strategy = header.get("strategy") != identity.get("strategy")
@@ -323,8 +323,6 @@ def _on_command_line(value: object) -> str:
 
 def _dtype_setting(recorded: object) -> object:
     """``dtype=``'s name for a dtype recorded as ``str(torch.bfloat16)`` (``"bf16"``)."""
-    from .models import dtype_name
-
     found = getattr(torch, str(recorded).removeprefix("torch."), None)
     return dtype_name(found) if isinstance(found, torch.dtype) else recorded
 

@@ -98,6 +98,11 @@ class EngineOptions:
             "max_memory must be None or a mapping of devices to sizes, e.g. {0: '20GiB', 'cpu': '60GiB'}",
         )
         _require(self.max_memory is None or self.device_map is not None, "max_memory needs device_map (e.g. 'auto')")
+        for where, size in (self.max_memory or {}).items():
+            _require(
+                _is_size(size),
+                f"max_memory's size for {where!r} is {size!r}: give bytes (an int) or a size like '20GiB'",
+            )
         _require(isinstance(self.compile_decode, bool), "compile_decode must be True or False")
         _require(
             not (self.compile_decode and self.strategy != "lm-infinite"),
@@ -373,6 +378,19 @@ def merge_stop(*groups: str | Sequence[str] | None) -> list[str]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_size(size: object) -> bool:
+    """Whether accelerate reads ``size`` as a memory size (checked here, not once loading has begun)."""
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        return False
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(size)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_device_map(device_map: object) -> None:

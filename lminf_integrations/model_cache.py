@@ -9,7 +9,8 @@ dequantized values, the tokenizer files, the configs) loads like any local model
 * Written into a temporary folder and renamed into place: a folder under its final name is complete. Two
   processes that build at once each write their own; the first rename wins and the other uses it.
 * Checked against its manifest (every file and its size) before use; a damaged folder, or one that fails to
-  load, is rebuilt from the GGUF file.
+  load with a file that cannot be parsed, is rebuilt from the GGUF file. A load that fails with every file sound
+  (a placement the machine cannot give) keeps the entry.
 
 Where it lives: ``$LMINF_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lminf_integrations``, else
 ``~/.cache/lminf_integrations``. ``LMINF_CACHE_DIR=off`` turns the cache off (every load reads the GGUF file).
@@ -51,8 +52,10 @@ def cache_root() -> Path | None:
 def load_through_cache(source: Path, build: Builder, load: Callable[[Path], Loaded], root: Path) -> Loaded | None:
     """``load(folder)`` on the converted folder for ``source``, built with ``build()`` when missing or damaged.
 
-    A folder that passes its manifest check but fails to load (bytes changed in place) is rebuilt once.
-    ``None`` when the cache cannot be written: the caller then loads ``source`` directly.
+    A folder that passes its manifest check but fails to load is rebuilt once if one of its files cannot be read
+    (bytes changed in place); a load that fails with every file readable failed for what ``load`` asked (a
+    placement, a memory budget), and its error is raised with the entry kept. ``None`` when the cache cannot be
+    written: the caller then loads ``source`` directly.
     """
     for attempt in (1, 2):
         folder = cached_folder(source, build, root)
@@ -61,10 +64,28 @@ def load_through_cache(source: Path, build: Builder, load: Callable[[Path], Load
         try:
             return load(folder)
         except Exception as error:
-            if attempt == 2:
+            problem = unreadable_file(folder)
+            if attempt == 2 or problem is None:
                 raise
-            logger.warning("model cache %s failed to load (%s); rebuilding it", folder, error)
+            logger.warning("model cache %s failed to load (%s; %s); rebuilding it", folder, error, problem)
             discard(folder)
+    return None
+
+
+def unreadable_file(folder: Path) -> str | None:
+    """Which of ``folder``'s JSON or safetensors files cannot be parsed, or ``None``. Reads the safetensors headers
+    only (not the weights): enough to tell a damaged entry from a load refused for its settings."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as weights:
+                    weights.keys()
+        except Exception as error:  # noqa: BLE001 - json and safetensors each raise their own kinds
+            return f"{path.name} is unreadable: {error}"
     return None
 
 

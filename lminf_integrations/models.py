@@ -127,7 +127,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, known in _DTYPES.items() if known == dtype), str(dtype).removeprefix("torch."))
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
+def resolve_device(device: str | torch.device | None = None, asked_as: str | None = None) -> torch.device:
     """What ``device=`` means: ``None``/``"auto"`` → the first GPU when torch sees one, else the CPU.
 
     Raises:
@@ -137,15 +137,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = torch.device(device)
+    asked = asked_as or f"device={str(device)!r}"
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
             raise RuntimeError(
-                f"device={str(device)!r}, but this torch ({torch.__version__}, {build}) sees no GPU; install a CUDA "
+                f"{asked}, but this torch ({torch.__version__}, {build}) sees no GPU; install a CUDA "
                 "build of torch (README, 'GPUs and split models') or use device='cpu'"
             )
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} GPU(s)")
+            raise RuntimeError(f"{asked}, but torch sees {torch.cuda.device_count()} GPU(s)")
     return chosen
 
 
@@ -204,6 +205,8 @@ class Placement:
         if device_map is None:
             return cls(resolve_device(device))
         memory = None if max_memory is None else {_memory_device(k): v for k, v in max_memory.items()}
+        for gpu in (k for k in memory or {} if isinstance(k, int)):  # accelerate would refuse it mid-load
+            resolve_device(f"cuda:{gpu}", asked_as=f"max_memory names GPU {gpu}")
         if isinstance(device_map, str):  # accelerate's placement: the GPUs first when there are any
             return cls(resolve_device(None), device_map, memory)
         # Refuse a device this torch cannot use now, not halfway through loading.

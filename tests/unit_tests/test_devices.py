@@ -45,6 +45,14 @@ def test_a_cuda_request_without_a_gpu_fails_before_loading(device: str, tiny_mod
         load_model(tiny_model_dir, "fp32", device_map={"": device})
 
 
+@pytest.mark.skipif(not NO_GPU, reason="checks the error a machine without a GPU gives")
+@pytest.mark.parametrize("gpu", [0, "0"])
+def test_a_memory_limit_for_a_gpu_without_one_fails_before_loading(gpu: int | str, tiny_model_dir: str) -> None:
+    """accelerate would refuse it only once loading has begun (and a GGUF model's cache entry would look broken)."""
+    with pytest.raises(RuntimeError, match="max_memory names GPU 0, but this torch .* sees no GPU"):
+        load_model(tiny_model_dir, "fp32", device_map="auto", max_memory={gpu: "1GiB", "cpu": "8GiB"})
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -55,6 +63,8 @@ def test_a_cuda_request_without_a_gpu_fails_before_loading(device: str, tiny_mod
         ({"device": "cpu", "device_map": "auto"}, "pass device or device_map, not both"),
         ({"max_memory": {"cpu": "1GiB"}}, "max_memory needs device_map"),
         ({"device_map": "auto", "max_memory": ["1GiB"]}, "max_memory must be None or a mapping"),
+        ({"device_map": "auto", "max_memory": {"cpu": "lots"}}, "max_memory's size for 'cpu' is 'lots'"),
+        ({"device_map": "auto", "max_memory": {"cpu": -1}}, "max_memory's size for 'cpu' is -1"),
     ],
 )
 def test_bad_placements_are_refused_with_the_reason(kwargs: dict[str, object], message: str) -> None:
@@ -73,9 +83,14 @@ def test_the_same_placements_are_accepted_everywhere() -> None:
 
 
 
-def test_a_memory_limit_over_a_gpu_and_the_cpu_is_one_placement_however_its_keys_are_spelt() -> None:
+def test_a_memory_limit_over_a_gpu_and_the_cpu_is_one_placement_however_its_keys_are_spelt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """accelerate's own form mixes GPU indices and "cpu" as keys (``{0: ..., "cpu": ...}``); JSON spells the index
     ``"0"``. Both name one placement (one loaded copy), and accelerate gets the index."""
+    # As on a machine with one GPU, where GPU 0 may be named: only the keys' spelling is tested, nothing loads.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     as_python = Placement.of(None, "auto", {0: "20GiB", "cpu": "60GiB"})
     as_json = Placement.of(None, "auto", {"0": "20GiB", "cpu": "60GiB"})
     assert as_python.key == as_json.key

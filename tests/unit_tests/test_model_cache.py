@@ -73,7 +73,9 @@ def test_a_changed_source_gets_its_own_folder(source: Path, builder: Builder, tm
     assert len(list((root / "models").iterdir())) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate weights", "remove manifest", "remove tokenizer", "corrupt in place"])
+@pytest.mark.parametrize(
+    "damage", ["truncate weights", "remove manifest", "remove tokenizer", "corrupt in place", "corrupt config in place"]
+)
 def test_a_damaged_folder_is_rebuilt(
     source: Path, builder: Builder, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -87,6 +89,9 @@ def test_a_damaged_folder_is_rebuilt(
         (folder / model_cache.MANIFEST).unlink()
     elif damage == "remove tokenizer":
         (folder / "tokenizer.json").unlink()
+    elif damage == "corrupt config in place":
+        config = folder / "config.json"
+        config.write_bytes(b"\xff" * config.stat().st_size)
     else:  # same size, so only loading can tell: the safetensors header is garbage
         data = bytearray(weights.read_bytes())
         data[8:40] = b"\xff" * 32
@@ -96,6 +101,29 @@ def test_a_damaged_folder_is_rebuilt(
     assert builder.calls == 2
     assert loaded is not None and _same_weights(loaded[0], builder.pair[0])
     assert "rebuilding" in caplog.text
+
+
+def test_a_load_that_fails_for_its_settings_keeps_the_entry(
+    source: Path, builder: Builder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load refused for what it was asked (a placement, a memory budget), not for the folder's files, raises that
+    error and leaves the entry alone: rebuilding a sound entry costs a whole conversion (minutes for a large GGUF
+    file) and then fails the same way."""
+    root = tmp_path / "cache"
+    model_cache.load_through_cache(source, builder, _load, root)
+    (folder,) = (root / "models").iterdir()
+    built = (folder / model_cache.MANIFEST).stat().st_ino
+
+    def placed(folder: Path) -> Pair:
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="auto", max_memory={"cpu": "lots"})
+        return model, AutoTokenizer.from_pretrained(folder)
+
+    with caplog.at_level(logging.WARNING, logger="lminf_integrations.model_cache"), pytest.raises(ValueError):
+        model_cache.load_through_cache(source, builder, placed, root)
+    assert builder.calls == 1
+    assert "rebuilding" not in caplog.text
+    assert (folder / model_cache.MANIFEST).stat().st_ino == built  # the same entry, not a new one
+    assert model_cache.load_through_cache(source, builder, _load, root) is not None and builder.calls == 1
 
 
 def test_the_checksum_is_remembered_until_the_file_changes(source: Path, tmp_path: Path) -> None:

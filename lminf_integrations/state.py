@@ -62,6 +62,7 @@ class StoreStats:
     misses: int = 0
     tokens_reused: int = 0
     evictions: int = 0
+    too_large: int = 0  # states not stored: each alone over max_bytes
 
 
 class StateStore:
@@ -104,6 +105,14 @@ class StateStore:
     def put(self, state: DocumentState) -> None:
         size = state.cache.nbytes()
         if size > self.max_bytes:
+            self.stats.too_large += 1
+            # A store that can hold no state never hits: say so once, at warning level; then only count.
+            log = logger.warning if self.stats.too_large == 1 else logger.info
+            log(
+                "document state of %.1f MiB not stored: over StateStore's max_bytes (%.1f MiB)",
+                size / 2**20,
+                self.max_bytes / 2**20,
+            )
             return
         with self._lock:
             self._states[tuple(state.token_ids)] = state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -82,6 +83,21 @@ def test_state_store_respects_its_byte_bound(tiny: tuple) -> None:
     assert len(store) == 2 and store.stats.evictions == 2
     assert store.lookup(engine.tokenize(DOCUMENT)[:325]) is not None  # the 320-token state: most recent fit
     assert store.lookup(engine.tokenize(DOCUMENT)[:305]) is None  # its state was evicted
+
+
+def test_a_state_larger_than_the_store_is_counted_and_said_once(
+    tiny: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store too small for any state never hits; the user is told why once, not left to guess from the misses."""
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    one = engine.encode(engine.tokenize(DOCUMENT)[:300])
+    store = StateStore(max_bytes=one.cache.nbytes() - 1)
+    with caplog.at_level(logging.INFO, logger="lminf_integrations.state"):
+        store.put(one)
+        store.put(engine.encode(engine.tokenize(DOCUMENT)[:310]))
+    assert len(store) == 0 and store.stats.too_large == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "max_bytes" in warnings[0].getMessage()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["window", "full-topk"])

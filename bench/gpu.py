@@ -613,7 +613,7 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.mode} | {r.tokens} | {r.prefill_s:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | "
+        f"| {r.mode} | {r.tokens} | {r.prefill_s:.3g} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | "
         f"{_compiled_cell(r)} | {r.peak_gib:.2f} |"
         for r in sorted(report.speed, key=lambda r: (r.mode != "vanilla", r.tokens))
     ]
@@ -649,11 +649,15 @@ def _write(report: Report, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> Report:
-    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--device", default="cuda")
+    description = (__doc__ or "").split("\n\n")[0].replace("\n", " ")  # the docstring's first paragraph, whole
+    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=description)
+    parser.add_argument("--device", default="cuda", help="where to run: cuda, cuda:N, or cpu (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and lengths (to test the check on a CPU)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: llama3-8b (tiny with --quick)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+        help="the exactness step's second dtype (on a GPU), and the split and timed models' (default: bf16)",
+    )  # fmt: skip
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 32768 131072")
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="LM-Infinite's longest row; doublings stop here (default: 1048576)"
@@ -670,14 +674,18 @@ def main(argv: list[str] | None = None) -> Report:
         help="also check LM-Infinite's compiled decoding (compile_decode=True) against eager steps, and time it and "
         "vanilla's (a StaticCache, at the compared lengths) (default: on a GPU)",
     )  # fmt: skip
-    parser.add_argument("--split-layers", type=int, default=4)
+    parser.add_argument(
+        "--split-layers", type=int, default=4, help="layers of the split model (the timed shape's width; default: 4)"
+    )
     parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")
     parser.add_argument(
         "--tokenizer", default=None,
         help="tokenizer folder or model id for the XL3M and split checks (default: the embedded default model's; "
         "a machine without it gets a folder from `make gpu-bundle`)",
     )  # fmt: skip
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder for gpu.md and gpu.json (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else []
     quick = args.quick

@@ -90,4 +90,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as error:  # a missing file, a model that does not load, a setting refused
+        sys.exit(f"{Path(__file__).name}: error: {error}")

@@ -65,6 +65,11 @@ def load_through_cache(source: Path, build: Builder, load: Callable[[Path], Load
             return load(folder)
         except Exception as error:
             problem = unreadable_file(folder)
+            if problem is None:
+                logger.warning(
+                    "model cache %s: every file reads, so the failure is the load's own (%s); the entry is kept "
+                    "(remove the folder to force a rebuild)", folder, error,
+                )  # fmt: skip
             if attempt == 2 or problem is None:
                 raise
             logger.warning("model cache %s failed to load (%s; %s); rebuilding it", folder, error, problem)

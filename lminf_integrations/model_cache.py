@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .files import file_mode, folder_mode
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -78,20 +80,35 @@ def load_through_cache(source: Path, build: Builder, load: Callable[[Path], Load
 
 
 def unreadable_file(folder: Path) -> str | None:
-    """Which of ``folder``'s JSON or safetensors files cannot be parsed, or ``None``. Reads the safetensors headers
-    only (not the weights): enough to tell a damaged entry from a load refused for its settings."""
-    from safetensors import safe_open
-
+    """Which of ``folder``'s JSON or safetensors files is damaged, or ``None``: JSON that does not parse, a
+    safetensors header that does not parse or does not match its file's size. Reads headers only, never maps the
+    weights: a load that failed for lack of memory must not make the check fail too and a sound entry look damaged.
+    A file that cannot be read at all (no memory, no handles) counts as sound: an entry other processes may share
+    is removed only when shown damaged."""
     for path in sorted(folder.iterdir()):
         try:
             if path.suffix == ".json":
                 json.loads(path.read_bytes())
             elif path.suffix == ".safetensors":
-                with safe_open(str(path), "pt") as weights:
-                    weights.keys()
-        except Exception as error:  # noqa: BLE001 - json and safetensors each raise their own kinds
+                _check_safetensors_header(path)
+        except OSError:
+            continue
+        except (ValueError, KeyError, TypeError, IndexError) as error:  # JSON errors are ValueErrors
             return f"{path.name} is unreadable: {error}"
     return None
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` starts with a safetensors header whose tensors end where the file does."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        header = json.loads(handle.read(length))
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"the header's tensors end at byte {8 + length + end}, the file at {size}")
 
 
 def file_sha256(path: Path, root: Path) -> str:
@@ -164,7 +181,7 @@ def _build(folder: Path, source: Path, checksum: str, build: Builder) -> Path | 
     try:  # a folder we cannot write is found out before the slow conversion, not after
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cache from other users
+        staging.chmod(folder_mode())  # mkdtemp's 0700 would hide a shared cache from other users
     except OSError as error:
         logger.warning("cannot write the model cache in %s (%s); loading %s directly", folder.parent, error, source)
         return None
@@ -181,6 +198,9 @@ def _build(folder: Path, source: Path, checksum: str, build: Builder) -> Path | 
         # float32 holds the dequantized values exactly; a load in another dtype casts from them.
         model.float().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        for written in staging.rglob("*"):  # safetensors writes the weights through a private (0600) file
+            if written.is_file():
+                written.chmod(file_mode())
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest: dict[str, Any] = {"format": FORMAT, "source": source.name, "source_sha256": checksum, "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -197,12 +217,6 @@ def _build(folder: Path, source: Path, checksum: str, build: Builder) -> Path | 
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _safe_stem(source: Path) -> str:

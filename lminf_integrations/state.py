@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .files import file_mode
 from .models import dtype_name
 from .settings import BY_NAME
 from .strategies.base import DocumentCache
@@ -185,7 +186,7 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
     temporary = path.with_name(path.name + ".partial")
     # safetensors writes through a private temporary file (mode 0600); give the state the mode any file the user
     # writes gets, or the mode of the file it replaces.
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else file_mode()
     try:
         save_file(tensors, str(temporary), metadata={"lminf": json.dumps(header)})
         os.chmod(temporary, mode)
@@ -195,20 +196,6 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
     finally:
         temporary.unlink(missing_ok=True)  # gone once renamed; else a failed write's remains
     return path
-
-
-def _umask() -> int:
-    """The process's umask. Read from ``/proc`` where Linux has it: setting it to read it back would, for that
-    moment, give files other threads create the wrong mode."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:

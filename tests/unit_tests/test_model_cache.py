@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,12 @@ def builder(tiny_llama_with_real_tokenizer: Pair) -> Builder:
     return Builder(tiny_llama_with_real_tokenizer)
 
 
+def _umask_now() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _same_weights(a: PreTrainedModel, b: PreTrainedModel) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
@@ -62,6 +70,9 @@ def test_built_once_then_read(source: Path, builder: Builder, tmp_path: Path) ->
     (folder,) = (root / "models").iterdir()
     assert model_cache.check_folder(folder, model_cache.file_sha256(source, root)) is None
     assert [p.name for p in (root / "models").iterdir()] == [folder.name]  # no staging folder left behind
+    # readable as any file the user makes (safetensors writes through a private 0600 file)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~_umask_now())}, modes
 
 
 def test_a_changed_source_gets_its_own_folder(source: Path, builder: Builder, tmp_path: Path) -> None:
@@ -124,6 +135,35 @@ def test_a_load_that_fails_for_its_settings_keeps_the_entry(
     assert "rebuilding" not in caplog.text and "the entry is kept" in caplog.text
     assert (folder / model_cache.MANIFEST).stat().st_ino == built  # the same entry, not a new one
     assert model_cache.load_through_cache(source, builder, _load, root) is not None and builder.calls == 1
+
+
+def test_telling_a_sound_entry_reads_no_weights(tmp_path: Path) -> None:
+    """The check that tells a damaged entry from a load refused for its own reasons reads headers only. A load
+    that failed for lack of memory is such a load: a check that mapped the weights would fail the same way, call a
+    sound entry damaged and remove it (a cache other processes share). Here: a 4 GiB weights file (sparse) checked
+    in a process whose address space cannot hold it."""
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**30], "data_offsets": [0, 2**32]}}).encode()
+    header += b" " * (-len(header) % 8)
+    weights = folder / "model.safetensors"
+    with weights.open("wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + 2**32)
+    (folder / "config.json").write_text("{}")
+    probe = (
+        "import resource, sys; from pathlib import Path\n"
+        "from lminf_integrations import model_cache\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31))\n"
+        "print(model_cache.unreadable_file(Path(sys.argv[1])))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "None"
+    # and a header that does not match the file's size is damage
+    with weights.open("r+b") as handle:
+        handle.truncate(8 + len(header) + 2**31)
+    assert model_cache.unreadable_file(folder) is not None
 
 
 def test_the_checksum_is_remembered_until_the_file_changes(source: Path, tmp_path: Path) -> None:

@@ -337,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (OSError, ValueError, MemoryError) as error:  # a model that does not load, settings it refuses, no room
         raise SystemExit(f"lminf: error: {error}") from None
+    except KeyboardInterrupt:  # Ctrl-C: the work has stopped (at its next chunk); no traceback for it
+        print("\nlminf: interrupted", file=sys.stderr)
+        return 130  # what a shell reports for a command ended by SIGINT
 
 
 if __name__ == "__main__":

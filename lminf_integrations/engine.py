@@ -444,16 +444,20 @@ class Engine:
             if state is None or not self.strategy.continues_states:
                 # A prompt-level strategy (XL3M) may answer from another prompt.
                 self._prepared()
-                plan = self.strategy.plan(
-                    self.model,
-                    self.tokenizer,
-                    ids,
-                    settings.max_new_tokens,
-                    report,
-                    question_tokens,
-                    state.cache if state is not None else None,
-                    scored_tokens,
-                )
+                try:
+                    plan = self.strategy.plan(
+                        self.model,
+                        self.tokenizer,
+                        ids,
+                        settings.max_new_tokens,
+                        report,
+                        question_tokens,
+                        state.cache if state is not None else None,
+                        scored_tokens,
+                        stop=cancelled,
+                    )
+                except model_thread.Cancelled:  # the stream was closed while a document was being read
+                    return StreamResult(len(ids), 0, "cancelled")
                 if not self.strategy.continues_states:
                     state = None  # its state is not a prefix the prompt continues
             if plan is not None and plan.prefix_cache is not None:

@@ -20,6 +20,7 @@ threads at exit: Ctrl-C during a long encode would then wait for the encode to f
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import queue
 import threading
@@ -76,7 +77,9 @@ def submit(job: Callable[[], T]) -> Future[T]:
 def run(work: Callable[[ProgressCallback], T], on_progress: ProgressCallback | None = None) -> T:
     """``work(report)`` on the model thread, waited for. ``report(done, total)`` reaches ``on_progress`` in the
     calling thread, so callbacks never run in a foreign thread. If the wait ends early (Ctrl-C, or ``on_progress``
-    raising), the job's next report raises :class:`Cancelled` and the error is raised here at once."""
+    raising), the job's next report raises :class:`Cancelled`, and the error is raised here once the job has
+    stopped: a program that exits on Ctrl-C while torch still runs in this daemon thread is aborted by the C++
+    runtime. A second Ctrl-C during that wait is raised at once."""
     if is_model_thread():
         return work(on_progress or _ignore)
     events: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
@@ -95,7 +98,8 @@ def run(work: Callable[[ProgressCallback], T], on_progress: ProgressCallback | N
                 on_progress(*event)
     except BaseException:
         stop.set()
-        future.cancel()  # not started yet: never starts
+        if not future.cancel():  # started: it stops at its next report
+            concurrent.futures.wait([future])
         raise
     return future.result()
 

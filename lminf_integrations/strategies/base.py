@@ -6,6 +6,7 @@ The engine, the adapters and the CLI know strategies only through :class:`Strate
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,13 +103,16 @@ class Strategy(ABC):
         question_tokens: int | None = None,
         state: DocumentCache | None = None,
         scored_tokens: int | None = None,
+        stop: threading.Event | None = None,
     ) -> Plan | None:
         """Another prompt to answer from (XL3M: the chosen segments and the question), or ``None``: this one.
 
         ``question_tokens``: how many tokens before the chat template's closing part are the question, when the
         caller knows (the command line does), and ``scored_tokens`` how many of those are the question itself (not
         an instruction before it). ``state``: what :meth:`read_document` returned for a prefix of ``ids``, for a
-        strategy that does not continue prefixes."""
+        strategy that does not continue prefixes. ``stop``: set once the caller no longer wants the answer (a
+        closed stream); a strategy that plans at length raises :class:`~lminf_integrations.model_thread.Cancelled`
+        at its next step then."""
         return None
 
     def settings(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,33 @@ def test_compiled_decoding_gives_the_same_answer(tmp_path: Path, tiny_model_dir:
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
     assert "AUTOTUNE" not in compiled.stderr  # inductor's GEMM timing tables are not the user's business
     assert "Loading weights" not in eager.stderr  # --no-progress: no bar at all, transformers' loading bar neither
+
+
+def test_ctrl_c_while_encoding_ends_in_one_line_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Ctrl-C stops an encode at its next chunk: the command waits for that, so no model work is left running while
+    the interpreter exits (that aborted the process: 'terminate called without an active exception'), and says so
+    in one line with the shell's exit status for SIGINT, 130."""
+    document = tmp_path / "doc.txt"
+    document.write_text("The quick brown fox jumps over the lazy dog. " * 60000)  # ~600K tokens: seconds to encode
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "lminf_integrations", "encode", str(document), "-o", str(out / "doc.lminf")]
+    command += ["--model", str(tiny_model_dir), "--n-local", "512", "--chunk-size", "256", "--dtype", "fp32"]
+    process = subprocess.Popen(
+        [*command, "--progress"], stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert process.stderr is not None
+    seen = ""
+    while "%" not in seen.partition("encoding")[2]:  # the bar is drawn: encoding has begun
+        character = process.stderr.read(1)
+        assert character, f"ended before encoding: {seen[-2000:]}"
+        seen += character
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(60) == 130, rest[-3000:]
+    assert "Traceback" not in rest and "terminate called" not in rest
+    assert rest.strip().splitlines()[-1] == "lminf: interrupted"
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ strategy through the engine and ``lminf``."""
 from __future__ import annotations
 
 import re
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from lminf_integrations.strategies.xl3m.strategy import (
     _choose,
     template_parts,
 )
+from lminf_integrations.streaming import Progress
 from tests.tiny_models import tiny_llama
 from tests.tolerances import network_bound
 from tests.unit_tests.test_attention import ARCHITECTURES, VOCAB, _common, _tiny
@@ -279,6 +281,23 @@ def test_a_long_prompt_is_answered_from_chosen_segments(tiny: tuple[PreTrainedMo
     other = prompt.replace("room 7", "room 9")
     "".join(engine.stream(other, GenerationSettings(max_new_tokens=4)))
     assert engine.strategy.segments.encoded - encoded <= 1  # type: ignore[attr-defined]  # only the last segment
+
+
+def test_closing_the_stream_stops_reading_the_document(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    """XL3M reads a whole book before it answers: a stream closed meanwhile (a client gone, Ctrl-C, a cancelled
+    task) stops the reading at its next forward, rather than holding the model until every segment is read."""
+    model, tokenizer = tiny
+    engine = _engine(model, tokenizer)
+    rooms = "\n\n".join(f"Room {i} is on floor {i % 7}. Its code is {1000 + i}." for i in range(3000))  # ~48K tokens
+    stream = engine.stream(rooms + "\n\nWhat is the code of room 7?", GenerationSettings(max_new_tokens=4))
+    with closing(stream.events()) as events:
+        for item in events:
+            assert isinstance(item, Progress), "an answer before any progress"
+            break  # the reading has begun: leave
+    assert stream.result is not None and stream.result.stop_reason == "cancelled"
+    segments = len(split(list(tokenizer(rooms, add_special_tokens=False).input_ids), tokenizer, 48))
+    assert engine.strategy.segments.encoded < segments  # type: ignore[attr-defined]
+    assert engine.generate("Room 1 is on floor 1. What floor is room 1 on?", GenerationSettings(max_new_tokens=2))
 
 
 def test_a_prompt_that_fits_is_read_whole(tiny: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:

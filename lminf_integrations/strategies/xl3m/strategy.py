@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...config import XL3MConfig
+from ...model_thread import Cancelled
 from ...models import eos_ids
 from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
@@ -293,6 +294,7 @@ class XL3M(Strategy):
         question_tokens: int | None = None,
         state: DocumentCache | None = None,
         scored_tokens: int | None = None,
+        stop: threading.Event | None = None,
     ) -> Plan | None:
         """The prompt to answer from: the chosen segments between the prompt's opening and its question.
 
@@ -300,11 +302,13 @@ class XL3M(Strategy):
         ``question_tokens`` overrides the setting when the caller knows where the question starts, ``scored_tokens``
         (default: all from its first word, see :func:`.scoring.question_start`) says how many of its last tokens
         rank the segments; ``state``: a :class:`SegmentedDocument` of a prefix of ``ids`` (its segments are used,
-        not read again).
+        not read again). ``stop`` set: :class:`~lminf_integrations.model_thread.Cancelled` at the next forward
+        while segments are read, or between the steps of the choice.
         """
         limit = getattr(model.config, "max_position_embeddings", None) or len(ids) + max_new_tokens
         if len(ids) + max_new_tokens <= limit:
             return None
+        report = _stopping(report, stop)
         cfg = self.config
         layout = self._layout(tokenizer, ids, limit, question_tokens or cfg.question_tokens)
         q = len(ids) - layout.tail - layout.body_end
@@ -322,6 +326,7 @@ class XL3M(Strategy):
                 if isinstance(state, SegmentedDocument):
                     self._adopt(model, ids, state)
                 document = self._segments(model, tokenizer, ids, layout, report, len(ids))
+            _stop_if(stop)
             candidates = list(range(len(document.spans)))
             attention: list[float] | None = None
             # The question's words rank the segments; the line breaks joining it to the text before condition them.
@@ -335,6 +340,7 @@ class XL3M(Strategy):
                     queries, document.places, document.prefix, ranking_layers(len(document.places[0][0].keys))
                 )
                 candidates = _best_in_order(candidates, attention, wanted)
+                _stop_if(stop)
             certainty, contrast = self._scores(model, document.places, query, len(query) - first, candidates)
             scores = contrast or certainty
             lengths = [end - start for start, end in document.spans]
@@ -363,16 +369,19 @@ class XL3M(Strategy):
             ]
             read: _ReadAnswer | None = None
             if cfg.passage_tokens is not None:
+                _stop_if(stop)
                 parts, details["passages"] = self._passages(
                     model, tokenizer, ids, document, chosen, query, first, queries
                 )
                 if cfg.hop_margin is not None:
+                    _stop_if(stop)
                     sure = False
                     if cfg.hop_confidence is not None:
                         read = self._read_answer(model, ids, document, layout, parts, query)
                         details["answer_start"] = [round(p, 4) for p in read.probabilities]
                         sure = bool(read.probabilities) and min(read.probabilities) >= cfg.hop_confidence
                     if not sure:
+                        _stop_if(stop)
                         parts, details["hop"] = self._hop(
                             model, tokenizer, ids, document, attention, parts, details["passages"], query, first
                         )
@@ -669,3 +678,20 @@ def _choose(scores: list[float], lengths: list[int], budget: int) -> list[int]:
             chosen.append(index)
             used += lengths[index]
     return sorted(chosen)
+
+
+def _stop_if(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled
+
+
+def _stopping(report: Callable[[int, int], None], stop: threading.Event | None) -> Callable[[int, int], None]:
+    """``report`` that first raises :class:`Cancelled` once ``stop`` is set: reading stops at its next forward."""
+    if stop is None:
+        return report
+
+    def checked(done: int, total: int) -> None:
+        _stop_if(stop)
+        report(done, total)
+
+    return checked

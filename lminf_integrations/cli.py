@@ -324,6 +324,19 @@ def _refuse_unknown(unknown: Sequence[str], parser: argparse.ArgumentParser) -> 
     parser.error(" ".join([f"unrecognized arguments: {' '.join(unknown)}", *hints]))
 
 
+def out_of_memory_message(error: RuntimeError) -> str | None:
+    """One line for an allocation that failed (torch's CPU allocator, or a GPU's out-of-memory error), saying what
+    to change; ``None`` for any other error."""
+    text = str(error)
+    if type(error).__name__ != "OutOfMemoryError" and "can't allocate memory" not in text:
+        return None
+    detail = text.split("DefaultCPUAllocator: ")[-1].splitlines()[0]
+    return (
+        f"out of memory ({detail}); use --cache-mode window (LM-Infinite), a smaller document, a smaller "
+        "--chunk-size, or a machine (or limit) with more memory"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -337,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (OSError, ValueError, MemoryError) as error:  # a model that does not load, settings it refuses, no room
         raise SystemExit(f"lminf: error: {error}") from None
+    except RuntimeError as error:  # torch's allocators fail with RuntimeErrors
+        message = out_of_memory_message(error)
+        if message is None:
+            raise
+        raise SystemExit(f"lminf: error: {message}") from None
     except KeyboardInterrupt:  # Ctrl-C: the work has stopped (at its next chunk); no traceback for it
         print("\nlminf: interrupted", file=sys.stderr)
         return 130  # what a shell reports for a command ended by SIGINT

@@ -83,11 +83,52 @@ def offloads(model: PreTrainedModel) -> bool:
 def free_bytes(device: torch.device) -> int:
     """Memory a new cache can take on ``device``: on a GPU, the free memory plus what PyTorch holds cached but
     unused (an earlier long prompt's blocks, which it hands out again). transformers' ``get_max_memory`` counts it
-    so too (accelerate's does not), but it first touches every visible GPU, making a CUDA context on each."""
-    if device.type != "cuda":
-        return int(psutil.virtual_memory().available)
-    free = torch.cuda.mem_get_info(device)[0]
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    so too (accelerate's does not), but it first touches every visible GPU, making a CUDA context on each.
+
+    On the CPU, the least of the machine's available memory, what a container's memory limit leaves
+    (:func:`cgroup_free_bytes`) and what an address-space limit (``ulimit -v``) leaves: past either, the process is
+    killed or its allocations fail, whatever the machine has free."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    limits = [int(psutil.virtual_memory().available), cgroup_free_bytes(), address_space_free_bytes()]
+    return min(limit for limit in limits if limit is not None)
+
+
+def address_space_free_bytes() -> int | None:
+    """What an address-space limit (``ulimit -v``) leaves this process, or ``None`` without one."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    return max(0, limit - psutil.Process().memory_info().vms)
+
+
+def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's memory cgroup (a container's limit) leaves, or ``None`` without a limit. Read where a
+    container sees its own cgroup: v2's ``memory.max``, or v1's ``memory/memory.limit_in_bytes``. Page cache the
+    kernel can drop (``inactive_file``) is not counted as used, as ``docker stats`` does not count it."""
+    for limit_name, usage_name, stat_name, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
+        try:
+            limit_text = (root / limit_name).read_text().strip()
+            usage = int((root / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a number near 2**63
+            return None
+        try:
+            stat = dict(line.split() for line in (root / stat_name).read_text().splitlines() if line.strip())
+            usage -= int(stat.get(inactive, 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit_text) - usage)
+    return None
 
 
 class StopWhen(StoppingCriteria):
@@ -238,7 +279,8 @@ class Engine:
         if needed > 0.8 * available:
             raise MemoryError(
                 f"encoding {n_tokens} tokens with strategy={self.strategy.name!r} needs about "
-                f"{needed / 2**30:.1f} GiB for keys/values but only {available / 2**30:.1f} GiB is available; use "
+                f"{needed / 2**30:.1f} GiB for keys/values, more than 80% of the {available / 2**30:.1f} GiB free "
+                "here (the machine's, a container's or `ulimit -v`'s limit, whichever is least); use "
                 f"{self.strategy.memory_hint()}, a smaller document, or a machine with more memory"
             )
 

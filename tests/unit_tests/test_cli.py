@@ -197,6 +197,22 @@ def test_compiled_decoding_gives_the_same_answer(tmp_path: Path, tiny_model_dir:
     assert "Loading weights" not in eager.stderr  # --no-progress: no bar at all, transformers' loading bar neither
 
 
+def test_running_out_of_memory_is_one_line_saying_what_to_change() -> None:
+    """The memory check counts the cache, not every working buffer: where an allocation still fails (a tight
+    ``ulimit -v``, a GPU), lminf says so in one line with what to change, as for the check's own refusal."""
+    import torch
+
+    from lminf_integrations.cli import out_of_memory_message
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # torch's own allocator failure, as under a memory limit
+    except RuntimeError as error:
+        message = out_of_memory_message(error)
+    assert message is not None and message.startswith("out of memory")
+    assert "--cache-mode window" in message and "smaller document" in message
+    assert out_of_memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
 def test_ctrl_c_while_encoding_ends_in_one_line_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Ctrl-C stops an encode at its next chunk: the command waits for that, so no model work is left running while
     the interpreter exits (that aborted the process: 'terminate called without an active exception'), and says so

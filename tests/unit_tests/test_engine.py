@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from lminf_integrations import LMInfiniteConfig, new_cache, patch_model
 from lminf_integrations.config import XL3MConfig
-from lminf_integrations.engine import Engine, GenerationSettings, StopWhen, free_bytes, pad_token_id
+from lminf_integrations.engine import (
+    Engine,
+    GenerationSettings,
+    StopWhen,
+    cgroup_free_bytes,
+    free_bytes,
+    pad_token_id,
+)
 from lminf_integrations.hf_compat import cache_kwargs
 
 Pair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -143,3 +152,48 @@ def test_free_gpu_memory_counts_what_pytorch_holds_cached_but_unused(monkeypatch
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
     assert free_bytes(torch.device("cuda:0")) == 12 * gib
+
+
+def test_free_memory_follows_an_address_space_limit() -> None:
+    """A process under ``ulimit -v`` (RLIMIT_AS) can map only what the limit leaves: the check must refuse a
+    document by that, not by the machine's free memory, or encoding dies in torch's allocator."""
+    probe = (
+        "import resource, psutil, torch\n"
+        "from lminf_integrations.engine import free_bytes\n"
+        "used = psutil.Process().memory_info().vms\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.RLIM_INFINITY))\n"
+        "print(free_bytes(torch.device('cpu')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 0 < int(done.stdout) <= 2**30
+
+
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        # cgroup v2: the limit less what is used, page cache that can be dropped not counted as used
+        (
+            {"memory.max": "8589934592\n", "memory.current": "3221225472\n",
+             "memory.stat": "anon 1\ninactive_file 1073741824\n"},
+            6 * 2**30,
+        ),
+        ({"memory.max": "max\n", "memory.current": "3221225472\n"}, None),
+        # cgroup v1 (no limit reads as a huge number)
+        (
+            {"memory/memory.limit_in_bytes": "4294967296\n", "memory/memory.usage_in_bytes": "1073741824\n",
+             "memory/memory.stat": "total_inactive_file 0\n"},
+            3 * 2**30,
+        ),
+        ({"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n"}, None),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_a_container_memory_limit_bounds_the_free_memory(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    """In a container the cgroup's limit, not the host's free memory, is where the kernel kills the process."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_free_bytes(tmp_path) == expected

@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 import torch
@@ -107,28 +107,60 @@ def address_space_free_bytes() -> int | None:
     return max(0, limit - psutil.Process().memory_info().vms)
 
 
-def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """What this process's memory cgroup (a container's limit) leaves, or ``None`` without a limit. Read where a
-    container sees its own cgroup: v2's ``memory.max``, or v1's ``memory/memory.limit_in_bytes``. Page cache the
+class _CgroupFiles(NamedTuple):
+    folder: str  # under /sys/fs/cgroup
+    limit: str
+    usage: str
+    stat: str
+    inactive: str  # the page cache the kernel can drop, in ``stat``
+
+
+_CGROUP_V2 = _CgroupFiles("", "memory.max", "memory.current", "memory.stat", "inactive_file")
+_CGROUP_V1 = _CgroupFiles(
+    "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file"
+)
+
+
+def cgroup_free_bytes(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """What this process's memory cgroups leave it (a container's or a job scheduler's limit), or ``None`` without
+    a limit: the least, over its cgroup and each one above it, of the limit less the usage. ``membership`` names
+    its cgroup (``/`` inside a container with its own cgroup namespace); cgroup v2 and v1 are read. Page cache the
     kernel can drop (``inactive_file``) is not counted as used, as ``docker stats`` does not count it."""
-    for limit_name, usage_name, stat_name, inactive in (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
-    ):
-        try:
-            limit_text = (root / limit_name).read_text().strip()
-            usage = int((root / usage_name).read_text())
-        except (OSError, ValueError):
-            continue
+    own = {_CGROUP_V2: "/", _CGROUP_V1: "/"}
+    try:
+        for line in membership.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own[_CGROUP_V2] = path
+            elif "memory" in controllers.split(","):
+                own[_CGROUP_V1] = path
+    except (OSError, ValueError):
+        pass
+    for files, path in own.items():
+        parts = [part for part in path.split("/") if part]
+        levels = [root / files.folder / "/".join(parts[:n]) for n in range(len(parts), -1, -1)]  # own cgroup first
+        readable = [level for level in levels if (level / files.limit).is_file()]
+        if readable:
+            frees = [_cgroup_free_at(level, files) for level in readable]
+            return min((free for free in frees if free is not None), default=None)
+    return None
+
+
+def _cgroup_free_at(level: Path, files: _CgroupFiles) -> int | None:
+    """One cgroup's limit less its usage; ``None`` when it has no limit (or cannot be read)."""
+    try:
+        limit_text = (level / files.limit).read_text().strip()
+        usage = int((level / files.usage).read_text())
         if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a number near 2**63
             return None
-        try:
-            stat = dict(line.split() for line in (root / stat_name).read_text().splitlines() if line.strip())
-            usage -= int(stat.get(inactive, 0))
-        except (OSError, ValueError):
-            pass
-        return max(0, int(limit_text) - usage)
-    return None
+    except (OSError, ValueError):
+        return None
+    try:
+        stat = dict(line.split() for line in (level / files.stat).read_text().splitlines() if line.strip())
+        usage -= int(stat.get(files.inactive, 0))
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit_text) - usage)
 
 
 class StopWhen(StoppingCriteria):

@@ -169,31 +169,40 @@ def test_free_memory_follows_an_address_space_limit() -> None:
     assert 0 < int(done.stdout) <= 2**30
 
 
+GIB = 2**30
+
+
 @pytest.mark.parametrize(
-    "files,expected",
+    "membership,files,expected",
     [
         # cgroup v2: the limit less what is used, page cache that can be dropped not counted as used
-        (
-            {"memory.max": "8589934592\n", "memory.current": "3221225472\n",
-             "memory.stat": "anon 1\ninactive_file 1073741824\n"},
-            6 * 2**30,
-        ),
-        ({"memory.max": "max\n", "memory.current": "3221225472\n"}, None),
+        ("0::/\n", {"memory.max": f"{8 * GIB}\n", "memory.current": f"{3 * GIB}\n",
+                     "memory.stat": f"anon 1\ninactive_file {GIB}\n"}, 6 * GIB),
+        ("0::/\n", {"memory.max": "max\n", "memory.current": f"{3 * GIB}\n"}, None),
+        # its own cgroup, seen without a cgroup namespace (a job scheduler's), and the tighter limit above it
+        ("0::/a/b\n", {"memory.max": "max\n", "memory.current": "1\n",
+                       "a/memory.max": f"{4 * GIB}\n", "a/memory.current": f"{3 * GIB}\n",
+                       "a/b/memory.max": f"{8 * GIB}\n", "a/b/memory.current": f"{GIB}\n"}, GIB),
         # cgroup v1 (no limit reads as a huge number)
-        (
-            {"memory/memory.limit_in_bytes": "4294967296\n", "memory/memory.usage_in_bytes": "1073741824\n",
-             "memory/memory.stat": "total_inactive_file 0\n"},
-            3 * 2**30,
-        ),
-        ({"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n"}, None),
-        ({}, None),
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": f"{4 * GIB}\n", "memory/memory.usage_in_bytes": f"{GIB}\n",
+                          "memory/memory.stat": "total_inactive_file 0\n"}, 3 * GIB),
+        ("4:memory:/job/7\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                               "memory/memory.usage_in_bytes": "1\n",
+                               "memory/job/7/memory.limit_in_bytes": f"{2 * GIB}\n",
+                               "memory/job/7/memory.usage_in_bytes": f"{GIB}\n"}, GIB),
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                          "memory/memory.usage_in_bytes": "1\n"}, None),
+        ("0::/\n", {}, None),
     ],
 )  # fmt: skip
 def test_a_container_memory_limit_bounds_the_free_memory(
-    tmp_path: Path, files: dict[str, str], expected: int | None
+    tmp_path: Path, membership: str, files: dict[str, str], expected: int | None
 ) -> None:
-    """In a container the cgroup's limit, not the host's free memory, is where the kernel kills the process."""
+    """In a container or a scheduler's job, the cgroup's limit, not the host's free memory, is where the kernel
+    kills the process."""
+    root = tmp_path / "cgroup"
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cgroup_free_bytes(tmp_path) == expected
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "membership").write_text(membership)
+    assert cgroup_free_bytes(root, tmp_path / "membership") == expected

@@ -224,8 +224,11 @@ def test_ctrl_c_while_encoding_ends_in_one_line_and_leaves_nothing(tmp_path: Pat
     command = [sys.executable, "-m", "lminf_integrations", "encode", str(document), "-o", str(out / "doc.lminf")]
     command += ["--model", str(tiny_model_dir), "--n-local", "512", "--chunk-size", "256", "--dtype", "fp32"]
     process = subprocess.Popen(
-        [*command, "--progress"], stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+        [*command, "--progress"], stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # As typed at a terminal: a test runner started in the background (`cmd &`) passes SIGINT on ignored, and
+        # Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert process.stderr is not None
     seen = ""
     while "%" not in seen.partition("encoding")[2]:  # the bar is drawn: encoding has begun

@@ -9,10 +9,11 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import XL3MConfig
 from .settings import STRATEGY_GROUPS, Resolved, in_groups, resolve
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are good
@@ -42,9 +43,18 @@ def read_document(path: str) -> str:
     return text
 
 
-def _add_settings(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
-    """One option per declared setting of ``groups`` (``--n-local``...), named, typed and described by it."""
-    sections = {group: parser.add_argument_group(f"{group} settings") for group in groups}
+def _add_settings(
+    parser: argparse.ArgumentParser,
+    groups: Sequence[str],
+    unlisted: Collection[str] = (),
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """One option per declared setting of ``groups`` (``--n-local``...), named, typed and described by it;
+    ``unlisted`` ones are parsed (to be refused with a reason) but left out of the help, ``notes`` describe a
+    group."""
+    sections = {
+        group: parser.add_argument_group(f"{group} settings", (notes or {}).get(group)) for group in groups
+    }
     for setting in in_groups(*groups):
         section = sections[setting.group]
         kwargs: dict[str, Any] = {"dest": setting.name, "default": setting.default, "help": setting.help}
@@ -68,6 +78,8 @@ def _add_settings(parser: argparse.ArgumentParser, groups: Sequence[str]) -> Non
                 kwargs.update(type=kind, metavar=metavar)
         if "action" not in kwargs and setting.default is not None:
             kwargs["help"] += " (default: %(default)s)"
+        if setting.name in unlisted:
+            kwargs["help"] = argparse.SUPPRESS
         section.add_argument(*setting.flags, **kwargs)
 
 
@@ -106,6 +118,8 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser, groups:
 
 ASK_GROUPS = ("model", "strategy", "encoding", "attention", "xl3m", "dca", "decoding", "generation", "display")
 ENCODE_GROUPS = ("model", "strategy", "encoding", "attention", "xl3m", "dca", "display")
+#: XL3M's settings a state does not keep: read when a question is asked, refused by ``encode``.
+QUESTION_TIME = tuple(s.name for s in in_groups("xl3m") if s.field_name not in XL3MConfig.STATE_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("file", help="UTF-8 text file")
     encode.add_argument("-o", "--output", required=True, help="state file to write (safetensors)")
-    _add_settings(encode, ENCODE_GROUPS)
+    _add_settings(
+        encode,
+        ENCODE_GROUPS,
+        unlisted=QUESTION_TIME,
+        notes={"xl3m": "how the document is cut; the rest (--candidates, --score...) is read when a question is "
+               "asked: give it to `lminf ask --state`"},
+    )
     encode.set_defaults(command_parser=encode)
     return parser
 

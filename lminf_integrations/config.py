@@ -13,7 +13,7 @@ import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 CacheMode = Literal["window", "full"]
 StrategyName = Literal["lm-infinite", "xl3m", "dca", "vanilla"]
@@ -246,6 +246,10 @@ class XL3MConfig:
     chosen the same way; the answer is generated from the passages scoring within ``passage_margin`` of the best,
     and the question.
     """
+
+    #: What a saved document depends on: how it was cut. Every other setting is read when a question is asked, so
+    #: a state does not keep it (``lminf encode`` refuses it and leaves it out of its help).
+    STATE_FIELDS: ClassVar[tuple[str, ...]] = ("segment_tokens",)
 
     segment_tokens: int = setting(512, "most tokens per segment (cut at paragraph, then sentence boundaries)")
     question_tokens: int = setting(

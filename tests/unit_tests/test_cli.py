@@ -169,6 +169,17 @@ def test_encode_refuses_what_only_a_question_uses(
     assert "/no/such/model" not in err
 
 
+def test_encode_help_lists_only_what_a_state_keeps() -> None:
+    """``encode --help`` offers the settings a state keeps (XL3M's segment size) and not those read when a question
+    is asked (the selection's), which it would refuse; it says where those go."""
+    encode = build_parser()._subparsers._group_actions[0].choices["encode"]  # type: ignore[union-attr]
+    help_text = encode.format_help()
+    listed = {line.split()[0] for line in help_text.splitlines() if line.startswith("  --")}
+    assert {"--segment-tokens", "--n-local", "--dca-chunk-size"} <= listed
+    assert not {"--candidates", "--score", "--passage-tokens", "--hop-margin", "--question-tokens"} & listed
+    assert "lminf ask --state" in " ".join(help_text.split())
+
+
 SMALL = ["--max-new-tokens", "8", "--n-local", "512", "--chunk-size", "1024", "--dtype", "fp32"]
 
 

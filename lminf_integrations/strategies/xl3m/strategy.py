@@ -223,8 +223,7 @@ class XL3M(Strategy):
         return self.config.to_dict()
 
     def identity(self) -> dict[str, Any]:
-        # A saved document depends on how it was cut, not on how questions are scored or answered.
-        return {"strategy": self.name, "segment_tokens": self.config.segment_tokens}
+        return {"strategy": self.name, **{name: getattr(self.config, name) for name in self.config.STATE_FIELDS}}
 
     def _layout(self, tokenizer: PreTrainedTokenizerBase, ids: list[int], limit: int, question: int) -> _Layout:
         parts = template_parts(tokenizer, ids)

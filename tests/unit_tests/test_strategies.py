@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lminf_integrations import cli
 from lminf_integrations.config import STRATEGY_NAMES, GenerationSettings, LMInfiniteConfig, StrategyName
@@ -131,3 +138,47 @@ def test_the_cli_builds_the_strategy_it_is_given(tiny_model_dir: str) -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["ask", "doc.txt", "q", "--model", tiny_model_dir, "--strategy", "vanilla"])
     assert cli._engine(cli._settings(args, parser, cli.ASK_GROUPS)).strategy.name == "vanilla"
+
+
+def _tiny(config: PretrainedConfig) -> PreTrainedModel:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _small(**overrides: typing.Any) -> dict[str, typing.Any]:
+    return {"vocab_size": 64, "num_hidden_layers": 1, **overrides}
+
+
+@pytest.mark.parametrize("strategy,label", [("lm-infinite", "LM-Infinite"), ("dca", "Dual Chunk"), ("xl3m", "XL3M")])
+def test_every_strategy_refuses_an_architecture_it_cannot_run(strategy: str, label: str) -> None:
+    """Each strategy names itself and the architecture, before any setting is checked against the model: GPT-2
+    trained to 1024 tokens would otherwise be refused for the default n_local, which is not the reason."""
+    gpt2 = _tiny(GPT2Config(**_small(), n_embd=32, n_head=2, n_positions=1024))
+    with pytest.raises(ValueError, match=rf"^{label}.* model_type 'gpt2'"):
+        make_strategy(strategy, LMInfiniteConfig()).check(gpt2)
+
+
+@pytest.mark.parametrize("rope", ["dynamic", "longrope"])
+@pytest.mark.parametrize("strategy", ["lm-infinite", "dca"])
+def test_rope_that_changes_with_the_input_length_is_refused(strategy: str, rope: str) -> None:
+    """Dynamic NTK and LongRoPE recompute the rotary frequencies once the input passes the training length, while
+    the patched attention rotates global and chunked keys with the frequencies it read when patched: refused."""
+    parameters = {"rope_type": rope, "factor": 2.0, "rope_theta": 10000.0}
+    if rope == "longrope":
+        parameters.update(short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=256)
+    config = LlamaConfig(**_small(), hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=512, rope_parameters=parameters)  # fmt: skip
+    model = _tiny(config)
+    with pytest.raises(ValueError, match=f"rope_type '{rope}'"):
+        make_strategy(strategy, LMInfiniteConfig(n_local=256, n_global=4)).check(model)
+    with pytest.raises(ValueError, match=f"rope_type '{rope}'"):
+        make_strategy(strategy, LMInfiniteConfig(n_local=256, n_global=4)).prepare(model)
+    make_strategy("xl3m", LMInfiniteConfig()).check(model)  # reads each segment within the training length
+
+
+def test_fixed_rope_scaling_is_accepted() -> None:
+    parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config = LlamaConfig(**_small(), hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=512, rope_parameters=parameters)  # fmt: skip
+    for strategy in ("lm-infinite", "dca"):
+        make_strategy(strategy, LMInfiniteConfig(n_local=256, n_global=4)).check(_tiny(config))

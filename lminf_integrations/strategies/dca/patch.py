@@ -10,10 +10,13 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ...config import DCAConfig
-from ..lm_infinite.patch import _check_supported, _decoder, _padding_only_mask, install_attention
+from ..lm_infinite.patch import _decoder, _padding_only_mask, install_attention
 from ..lm_infinite.patch import unpatch_model as unpatch_model
+from ..support import check_model
 from .attention import ATTENTION_NAME, DCALayerSettings, dca_attention, discard_hand_over
 from .cache import DCACache
+
+DCA_LABEL = "Dual Chunk Attention"
 
 AttentionInterface.register(ATTENTION_NAME, dca_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, _padding_only_mask)
@@ -27,7 +30,7 @@ def _no_pending_hand_over(module: torch.nn.Module, args: Any) -> None:
 def patch_dca(model: PreTrainedModel, config: DCAConfig | None = None) -> PreTrainedModel:
     """Make ``model`` use Dual Chunk Attention with ``config`` (defaults scaled to its training length). Returns the
     model; :func:`unpatch_model` restores it exactly. Works with ``model(...)`` and transformers' own cache."""
-    _check_supported(model)
+    check_model(model, DCA_LABEL)
     config = config or DCAConfig()
     training_length = getattr(model.config, "max_position_embeddings", None)
     if training_length is None:

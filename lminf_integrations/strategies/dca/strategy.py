@@ -8,9 +8,9 @@ from transformers import PreTrainedModel
 
 from ...config import DCAConfig
 from ..base import Strategy, kv_bytes_per_token
-from ..lm_infinite.patch import _check_supported
+from ..support import check_model
 from .cache import DCACache
-from .patch import new_dca_cache, patch_dca
+from .patch import DCA_LABEL, new_dca_cache, patch_dca
 
 
 class DCA(Strategy):
@@ -20,7 +20,7 @@ class DCA(Strategy):
         self.config = config
 
     def check(self, model: PreTrainedModel) -> None:
-        _check_supported(model)
+        check_model(model, DCA_LABEL)
         training_length = getattr(model.config, "max_position_embeddings", None)
         if training_length is None:
             raise ValueError(f"{type(model).__name__} does not say its training length (max_position_embeddings)")

@@ -15,11 +15,10 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ...config import LMInfiniteConfig
+from ..support import SUPPORTED_ARCHITECTURES as SUPPORTED_ARCHITECTURES
+from ..support import check_model
 from .attention import ATTENTION_NAME, LayerSettings, discard_hand_over, lambda_attention
 from .cache import LambdaCache
-
-# All of these apply RoPE with the rotate-half formula before calling the attention function.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _padding_only_mask(
@@ -51,14 +50,6 @@ def _no_pending_hand_over(module: torch.nn.Module, args: Any) -> None:
     discard_hand_over()
 
 
-def _check_supported(model: PreTrainedModel) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"LM-Infinite does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-
-
 def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) -> PreTrainedModel:
     """Make ``model`` use Λ-attention with ``config`` (defaults: ``LMInfiniteConfig()``). Returns the model.
 
@@ -66,7 +57,7 @@ def patch_model(model: PreTrainedModel, config: LMInfiniteConfig | None = None) 
     pass ``cache=new_cache(model)`` (``past_key_values=`` before transformers 5.24) for the bounded cache
     (transformers' default cache also works, but keeps every key).
     """
-    _check_supported(model)
+    check_model(model, "LM-Infinite")
     config = config or LMInfiniteConfig()
     decoder = _decoder(model)
     config.check_against_model(getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers)

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from ...config import LMInfiniteConfig
 from ..base import DocumentCache, Strategy, kv_bytes_per_token
+from ..support import check_model
 from .cache import LambdaCache
 from .patch import new_cache, patch_model
 
@@ -19,6 +20,7 @@ class LMInfinite(Strategy):
         self.config = config
 
     def check(self, model: PreTrainedModel) -> None:
+        check_model(model, "LM-Infinite")
         self.config.check_against_model(
             getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
         )

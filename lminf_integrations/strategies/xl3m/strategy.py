@@ -36,6 +36,7 @@ from ...model_thread import Cancelled
 from ...models import eos_ids
 from ...ops import cached_causal
 from ..base import DocumentCache, Plan, Strategy
+from ..support import check_model
 from ..vanilla import FullCache, Vanilla
 from .attention_pass import attention_scores, question_queries, ranking_layers, span_attention_scores
 from .scoring import (
@@ -197,6 +198,9 @@ class XL3M(Strategy):
         self._lock = threading.Lock()
 
     def check(self, model: PreTrainedModel) -> None:
+        # Its own attention (cached_causal) is registered as the others are; segments stay within the training
+        # length, so RoPE that changes past it never does here.
+        check_model(model, "XL3M", fixed_rope=False)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and self.config.segment_tokens > limit:
             raise ValueError(f"segment_tokens={self.config.segment_tokens} exceeds the model's training length {limit}")

@@ -34,8 +34,11 @@ logger = logging.getLogger(__name__)
 # 3: the model is known by its weights (``weights_sha256``); its name or path is kept but not compared.
 # 4: a window cache saves the slots it filled (a document shorter than the window: its own size); format 3 files
 #    (every slot) are read as they are.
-FORMAT = "lminf-state/4"
-READS = frozenset({"lminf-state/3", FORMAT})
+# 5: the header has its own checksum (``header_sha256``): an edited position or count is refused as damage.
+FORMAT = "lminf-state/5"
+READS = frozenset({"lminf-state/3", "lminf-state/4", FORMAT})
+#: Header fields every format that is read has (besides the identity, compared field by field).
+REQUIRED = ("n_tokens", "tokens_sha256", "data_sha256", "layers")
 #: Header fields kept to describe a state but not compared on loading: a model's folder may move or be copied while
 #: its weights stay the same (``weights_sha256`` tells).
 NOT_COMPARED = frozenset({"model"})
@@ -167,6 +170,48 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _header_digest(header: dict[str, Any]) -> str:
+    """A checksum of every header field but itself (keys sorted: the JSON's own order does not count)."""
+    fields = {key: value for key, value in header.items() if key != "header_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _format_number(name: Any) -> int | None:
+    """3 for ``"lminf-state/3"``; None for anything else."""
+    prefix = "lminf-state/"
+    text = name[len(prefix) :] if isinstance(name, str) and name.startswith(prefix) else ""
+    return int(text) if text.isdigit() else None
+
+
+def _read_header(path: Path, text: str) -> dict[str, Any]:
+    """The lminf header of the state file ``path``, checked: a format this version reads, every field there,
+    and (format 5 on) its checksum; ``ValueError`` saying which, naming the file."""
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt: its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupt: its header is not a JSON object")
+    found, newest = header.get("format"), _format_number(FORMAT)
+    if found not in READS:
+        number = _format_number(found)
+        if number is not None and newest is not None and number > newest:
+            raise ValueError(
+                f"{path} has state format {found!r}, written by a newer version of lminf_integrations; this version "
+                f"reads up to {FORMAT!r}: upgrade the package to read it"
+            )
+        raise ValueError(
+            f"{path} has state format {found!r}; this version reads {sorted(READS)} only: encode the document again "
+            "(and save it again)"
+        )
+    if (_format_number(found) or 0) >= 5 and header.get("header_sha256") != _header_digest(header):
+        raise ValueError(f"{path} is corrupt: its header does not match its checksum")
+    missing = [key for key in REQUIRED if key not in header]
+    if missing:
+        raise ValueError(f"{path} is corrupt: its header lacks {', '.join(map(repr, missing))}")
+    return header
+
+
 def write_state(path: str | os.PathLike[str], state: DocumentState, identity: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` (safetensors). The header holds ``identity`` (see :func:`state_identity`), the
     cache's positions and checksums. Written under another name first, so ``path`` is never half-written."""
@@ -182,6 +227,7 @@ def write_state(path: str | os.PathLike[str], state: DocumentState, identity: di
         "data_sha256": _digest(tensors),
         "layers": layers,
     }
+    header["header_sha256"] = _header_digest(header)
     path = check_writable(path)
     temporary = path.with_name(path.name + ".partial")
     # safetensors writes through a private temporary file (mode 0600); give the state the mode any file the user
@@ -242,12 +288,7 @@ def read_state(
         raise ValueError(f"{path} is not a readable state file (truncated or corrupt?): {error}") from error
     if "lminf" not in metadata:
         raise ValueError(f"{path} is a safetensors file but not an lminf document state")
-    header = json.loads(metadata["lminf"])
-    if header.get("format") not in READS:
-        raise ValueError(
-            f"{path} has state format {header.get('format')!r}; this version reads {sorted(READS)} only: encode the "
-            "document again (and save it again)"
-        )
+    header = _read_header(path, metadata["lminf"])
     refusal = _mismatch(header, identity)
     if refusal:
         raise ValueError(f"{path} {refusal}")

@@ -235,6 +235,64 @@ def test_files_of_the_previous_format_are_refused_by_their_format(tiny: tuple, t
         engine.load_state(old)
 
 
+def _header_and_tensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {})["lminf"]), {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def _with_header(path: Path, tensors: dict[str, torch.Tensor], header: dict | str) -> Path:
+    save_file(tensors, str(path), metadata={"lminf": header if isinstance(header, str) else json.dumps(header)})
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["seen", "top_k_from_position", "n_tokens", "no data_sha256", "no layers", "strategy removed", "not json"],
+)
+def test_a_damaged_header_is_refused_as_corrupt(tiny: tuple, tmp_path: Path, damage: str) -> None:
+    """The header is checked as the data is: an edited position, count or checksum, a missing field or JSON that
+    does not parse is refused, naming the file, never loaded (a shifted ``seen`` would misplace every key) or
+    raised as a bare ``KeyError``."""
+    engine = _engine(tiny, CONFIGS[1], reuse_prefixes=False)
+    header, tensors = _header_and_tensors(engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "d.lminf"))
+    edited: dict | str = header
+    if damage in ("seen", "top_k_from_position"):
+        for layer in header["layers"]:
+            layer[damage] = (layer[damage] or 0) + 100
+    elif damage == "n_tokens":
+        header["n_tokens"] = 5
+    elif damage.startswith("no "):
+        del header[damage[3:]]
+    elif damage == "strategy removed":
+        del header["strategy"]
+    else:
+        edited = json.dumps(header)[:-10] + "{,"
+    path = _with_header(tmp_path / "damaged.lminf", tensors, edited)
+    with pytest.raises(ValueError, match=r"damaged\.lminf is corrupt: its header"):
+        engine.load_state(path)
+
+
+def test_a_file_of_a_newer_format_says_to_upgrade(tiny: tuple, tmp_path: Path) -> None:
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    header, tensors = _header_and_tensors(engine.save_state(engine.encode_document(DOCUMENT), tmp_path / "d.lminf"))
+    header["format"] = "lminf-state/99"
+    with pytest.raises(ValueError, match="written by a newer version of lminf_integrations.*upgrade") as refused:
+        engine.load_state(_with_header(tmp_path / "new.lminf", tensors, header))
+    assert "encode the document again" not in str(refused.value)
+
+
+def test_files_of_format_4_are_read(tiny: tuple, tmp_path: Path) -> None:
+    """Format 4 had no header checksum: such a file loads and answers the same."""
+    engine = _engine(tiny, CONFIGS[0], reuse_prefixes=False)
+    ids = engine.tokenize(DOCUMENT)[:300]
+    header, tensors = _header_and_tensors(engine.save_state(engine.encode(ids), tmp_path / "d.lminf"))
+    header.pop("header_sha256", None)
+    header["format"] = "lminf-state/4"
+    old = _with_header(tmp_path / "format4.lminf", tensors, header)
+    question = ids + engine.tokenize(" Where is the key?")
+    assert "".join(engine.stream(question, GREEDY, state=engine.load_state(old))) == engine.generate(question, GREEDY)
+
+
 def test_files_of_format_3_are_read(tiny: tuple, tmp_path: Path) -> None:
     """Format 3 saved a window cache's every slot, written or not: such a file loads and answers the same."""
     config = CONFIGS[0]
@@ -249,6 +307,7 @@ def test_files_of_format_3_are_read(tiny: tuple, tmp_path: Path) -> None:
         tensors[name] = torch.zeros(*short.shape[:-2], config.n_global + config.n_local, short.shape[-1])
         tensors[name][:, :, : short.shape[-2]] = short
     header["format"], header["data_sha256"] = "lminf-state/3", state_module._digest(tensors)
+    header.pop("header_sha256", None)
     old = tmp_path / "format3.lminf"
     save_file(tensors, str(old), metadata={"lminf": json.dumps(header)})
     question = ids + engine.tokenize(" Where is the key?")

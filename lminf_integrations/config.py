@@ -48,7 +48,7 @@ class EngineOptions:
 
     model_id: str | None = setting(
         None,
-        "None for the embedded default (SmolLM2-135M-Instruct), a .gguf file, a model folder or a hub id",
+        "None for the embedded default (SmolLM2-135M-Instruct), a .gguf file, a model folder or a hub id ('org/name')",
         aliases=("model",),
     )
     dtype: str = setting("auto", "auto (bf16 where the CPU/GPU computes it fast, else fp32), bf16, fp32 or fp16")

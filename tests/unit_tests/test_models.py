@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,14 @@ def test_the_tokenizer_loads_alone_and_is_the_models(
 def test_nonsense_ids_are_refused(bad: str) -> None:
     with pytest.raises((ValueError, FileNotFoundError)):
         resolve_model(bad)
+
+
+@pytest.mark.parametrize("name", ["my-model-folder", "models\\llama"])
+def test_a_name_that_is_no_path_nor_org_slash_name_is_refused_at_once(name: str) -> None:
+    """A folder misspelt without ``./`` is no hub id either (every model of a supported architecture is published as
+    'org/name'): refused at once, saying both, rather than after the hub's retries (a minute offline)."""
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no file or folder {name!r}") + ".*'org/name'"):
+        resolve_model(name)
 
 
 def test_hub_id_offline_gives_a_clear_error() -> None:

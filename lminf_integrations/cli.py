@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # torch and transformers load only once the arguments are goo
 
 INSTRUCTION = "\n\nAnswer the question about the document above.\nQuestion: "
 DEFAULT_QUESTION_TEMPLATE = "{document}" + INSTRUCTION + "{question}"
+#: What follows the question for a model without a chat template: the answer continues it.
+PLAIN_CLOSING = "\nAnswer:"
 
 
 def read_document(path: str) -> str:
@@ -163,8 +165,12 @@ def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[in
     instruction, the question, the template's closing.
 
     Each part is tokenized on its own, so a saved document state is always an exact prefix, and the strategy is
-    told exactly where the question is.
+    told exactly where the question is. A model without a chat template (a base model) is asked in plain text:
+    its tokenizer's BOS, the document, the instruction and question, and "Answer:".
     """
+    if not getattr(engine.tokenizer, "chat_template", None):
+        head = engine.special_prefix + engine.tokenize(document)
+        return head, engine.tokenize(INSTRUCTION), engine.tokenize(question), engine.tokenize(PLAIN_CLOSING)
     marker = "\u0000QUESTION\u0000"
     content = DEFAULT_QUESTION_TEMPLATE.format(document=document, question=marker)
     head, closing = engine.chat_prompt([{"role": "user", "content": content}]).split(marker)

@@ -6,6 +6,7 @@ Framework-free; the LangChain and LlamaIndex classes, the CLI and the benchmarks
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -279,7 +280,23 @@ class Engine:
 
     # ---- text helpers -------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        """The tokens of ``text`` alone (no BOS: a piece of a prompt)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def special_prefix(self) -> list[int]:
+        """The tokens the tokenizer starts a whole text with (a BOS for Llama and Mistral tokenizers; none for
+        most chat models', whose templates write their own)."""
+        plain = self.tokenize("x")
+        full = list(self.tokenizer("x", add_special_tokens=True)["input_ids"])
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        return full[: starts[0]] if starts else []
+
+    def text_ids(self, text: str) -> list[int]:
+        """The tokens of a whole prompt given as text, as transformers' pipelines read it: led by
+        :attr:`special_prefix` unless the text brings it (a chat template that writes ``{{ bos_token }}``)."""
+        ids, prefix = self.tokenize(text), self.special_prefix
+        return ids if ids[: len(prefix)] == prefix else prefix + ids
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -414,7 +431,7 @@ class Engine:
     def encode_document(self, text: str, on_progress: ProgressCallback | None = None) -> DocumentState:
         """Encode ``text`` once; then ``stream(text + question, state=...)`` reads only the question (tokenized
         on its own, so the document's tokens are an exact prefix whatever the question starts with)."""
-        state = self.encode(self.tokenize(text), on_progress)
+        state = self.encode(self.text_ids(text), on_progress)
         state.text = text
         return state
 
@@ -428,7 +445,7 @@ class Engine:
                 )
             ids = list(state.token_ids) + self.tokenize(prompt[len(state.text) :])
         else:
-            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = self.text_ids(prompt) if isinstance(prompt, str) else list(prompt)
         if state is not None and ids[: len(state.token_ids)] != state.token_ids:
             raise ValueError(
                 "the prompt's tokens do not start with the state's tokens; pass token ids "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from lminf_integrations.cli import build_parser, main
+from tests.tiny_models import tiny_llama
 
 OPTIONS = [
     "--model",
@@ -254,16 +257,52 @@ def test_ctrl_c_while_encoding_ends_in_one_line_and_leaves_nothing(tmp_path: Pat
     assert list(out.iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def plain_tokenizer(default_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A tokenizer with no chat template that starts texts with BOS, as a base Llama's does."""
+    tokenizer = copy.deepcopy(default_tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.add_bos_token = True
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def plain_model_dir(plain_tokenizer: PreTrainedTokenizerBase, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder whose tokenizer has no chat template (a base model)."""
+    folder = tmp_path_factory.mktemp("tiny-base-model")
+    tiny_llama(plain_tokenizer).save_pretrained(folder)
+    plain_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_without_a_chat_template_is_asked_in_plain_text(plain_tokenizer: PreTrainedTokenizerBase) -> None:
+    """A base model has no chat template: the question is asked as plain text after the document, led by the
+    tokenizer's BOS, and the answer follows "Answer:"."""
+    from lminf_integrations.cli import _split_prompt
+    from lminf_integrations.engine import Engine
+
+    engine = Engine(model=tiny_llama(plain_tokenizer), tokenizer=plain_tokenizer, reuse_prefixes=False)
+    head, instruction, question, closing = _split_prompt(engine, "Alice met Bob.", "Who did Alice meet?")
+    assert head == [plain_tokenizer.bos_token_id, *engine.tokenize("Alice met Bob.")]
+    text = plain_tokenizer.decode(head[1:] + instruction + question + closing)
+    expected = "Alice met Bob.\n\nAnswer the question about the document above.\nQuestion: Who did Alice meet?\nAnswer:"
+    assert text == expected
+
+
 @pytest.mark.parametrize(
     "strategy",
-    [[], ["--strategy", "dca", "--dca-chunk-size", "256", "--dca-local-window", "64"]],
-    ids=["lm-inf", "dca"],
+    [[], ["--strategy", "dca", "--dca-chunk-size", "256", "--dca-local-window", "64"], ["base model"]],
+    ids=["lm-inf", "dca", "no-chat-template"],
 )
-def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path, strategy: list[str]) -> None:
+def test_encode_once_then_ask_from_the_state(
+    tmp_path: Path, tiny_model_dir: Path, plain_model_dir: Path, strategy: list[str]
+) -> None:
     document = tmp_path / "doc.txt"
     document.write_text("Alice met Bob at the station. " * 150)  # ~1,000 tokens: four DCA chunks of 256
     state = tmp_path / "doc.lminf"
-    model = ["--model", str(tiny_model_dir), *strategy]
+    base = strategy == ["base model"]
+    strategy = [] if base else strategy
+    model = ["--model", str(plain_model_dir if base else tiny_model_dir), *strategy]
     small = SMALL if not strategy else ["--max-new-tokens", "8", "--dtype", "fp32"]  # n_local: LM-Infinite's
     encoded = _run("encode", str(document), "-o", str(state), *model, *small[2:])
     assert encoded.returncode == 0, encoded.stderr

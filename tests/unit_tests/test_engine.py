@@ -206,3 +206,38 @@ def test_a_container_memory_limit_bounds_the_free_memory(
         (root / name).write_text(text)
     (tmp_path / "membership").write_text(membership)
     assert cgroup_free_bytes(root, tmp_path / "membership") == expected
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(default_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The default tokenizer made to start every text with its BOS token, as Llama and Mistral tokenizers do."""
+    tokenizer = copy.deepcopy(default_tokenizer)
+    tokenizer.add_bos_token = True
+    assert tokenizer("hi").input_ids[0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+def test_a_plain_text_prompt_starts_with_the_tokenizers_bos_once(bos_tokenizer: PreTrainedTokenizerBase) -> None:
+    """A text prompt is read as transformers' own pipelines read it: a tokenizer that starts texts with BOS gets
+    it (a base Llama given a prompt without it answers worse); a text that already starts with it (a chat template
+    that writes ``{{ bos_token }}``) is not given a second one; token ids are taken as they are."""
+    from tests.tiny_models import tiny_llama
+
+    engine = Engine(model=tiny_llama(bos_tokenizer), tokenizer=bos_tokenizer, reuse_prefixes=False)
+    bos = bos_tokenizer.bos_token_id
+    assert engine.prompt_ids("Alice met Bob") == [bos, *engine.tokenize("Alice met Bob")]
+    assert engine.prompt_ids(bos_tokenizer.bos_token + "Alice met Bob") == [bos, *engine.tokenize("Alice met Bob")]
+    assert engine.prompt_ids(engine.tokenize("Alice")) == engine.tokenize("Alice")
+    text, question = "Alice met Bob", " by the sea?"
+    state = engine.encode_document(text)
+    assert state.token_ids == [bos, *engine.tokenize(text)]
+    settings = GenerationSettings(max_new_tokens=4)
+    stream = engine.stream(text + question, settings, state=state)
+    assert "".join(stream) == engine.generate(text + question, settings)
+    assert stream.result is not None and stream.result.input_tokens == len(engine.prompt_ids(text + question))
+
+
+def test_a_tokenizer_without_bos_is_given_none(tiny_llama_with_real_tokenizer: Pair) -> None:
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    engine = Engine(model=model, tokenizer=tokenizer, reuse_prefixes=False)
+    assert engine.prompt_ids("Alice met Bob") == engine.tokenize("Alice met Bob")

@@ -169,8 +169,8 @@ def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[in
     its tokenizer's BOS, the document, the instruction and question, and "Answer:".
     """
     if not getattr(engine.tokenizer, "chat_template", None):
-        head = engine.special_prefix + engine.tokenize(document)
-        return head, engine.tokenize(INSTRUCTION), engine.tokenize(question), engine.tokenize(PLAIN_CLOSING)
+        document_ids = engine.special_prefix + engine.tokenize(document)
+        return document_ids, engine.tokenize(INSTRUCTION), engine.tokenize(question), engine.tokenize(PLAIN_CLOSING)
     marker = "\u0000QUESTION\u0000"
     content = DEFAULT_QUESTION_TEMPLATE.format(document=document, question=marker)
     head, closing = engine.chat_prompt([{"role": "user", "content": content}]).split(marker)

@@ -169,15 +169,12 @@ class LMInfiniteConfig:
     def check_against_model(self, max_position_embeddings: int | None, num_layers: int) -> None:
         """Refuse settings that put the model outside the distances it was trained on."""
         if max_position_embeddings is not None:
-            _require(
-                self.n_local <= max_position_embeddings,
-                f"n_local={self.n_local} exceeds the model's training length {max_position_embeddings}",
-            )
-            _require(
-                self.effective_distance_limit <= max_position_embeddings,
-                f"distance_limit={self.effective_distance_limit} exceeds the model's training length "
-                f"{max_position_embeddings}",
-            )
+            for name, value in (("n_local", self.n_local), ("distance_limit", self.effective_distance_limit)):
+                _require(
+                    value <= max_position_embeddings,
+                    f"{name}={value} exceeds the model's training length {max_position_embeddings}: pass "
+                    f"{name}={max_position_embeddings} or less (--{name.replace('_', '-')} {max_position_embeddings})",
+                )
         if self.top_k > 0:
             _require(
                 self.top_k_from_layer < num_layers,

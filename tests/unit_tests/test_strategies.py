@@ -182,3 +182,14 @@ def test_fixed_rope_scaling_is_accepted() -> None:
                          max_position_embeddings=512, rope_parameters=parameters)  # fmt: skip
     for strategy in ("lm-infinite", "dca"):
         make_strategy(strategy, LMInfiniteConfig(n_local=256, n_global=4)).check(_tiny(config))
+
+
+def test_a_window_past_the_training_length_is_refused_saying_what_to_pass() -> None:
+    """The default n_local (4096) does not fit a model trained on 2,048 tokens (TinyLlama): the refusal names the
+    largest value that fits, in both spellings."""
+    config = LlamaConfig(**_small(), hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=2048)  # fmt: skip
+    with pytest.raises(ValueError, match=r"n_local=4096 exceeds .* 2048: pass n_local=2048 or less \(--n-local 2048\)"):
+        make_strategy("lm-infinite", LMInfiniteConfig()).check(_tiny(config))
+    with pytest.raises(ValueError, match=r"distance_limit=3000 .*pass distance_limit=2048 or less"):
+        make_strategy("lm-infinite", LMInfiniteConfig(n_local=1024, distance_limit=3000)).check(_tiny(config))

@@ -589,6 +589,36 @@ def test_chat_prompts_keep_their_opening_question_and_closing(
     assert len(plan.ids) + 4 <= TRAINING_LENGTH
 
 
+LLAMA3_LIKE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("content", ["Paragraph 0. The cellar door.", " Paragraph 0.", "\nParagraph 0."])
+def test_a_template_opening_whose_last_token_merges_with_the_text_is_still_found(
+    default_tokenizer: PreTrainedTokenizerBase, content: str
+) -> None:
+    """A template whose user turn opens with whitespace ("<|end_header_id|>\\n\\n", Llama 3's) is tokenized
+    with the text after it: "\\n\\n" alone is one token, before "Paragraph" two. The opening is still found (its
+    whitespace may count as the text's), so it is neither cut up as document text nor lost."""
+    import copy
+
+    tokenizer = copy.deepcopy(default_tokenizer)
+    tokenizer.chat_template = LLAMA3_LIKE_TEMPLATE
+    headers = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": headers})
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    parts = template_parts(tokenizer, ids)
+    head = tokenizer.decode(ids[: parts.head])
+    assert head.startswith("<|im_start|><|start_header_id|>user<|end_header_id|>"), head  # its BOS is SmolLM's
+    assert content.strip() in tokenizer.decode(ids[parts.head : len(ids) - parts.tail])
+    assert tokenizer.decode(ids[len(ids) - parts.tail :]).startswith("<|eot_id|><|start_header_id|>assistant")
+
+
 def _plain_logprobs(model: PreTrainedModel, context: list[int], query: list[int], positions: list[int]) -> torch.Tensor:
     """An uncached forward of ``context + query``: the log-probability of ``query[j]`` for each of ``positions``."""
     with torch.inference_mode():

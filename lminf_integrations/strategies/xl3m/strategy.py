@@ -95,21 +95,34 @@ def template_parts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> Prompt
         before, after = str(text).split(marker)
         return before, after
 
+    def tokens(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
     plain, after = around([{"role": "user", "content": marker}])
     with_system, _ = around([{"role": "system", "content": "S"}, {"role": "user", "content": marker}])
-    # The user turn's opening: what the two renderings end with in common (say "<|im_start|>user\n").
+    # The user turn's opening: the tokens the two renderings end with in common (say "<|im_start|>user\n"), in
+    # tokens, so that it never starts inside one ("|>" is the end of both "<|im_start|>" and "<|eot_id|>").
+    alone, after_system = tokens(plain), tokens(with_system)
     common = 0
-    while common < min(len(plain), len(with_system)) and plain[-1 - common] == with_system[-1 - common]:
+    while common < min(len(alone), len(after_system)) and alone[-1 - common] == after_system[-1 - common]:
         common += 1
-    opening = list(tokenizer(plain[len(plain) - common :], add_special_tokens=False).input_ids)
-    tail = list(tokenizer(after, add_special_tokens=False).input_ids)
-    t = len(tail) if tail and ids[len(ids) - len(tail) :] == tail else 0
-    h = 0
-    for start in range(len(ids) - t - len(opening), -1, -1):  # the last user turn
-        if opening and ids[start : start + len(opening)] == opening:
-            h = start + len(opening)
+    opening = alone[len(alone) - common :]
+    # A part's whitespace next to the text may be tokenized with it ("\n\n" + "Paragraph": Llama 3's user turn):
+    # each part is looked for as rendered, then without that whitespace, which then counts as the text's.
+    t = 0
+    for closing in dict.fromkeys((after, after.lstrip())):
+        tail = tokens(closing)
+        if tail and ids[len(ids) - len(tail) :] == tail:
+            t = len(tail)
             break
-    return PromptParts(h, t)
+    bare = list(opening)
+    while bare and not tokenizer.decode(bare[-1:]).strip():
+        bare.pop()
+    for part in (opening, bare) if bare != opening else (opening,):
+        for start in range(len(ids) - t - len(part), -1, -1):  # the last user turn
+            if part and ids[start : start + len(part)] == part:
+                return PromptParts(start + len(part), t)
+    return PromptParts(0, t)
 
 
 @dataclass

@@ -116,7 +116,7 @@ def template_parts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> Prompt
             t = len(tail)
             break
     bare = list(opening)
-    while bare and not tokenizer.decode(bare[-1:]).strip():
+    while bare and not str(tokenizer.decode(bare[-1:])).strip():
         bare.pop()
     for part in (opening, bare) if bare != opening else (opening,):
         for start in range(len(ids) - t - len(part), -1, -1):  # the last user turn

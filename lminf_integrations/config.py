@@ -67,6 +67,11 @@ class EngineOptions:
         "with device_map: the most each device may hold, e.g. {\"0\": \"20GiB\", \"cpu\": \"60GiB\"} (JSON on the "
         "command line); None: what accelerate finds free",
     )
+    chat_template_kwargs: dict[str, Any] | None = setting(
+        None,
+        "switches of the model's chat template, e.g. {\"enable_thinking\": false} for Qwen3 (JSON on the command "
+        "line); None: the template's defaults",
+    )
     strategy: StrategyName = setting(
         "lm-infinite",
         "how the model reads a long prompt: 'lm-infinite' (Λ attention: the leading tokens and a local window), "
@@ -103,6 +108,14 @@ class EngineOptions:
                 _is_size(size),
                 f"max_memory's size for {where!r} is {size!r}: give bytes (an int) or a size like '20GiB'",
             )
+        _require(
+            self.chat_template_kwargs is None
+            or (
+                isinstance(self.chat_template_kwargs, Mapping)
+                and all(isinstance(k, str) for k in self.chat_template_kwargs)
+            ),
+            "chat_template_kwargs must be None or a mapping of names to values, e.g. {'enable_thinking': False}",
+        )
         _require(isinstance(self.compile_decode, bool), "compile_decode must be True or False")
         _require(
             not (self.compile_decode and self.strategy != "lm-infinite"),

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -197,6 +197,8 @@ class Engine:
             window does not show yet). The first such generation per model and settings pauses to compile, and
             the frozen weights take another copy of the weights' memory; later steps run faster on CPU (README,
             "Decoding, eager vs compiled"). Off by default: worth it for many or long answers, not for one short one.
+        chat_template_kwargs: switches of the model's chat template, passed to every rendering
+            (``{"enable_thinking": False}`` for Qwen3).
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class Engine:
         device: str | None = EngineOptions.device,
         device_map: str | DeviceMap | None = EngineOptions.device_map,
         max_memory: MaxMemory | None = EngineOptions.max_memory,
+        chat_template_kwargs: Mapping[str, Any] | None = EngineOptions.chat_template_kwargs,
     ) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -225,6 +228,7 @@ class Engine:
             device=device,
             device_map=device_map,
             max_memory=max_memory,
+            chat_template_kwargs=chat_template_kwargs,  # type: ignore[arg-type]
         )
         if model is None:
             model, tokenizer = load_model(model_id, dtype, device, device_map, max_memory)
@@ -237,6 +241,7 @@ class Engine:
         self.strategy.check(model)
         self._lock = _lock_for(model)
         self.compile_decode = compile_decode
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         # Prompts sharing a long prefix (the same document, another question) reuse its encoded state.
         self.state_store = state_store if state_store is not None else (StateStore() if reuse_prefixes else None)
 
@@ -258,6 +263,7 @@ class Engine:
             device_map=dict(split) if placed else None,  # type: ignore[arg-type]
             strategy=name,  # type: ignore[arg-type]
             compile_decode=self.compile_decode,
+            chat_template_kwargs=dict(self.chat_template_kwargs) or None,
         )
 
     @classmethod
@@ -273,6 +279,7 @@ class Engine:
             device=options.device,
             device_map=options.device_map,
             max_memory=options.max_memory,
+            chat_template_kwargs=options.chat_template_kwargs,
             xl3m=settings.xl3m,
             dca=settings.dca,
             **kwargs,
@@ -306,7 +313,9 @@ class Engine:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_name} has no chat template; use plain-text prompts instead")
         try:
-            prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+            )
         except TemplateError as error:  # e.g. "roles must alternate": the template's own rules
             roles = ", ".join(message["role"] for message in messages)
             raise ValueError(

@@ -315,3 +315,11 @@ def test_encode_once_then_ask_from_the_state(
     mismatch = _run("ask", "--state", str(state), "Who?", *model, *small, *other)
     differs = "dca_chunk_size: file 256, now 128" if strategy else "n_global: file 10, now 2"
     assert mismatch.returncode != 0 and differs in mismatch.stderr, mismatch.stderr
+
+
+def test_chat_template_arguments_are_given_as_json(tmp_path: Path) -> None:
+    from lminf_integrations.cli import ASK_GROUPS, _settings
+
+    parser = build_parser()
+    args = parser.parse_args(["ask", "doc.txt", "q", "--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert _settings(args, parser, ASK_GROUPS).options.chat_template_kwargs == {"enable_thinking": False}

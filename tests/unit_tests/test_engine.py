@@ -241,3 +241,36 @@ def test_a_tokenizer_without_bos_is_given_none(tiny_llama_with_real_tokenizer: P
     model, tokenizer = tiny_llama_with_real_tokenizer
     engine = Engine(model=model, tokenizer=tokenizer, reuse_prefixes=False)
     assert engine.prompt_ids("Alice met Bob") == engine.tokenize("Alice met Bob")
+
+
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_chat_template_arguments_reach_the_template(default_tokenizer: PreTrainedTokenizerBase) -> None:
+    """``chat_template_kwargs`` are the template's own switches (Qwen3's ``enable_thinking``): every chat prompt is
+    rendered with them, and XL3M still finds the template's closing part, however much they add to it."""
+    from lminf_integrations.strategies.xl3m.strategy import template_parts
+    from tests.tiny_models import tiny_llama
+
+    tokenizer = copy.deepcopy(default_tokenizer)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    model = tiny_llama(tokenizer)
+    messages = [{"role": "user", "content": "Alice met Bob. Who did Alice meet?"}]
+    thinking = Engine(model=model, tokenizer=tokenizer, reuse_prefixes=False)
+    assert thinking.chat_prompt(messages).endswith("<|im_start|>assistant\n")
+    quiet = Engine(model=model, tokenizer=tokenizer, chat_template_kwargs={"enable_thinking": False},
+                   reuse_prefixes=False)  # fmt: skip
+    prompt = quiet.chat_prompt(messages)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert quiet.options.chat_template_kwargs == {"enable_thinking": False}
+    ids = quiet.tokenize(prompt)
+    parts = template_parts(tokenizer, ids)
+    closing = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert tokenizer.decode(ids[len(ids) - parts.tail :]) == closing
+    with pytest.raises(ValueError, match="chat_template_kwargs must be"):
+        Engine(model=model, tokenizer=tokenizer, chat_template_kwargs="enable_thinking")  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "device": {"device": "cpu"},
     "device_map": {"device_map": {"model.layers.0": 0, "": "cpu"}},
     "max_memory": {"device_map": "auto", "max_memory": {"cpu": "1GiB"}},
+    "chat_template_kwargs": {"chat_template_kwargs": {"enable_thinking": False}},
     "strategy": {"strategy": "vanilla"},
     "compile_decode": {"compile_decode": True},
     "n_global": {"n_global": 3},

@@ -109,20 +109,24 @@ def template_parts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> Prompt
     opening = alone[len(alone) - common :]
     # A part's whitespace next to the text may be tokenized with it ("\n\n" + "Paragraph": Llama 3's user turn):
     # each part is looked for as rendered, then without that whitespace, which then counts as the text's.
-    t = 0
-    for closing in dict.fromkeys((after, after.lstrip())):
-        tail = tokens(closing)
-        if tail and ids[len(ids) - len(tail) :] == tail:
-            t = len(tail)
-            break
+    # The closing part is found where it starts, not only at the very end: a template's switches (Qwen3's
+    # enable_thinking=False) add to what follows it.
+    t = _last_at(ids, [tokens(closing) for closing in dict.fromkeys((after, after.lstrip()))], len(ids))
+    t = len(ids) - t if t is not None else 0
     bare = list(opening)
     while bare and not str(tokenizer.decode(bare[-1:])).strip():
         bare.pop()
-    for part in (opening, bare) if bare != opening else (opening,):
-        for start in range(len(ids) - t - len(part), -1, -1):  # the last user turn
+    end = _last_at(ids, [opening, bare], len(ids) - t, after_it=True)  # the last user turn
+    return PromptParts(end or 0, t)
+
+
+def _last_at(ids: list[int], parts: list[list[int]], before: int, after_it: bool = False) -> int | None:
+    """Where the first of ``parts`` (non-empty) found in ``ids[:before]`` last starts (``after_it``: ends)."""
+    for part in parts:
+        for start in range(before - len(part), -1, -1):
             if part and ids[start : start + len(part)] == part:
-                return PromptParts(start + len(part), t)
-    return PromptParts(0, t)
+                return start + len(part) if after_it else start
+    return None
 
 
 @dataclass

@@ -12,7 +12,9 @@ Commands:
     cpu          start-up, dtype choice and prefill ratio on this CPU class (AMX, AVX-512 BF16, AVX2)
     gpu          the GPU check: every strategy exact on CUDA, speed and memory of a large shape, a split model
 
-``python -m bench <command> --help`` lists each command's options.
+``python -m bench <command> --help`` lists each command's options; every command takes ``--results DIR``.
+A bad argument is refused before anything loads (exit status 2); an error a person can fix at run time (a file or
+model that is not there, a setting the package refuses) is one line, ``bench <command>: error: ...`` (exit status 1).
 """
 
 from __future__ import annotations
@@ -40,7 +42,17 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
         return
-    result = importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    name = argv[0]
+    try:
+        result = importlib.import_module(COMMANDS[name]).main(argv[1:])
+    except KeyboardInterrupt:
+        print(f"bench {name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as error:
+        # What a person can fix (a missing file, a model that does not load, a setting the package refuses) reads
+        # better as its message than as a traceback; anything else is a bug and keeps its traceback.
+        print(f"bench {name}: error: {error}", file=sys.stderr)
+        sys.exit(1)
     if getattr(result, "ok", True) is False:  # a check's report (bench gpu): a failure fails the command
         sys.exit(1)
 

@@ -13,19 +13,20 @@ model hands over), each layout timed with the merge of its partial attentions in
 * the same kernel with no mask over exactly ``window`` keys per query (2048 queries × 4096 keys: the same useful
   work, the floor a banded layout can approach).
 
-Writes ``bench/results/band.md``.
+``--queries`` must leave the core at least the largest ``--blocks`` keys (``window - queries >= block``, the
+attention's own condition for this layout): with fewer the attention would not use it, and with none (``queries >=
+window``) the kernel would divide by zero. Writes ``band.md`` to ``bench/results/`` (``--results DIR`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-from bench.common import machine_line, write_result
+from bench.common import add_dtype, add_results, command_line, machine_line, make_parser, positive_int, write_result
 from lminf_integrations.ops.partial import combine, flash
 from lminf_integrations.strategies.lm_infinite import attention
 
@@ -44,15 +45,32 @@ def _interleaved_best(runs: dict[str, Callable[[], object]], repeats: int) -> di
     return {name: min(spent) * 1000 for name, spent in times.items()}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("band", __doc__)
+    parser.add_argument("--blocks", type=positive_int, nargs="+", default=[128, 256, 512],
+                        help="query-block sizes (the attention's BLOCK) to time")  # fmt: skip
+    parser.add_argument("--window", type=positive_int, default=4096, help="the band's width (n_local)")
+    parser.add_argument("--queries", type=positive_int, default=2048,
+                        help="queries of the prefill chunk; at most --window minus the largest block")  # fmt: skip
+    add_dtype(parser, ["bf16", "fp32"])
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed rounds (best of them reported)")
+    add_results(parser, "band.md")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench band", description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512])
-    parser.add_argument("--window", type=int, default=4096)
-    parser.add_argument("--queries", type=int, default=2048)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
+    # The core + inner band layout (attention._core_and_inner_band) takes the window - queries keys every query sees
+    # in one unmasked call; the attention uses it only where window - queries >= BLOCK. With no such keys the
+    # kernel dies of SIGFPE, taking the process with it: refuse that before anything runs.
+    most = args.window - max(args.blocks)
+    if args.queries > most:
+        parser.error(
+            f"argument --queries: at most --window - the largest --blocks ({args.window} - {max(args.blocks)} = "
+            f"{most}) for the core + inner band layout, got {args.queries}"
+            + ("; use a wider --window or smaller --blocks" if most < 1 else "")
+        )
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     heads, kv_heads, dim = 9, 3, 64
     n_keys = args.window - 1 + args.queries  # every query's window full
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             f"# Λ band kernel time, one layer, {args.queries} queries, window {args.window}, {args.dtype}",
             "",
-            f"{machine_line()}. Command: `{' '.join(['python -m bench band', *(argv or [])])}`.",
+            f"{machine_line()}. Command: `{command_line('band', argv)}`.",
             "Best of the repeats, all layouts taking turns in each round; each layout with the merge of its parts.",
             "",
             "| layout | ms | vs floor |",
@@ -103,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print(table)
-    write_result("band.md", table + "\n")
+    write_result("band.md", table + "\n", args.results)
 
 
 if __name__ == "__main__":

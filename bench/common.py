@@ -1,12 +1,19 @@
-"""Shared pieces of the benchmarks: the evaluation text, result files, a memory probe."""
+"""Shared pieces of the benchmarks: the evaluation text, the command line (argument types, help, the command written
+into the results), result files, a memory probe."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 import pydoc_data.topics
+import shlex
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,165 @@ def write_result(name: str, text: str, folder: Path = RESULTS) -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_json(name: str, payload: object, folder: Path = RESULTS) -> Path:
+    """``payload`` as strict JSON in ``folder/name``: a NaN or infinity raises ``ValueError`` before anything is
+    written (bare ``NaN`` is not JSON, and other readers refuse it); a value not measured is ``None`` (null)."""
+    text = json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    return write_result(name, text, folder)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value``, or ``None`` where it is not a finite number (not measured, or no meaningful rate): for JSON."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def results_payload(command: str, **fields: Any) -> dict[str, Any]:
+    """A results JSON object: the command that wrote it and the machine it ran on, then ``fields`` (the rows)."""
+    return {"command": command, "machine": machine_line(), **fields}
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+def command_line(name: str, argv: Sequence[str] | None) -> str:
+    """The command that was run, as the results record it: ``python -m bench <name>`` and the arguments given
+    (``None``: this process's own, as argparse reads them), quoted so that a shell gives them back unchanged."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m bench", name, *([shlex.join(given)] if given else [])])
+
+
+def length_label(n_tokens: int) -> str:
+    """A length as a column label, exact: ``1K``, ``1.5K``, ``128K``; the token count where K would need more than two
+    decimals or under 1024 (``100``, ``5000``): ``n // 1024`` labelled 100 tokens "0K" and 1536 "1K"."""
+    if n_tokens >= 1024 and n_tokens * 100 % 1024 == 0:
+        return f"{n_tokens / 1024:g}K"
+    return str(n_tokens)
+
+
+def _int_at_least(text: str, minimum: int, why: str = "") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise argparse.ArgumentTypeError(f"must be {kind}{why}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count, length, number of tokens or steps, repeats (an integer >= 1)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a layer index, a number of global tokens, top-k, a seed)."""
+    return _int_at_least(text, 0)
+
+
+def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum``; ``why`` (" (one 2048-token bucket)") ends the refusal."""
+
+    def parse(text: str) -> int:
+        return _int_at_least(text, minimum, why)
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a depth, a probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: a file that exists (checked up front, not after the model has loaded)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def ensure_writable(folder: Path) -> Path:
+    """``folder``, created if missing and written to once (a probe file, removed): raises ``OSError`` where results
+    could not be written there, so that the run is refused before it starts, not after it has measured everything."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+        pass
+    return folder
+
+
+def first_paragraph(doc: str | None) -> str:
+    """A module docstring's first paragraph as one line: a command's ``--help`` description, whole."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default shown once: appended as argparse does, unless the help already says it (a default
+    worked out at run time, ``None`` here, is described in words as ``default: ...``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
+class BenchParser(argparse.ArgumentParser):
+    """A command's parser: once the arguments are read, its ``--results`` folder is checked (:func:`ensure_writable`),
+    and one that cannot take the results is an argument error like any other. A ``--one`` measurement (a subprocess
+    of a run, which writes nothing) is not checked: its parent's folder may not be the default one."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        folder = getattr(parsed, "results", None)
+        if folder is not None and not getattr(parsed, "one", None):
+            try:
+                ensure_writable(Path(folder))
+            except OSError as error:
+                self.error(f"argument --results: cannot write results to {folder}: {error.strerror or error}")
+        return parsed, extras
+
+
+def make_parser(name: str, doc: str | None) -> BenchParser:
+    """The parser of ``python -m bench <name>``: the docstring's first paragraph as its description, defaults shown."""
+    return BenchParser(
+        prog=f"python -m bench {name}", description=first_paragraph(doc), formatter_class=HelpFormatter
+    )
+
+
+def add_results(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--results DIR``, checked up front by :class:`BenchParser`; ``what``: the files written there."""
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, metavar="DIR",
+        help=f"folder for {what}; created if missing (default: bench/results)",
+    )  # fmt: skip
+
+
+# What load_model takes ("auto": the fastest dtype at float32's quality here): the commands that load a model.
+MODEL_DTYPES = ("auto", "bf16", "fp32", "fp16")
+
+
+def add_dtype(parser: argparse.ArgumentParser, choices: Sequence[str] = MODEL_DTYPES, default: str = "bf16") -> None:
+    parser.add_argument("--dtype", default=default, choices=list(choices), help="the model's dtype")
 
 
 def cpu_line() -> str:

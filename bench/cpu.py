@@ -15,9 +15,9 @@ Every measurement runs in a fresh subprocess, as a user's command would:
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m bench cpu
                                                  # the AVX2-only code path on a newer CPU
 
-Writes ``bench/results/cpu-<class>.md`` and ``.json`` (``cpu-<class>-capped`` for a capped run; ``--results DIR``
-elsewhere); a part left out with ``--skip`` keeps its earlier result from that file, with the date and command
-that measured it.
+Writes ``cpu-<class>.md`` and ``.json`` to ``bench/results/`` (``cpu-<class>-capped`` for a capped run;
+``--results DIR`` elsewhere); a part left out with ``--skip`` keeps its earlier result from that file, with the date
+and command that measured it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import (
+    add_results,
+    command_line,
+    length_label,
+    make_parser,
+    positive_int,
+    results_payload,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 DTYPES = ("fp32", "bf16", "fp32+int8")
@@ -167,21 +177,39 @@ def prefill_ratio(dtype: str, n_tokens: int) -> dict[str, float]:
     return rows
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("cpu", __doc__)
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="runs of each start-up command (median reported)")  # fmt: skip
+    parser.add_argument("--dtype-tokens", type=positive_int, default=8192, help="text length for the dtype comparison")
+    parser.add_argument("--decode-steps", type=positive_int, default=32, help="decoding steps timed per dtype")
+    parser.add_argument("--ratio-tokens", type=positive_int, default=32768,
+                        help="context of the vanilla vs LM-Inf prefill")  # fmt: skip
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["startup", "dtypes", "ratio"],
+        help="parts not measured: each is copied, with the date and command that measured it, from the previous "
+        "cpu-<class>.json in the results folder (--results), where there is one",
+    )  # fmt: skip
+    add_results(parser, "cpu-<class>.md and cpu-<class>.json")
+    parser.add_argument(
+        "--one", nargs="+", default=None, metavar="KIND",
+        help="one measurement in this process, printed as a JSON line, nothing written: 'load' or 'dtype NAME' "
+        "(the run starts these in fresh subprocesses; default: the whole run)",
+    )  # fmt: skip
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench cpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each start-up command (median reported)")
-    parser.add_argument("--dtype-tokens", type=int, default=8192, help="text length for the dtype comparison")
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--ratio-tokens", type=int, default=32768, help="context of the vanilla vs LM-Inf prefill")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "dtypes", "ratio"])
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder for cpu-<class>.md/.json")
-    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.one:
         kind = args.one[0]
+        if not (args.one == ["load"] or (kind == "dtype" and len(args.one) == 2 and args.one[1] in DTYPES)):
+            parser.error(f"argument --one: 'load' or 'dtype NAME' (NAME one of {', '.join(DTYPES)}), got {args.one}")
         row = load_seconds() if kind == "load" else dtype_row(args.one[1], args.dtype_tokens, args.decode_steps)
-        print(json.dumps(row))
+        print(json.dumps(row, allow_nan=False))
         return
+    command = command_line("cpu", argv)
 
     from lminf_integrations.cpu import cpu_info
     from lminf_integrations.models import default_dtype
@@ -193,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     measured: dict[str, str] = report.setdefault("measured", {})
     if "startup" not in args.skip:
         report["startup"] = startup(args.repeats)
-        measured["startup"] = _stamp(f"--repeats {args.repeats}")
+        measured["startup"] = _stamp(command)
     if "dtypes" not in args.skip:
         dtypes = {}
         for name in DTYPES:
@@ -201,12 +229,12 @@ def main(argv: list[str] | None = None) -> None:
                                 str(args.decode_steps))
             print(f"{name}: {dtypes[name]}", flush=True)
         report["dtypes"] = dtypes
-        measured["dtypes"] = _stamp(f"--dtype-tokens {args.dtype_tokens} --decode-steps {args.decode_steps}")
+        measured["dtypes"] = _stamp(command)
     if "ratio" not in args.skip:
         report["prefill_32k"] = prefill_ratio(auto, args.ratio_tokens)
-        measured["prefill_32k"] = _stamp(f"--ratio-tokens {args.ratio_tokens}")
+        measured["prefill_32k"] = _stamp(command)
         report["ratio_tokens"] = args.ratio_tokens
-    write_report(report, args.results)
+    write_report(report, args.results, command)
 
 
 def _report_name() -> str:
@@ -226,13 +254,16 @@ def _previous_report(results: Path) -> dict[str, Any]:
         return {}
 
 
-def _stamp(options: str) -> str:
+def _stamp(command: str) -> str:
+    """When and by which command a part was measured (kept with the part when a later run skips it)."""
     capped = " with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`"
     env = capped if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" else ""
-    return f"{time.strftime('%Y-%m-%d')}, `python -m bench cpu {options}`{env}"
+    return f"{time.strftime('%Y-%m-%d')}, `{command}`{env}"
 
 
-def write_report(report: dict[str, Any], results: Path) -> None:
+def write_report(report: dict[str, Any], results: Path, command: str) -> None:
+    """``cpu-<class>.md`` and ``.json``: the JSON is the report (every part, with its stamp) under the command and
+    machine of this run, and is what a later ``--skip`` reads back."""
     from bench.common import machine_line, write_result
     from lminf_integrations.cpu import cpu_info
 
@@ -271,7 +302,8 @@ def write_report(report: dict[str, Any], results: Path) -> None:
     ratio = report.get("prefill_32k")
     if isinstance(ratio, dict):
         lines += [
-            f"## Prefill at {report.get('ratio_tokens', 32768) // 1024}K tokens in {report['auto']} (`bench speed`'s "
+            f"## Prefill at {length_label(report.get('ratio_tokens', 32768))} tokens in {report['auto']} "
+            "(`bench speed`'s "
             f"measurement; measured {measured.get('prefill_32k', '?')})\n",
             "| vanilla tok/s | LM-Infinite tok/s | ratio |",
             "|---|---|---|",
@@ -281,7 +313,8 @@ def write_report(report: dict[str, Any], results: Path) -> None:
     print(text)
     name = _report_name()
     write_result(f"{name}.md", text, results)
-    (results / f"{name}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    parts = {key: value for key, value in report.items() if key not in ("command", "machine")}  # an earlier run's
+    write_json(f"{name}.json", results_payload(command, **parts), results)
 
 
 if __name__ == "__main__":

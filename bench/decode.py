@@ -2,26 +2,39 @@
 
 LM-Infinite with the window cache: each context is encoded once (the contexts share one growing encoded prefix),
 then the same prompt is continued by ``generate``, eagerly and with the compiled decoding step, with the decoding
-kernel (``lminf_integrations/decode_kernel.py``) and with PyTorch's flash kernel in its place, with EOS suppressed
+kernel (``lminf_integrations/ops/decode_kernel.py``) and with PyTorch's flash kernel in its place, with EOS suppressed
 so that every run decodes the same number of tokens. Steps are timed by a streamer's timestamps, so the
 first step (the last prompt token) and the one-time compile stay out of the rate.
 
     python -m bench decode                                  # 1K, 4K ... 128K
     python -m bench decode --lengths 8192 --decode-steps 16  # quick look
 
-Writes ``bench/results/decode.md`` and ``bench/results/decode.png``.
+Writes ``decode.md`` and ``decode.png`` to ``bench/results/`` (``--results DIR`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from bench.common import RESULTS, StepClock, decode_kernel_set, machine_line, token_ids, write_result
+from bench.common import (
+    StepClock,
+    add_dtype,
+    add_results,
+    command_line,
+    decode_kernel_set,
+    length_label,
+    machine_line,
+    make_parser,
+    positive_int,
+    token_ids,
+    write_result,
+)
 from lminf_integrations.config import LMInfiniteConfig
 from lminf_integrations.model_thread import run
 
@@ -103,16 +116,30 @@ def _warm_up(model: Any, ids: list[int], cache: Any, kernel: bool) -> dict[str, 
     return setup
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("decode", __doc__)
+    parser.add_argument("--lengths", type=positive_int, nargs="+",
+                        default=[1024, 4096, 8192, 16384, 32768, 65536, 131072], help="contexts in tokens")  # fmt: skip
+    add_dtype(parser)
+    parser.add_argument("--n-local", type=positive_int, default=4096, help="LM-Infinite's window")
+    parser.add_argument("--decode-steps", type=positive_int, default=64, help="decoding steps timed per run")
+    add_results(parser, "decode.md and decode.png")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--n-local", type=int, default=4096)
-    parser.add_argument("--decode-steps", type=int, default=64)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     # All of it on the engine's model thread, where its encodes run: one OpenMP team (lminf_integrations.model_thread).
     rows, setup = run(lambda _: measure(args.lengths, args.dtype, args.n_local, args.decode_steps))
-    text = (
+    text = report(rows, setup, args, command_line("decode", argv))
+    print(text)
+    write_result("decode.md", text, args.results)
+    plot(rows, args.results / "decode.png")
+
+
+def report(rows: Rows, setup: dict[str, float], args: argparse.Namespace, command: str) -> str:
+    """decode.md: the settings, the one-time compile, the command, and a row per context."""
+    return (
         f"# Decoding tokens/s, eager vs compiled, SmolLM2-135M-Instruct, {args.dtype}\n\n"
         f"LM-Infinite: n_local={args.n_local}, n_global={LMInfiniteConfig().n_global}, window cache. "
         "`model.generate` (greedy, EOS suppressed) "
@@ -120,25 +147,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.decode_steps} steps after the first. Text: pydoc_data.topics. {machine_line()}.\n"
         f"One-time compile (first compiled generation, 2 tokens): {setup['compile_s']:.0f} s; resident memory grew "
         f"by {setup['compile_rss_gib']:.2f} GiB (the frozen, prepacked weights).\n"
-        "Attention of a decoding step: our decoding kernel (`lminf_integrations/decode_kernel.py`), or PyTorch's "
+        "Attention of a decoding step: our decoding kernel (`lminf_integrations/ops/decode_kernel.py`), or PyTorch's "
         "flash kernel (`LMINF_DECODE_KERNEL=0`; compiled after the kernel's columns, so a few minutes later).\n"
-        f"Command: `python -m bench decode --lengths {' '.join(map(str, args.lengths))} --dtype {args.dtype} "
-        f"--decode-steps {args.decode_steps}`\n\n"
+        f"Command: `{command}`\n\n"
         "| context | eager tok/s | compiled tok/s | speed-up | eager, flash kernel | compiled, flash kernel | "
         "kernel vs flash, compiled |\n|---|---|---|---|---|---|---|\n"
         + "".join(
-            f"| {r['context'] // 1024}K | {r['eager_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | "
+            f"| {length_label(int(r['context']))} | {r['eager_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | "
             f"{r['compiled_tok_s'] / r['eager_tok_s']:.2f}× | {r['eager_flash_tok_s']:.1f} | "
             f"{r['compiled_flash_tok_s']:.1f} | {r['compiled_tok_s'] / r['compiled_flash_tok_s']:.2f}× |\n"
             for r in rows
         )
     )
-    print(text)
-    write_result("decode.md", text)
-    plot(rows)
 
 
-def plot(rows: Rows) -> None:
+def plot(rows: Rows, path: Path) -> None:
     try:
         import matplotlib
 
@@ -160,7 +183,7 @@ def plot(rows: Rows) -> None:
     ax.set_title("LM-Infinite decode tokens/s")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "decode.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ fails. Writes ``gpu.md`` and ``gpu.json`` to ``bench/results/`` (``--results DIR
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -48,7 +47,21 @@ from typing import Any, TypeVar
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, StaticCache
 
-from bench.common import RESULTS, StepClock, decode_kernel_set, machine_line, write_result
+from bench.common import (
+    StepClock,
+    add_results,
+    command_line,
+    decode_kernel_set,
+    finite_or_none,
+    int_at_least,
+    machine_line,
+    make_parser,
+    positive_float,
+    positive_int,
+    results_payload,
+    write_json,
+    write_result,
+)
 from lminf_integrations import DCAConfig, LMInfiniteConfig, models, new_cache, patch_model, unpatch_model
 from lminf_integrations.config import GenerationSettings, XL3MConfig
 from lminf_integrations.engine import Engine
@@ -438,6 +451,8 @@ def speed_plan(lengths: list[int], max_tokens: int) -> list[tuple[str, int]]:
     """The timed rows in the order they run: both modes at each compared length, then LM-Infinite at ``max_tokens``
     (its longest) — the rows the targets read, the first :func:`n_target_rows` — then the doublings past the last
     compared length, both modes at each, shortest first, up to ``max_tokens``."""
+    if not lengths or min(lengths) < 1 or max_tokens < 1:  # doubling from 0 (or below) never reaches max_tokens
+        raise ValueError(f"lengths and max_tokens must be positive, got {lengths} and {max_tokens}")
     plan = [(mode, n) for n in lengths for mode in GROWTH]
     plan += [("lm-infinite", max_tokens)] if max_tokens > max(lengths) else []
     n = max(lengths) * 2
@@ -575,7 +590,7 @@ def _compare_split(
 # ---- report ---------------------------------------------------------------------------------------------------
 def markdown(report: Report, args: argparse.Namespace) -> str:
     lines = [
-        f"# GPU check ({report.device}), `python -m bench gpu {' '.join(args.argv)}`".rstrip(),
+        f"# GPU check ({report.device}), `{command_line('gpu', args.argv)}`",
         "",
         f"{machine_line()}; device: {report.device}; float32 matrix products: "
         f"{torch.get_float32_matmul_precision()} precision"
@@ -634,39 +649,52 @@ def _compiled_cell(row: SpeedRow) -> str:
     return "–" if row.compiled_decode_tok_s is None else f"{row.compiled_decode_tok_s:.1f}"
 
 
+def _check_json(check: Check) -> dict[str, Any]:
+    # An error of inf marks a check that checked nothing (compiled steps that ran eagerly): null, and "ok" says so.
+    return {**asdict(check), "error": finite_or_none(check.error), "ok": check.ok}
+
+
 def _write(report: Report, args: argparse.Namespace) -> None:
     write_result("gpu.md", markdown(report, args), args.results)
-    payload = {
-        "checks": [asdict(c) for c in report.checks],
-        "speed": [asdict(r) for r in report.speed],
-        "skipped": report.skipped,
-        "split": [asdict(c) for c in report.split],
-        "layout": report.split_layout,
-        "errors": report.errors,
-        "ended": report.ended,
-    }
-    write_result("gpu.json", json.dumps(payload, indent=1) + "\n", args.results)
+    payload = results_payload(
+        command_line("gpu", args.argv),
+        checks=[_check_json(c) for c in report.checks],
+        speed=[{k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
+               for r in report.speed],
+        skipped=report.skipped,
+        split=[_check_json(c) for c in report.split],
+        layout=report.split_layout,
+        errors=report.errors,
+        ended=report.ended,
+    )  # fmt: skip
+    write_json("gpu.json", payload, args.results)
 
 
-def main(argv: list[str] | None = None) -> Report:
-    description = (__doc__ or "").split("\n\n")[0].replace("\n", " ")  # the docstring's first paragraph, whole
-    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=description)
-    parser.add_argument("--device", default="cuda", help="where to run: cuda, cuda:N, or cpu (default: cuda)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("gpu", __doc__)
+    parser.add_argument("--device", default="cuda", help="where to run: cuda, cuda:N, or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and lengths (to test the check on a CPU)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: llama3-8b (tiny with --quick)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="the timed model's shape (default: llama3-8b; tiny with --quick)")  # fmt: skip
     parser.add_argument(
         "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-        help="the exactness step's second dtype (on a GPU), and the split and timed models' (default: bf16)",
+        help="the exactness step's second dtype (on a GPU), and the split and timed models'",
     )  # fmt: skip
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 32768 131072")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=None,
+                        help="the lengths vanilla and LM-Infinite are compared at (default: 32768 131072; "
+                        "quick: 256 512)")  # fmt: skip
     parser.add_argument(
-        "--max-tokens", type=int, default=None, help="LM-Infinite's longest row; doublings stop here (default: 1048576)"
-    )
-    parser.add_argument("--chunk", type=int, default=None, help="LM-Infinite prefill step (default: 4096)")
-    parser.add_argument("--decode-steps", type=int, default=None, help="default: 32")
-    parser.add_argument("--n-local", type=int, default=None, help="LM-Infinite window (default: 4096)")
+        "--max-tokens", type=positive_int, default=None,
+        help="LM-Infinite's longest row; doublings stop here (default: 1048576; quick: 1024)",
+    )  # fmt: skip
+    parser.add_argument("--chunk", type=positive_int, default=None,
+                        help="LM-Infinite prefill step (default: 4096; quick: 128)")  # fmt: skip
+    parser.add_argument("--decode-steps", type=positive_int, default=None,
+                        help="decoding steps timed per row (default: 32; quick: 4)")  # fmt: skip
+    parser.add_argument("--n-local", type=positive_int, default=None,
+                        help="LM-Infinite window (default: 4096; quick: 128)")  # fmt: skip
     parser.add_argument(
-        "--time-limit", type=float, default=None,
+        "--time-limit", type=positive_float, default=None,
         help="seconds for the whole check: timed rows predicted to end later are skipped (default: 360; quick: 120)",
     )  # fmt: skip
     parser.add_argument(
@@ -675,28 +703,38 @@ def main(argv: list[str] | None = None) -> Report:
         "vanilla's (a StaticCache, at the compared lengths) (default: on a GPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--split-layers", type=int, default=4, help="layers of the split model (the timed shape's width; default: 4)"
+        "--split-layers", type=positive_int, default=4, help="layers of the split model (the timed shape's width)"
     )
-    parser.add_argument("--split-tokens", type=int, default=None, help="default: 512")
+    # The split check decodes the last 8 tokens one at a time after a prefill of the rest.
+    parser.add_argument("--split-tokens", type=int_at_least(16, " (a prefill and 8 decoding steps)"), default=None,
+                        help="tokens of the split check (default: 512; quick: 64)")  # fmt: skip
     parser.add_argument(
         "--tokenizer", default=None,
         help="tokenizer folder or model id for the XL3M and split checks (default: the embedded default model's; "
         "a machine without it gets a folder from `make gpu-bundle`)",
     )  # fmt: skip
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="folder for gpu.md and gpu.json (default: %(default)s)"
-    )
+    add_results(parser, "gpu.md and gpu.json")
+    return parser
+
+
+def _or(value: T | None, default: T) -> T:
+    """``value`` unless it was not given: ``x or default`` would also replace a 0 that was given."""
+    return default if value is None else value
+
+
+def main(argv: list[str] | None = None) -> Report:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else []
+    args.argv = list(argv) if argv is not None else None  # None: this process's own arguments (command_line)
     quick = args.quick
-    args.shape = args.shape or ("tiny" if quick else "llama3-8b")
-    args.lengths = args.lengths or ([256, 512] if quick else [32768, 131072])
-    args.max_tokens = args.max_tokens or (1024 if quick else 1 << 20)
-    args.chunk = args.chunk or (128 if quick else 4096)
-    args.decode_steps = args.decode_steps or (4 if quick else 32)
-    args.n_local = args.n_local or (128 if quick else 4096)
-    args.time_limit = args.time_limit or (120.0 if quick else 360.0)
-    args.split_tokens = args.split_tokens or (64 if quick else 512)
+    args.shape = _or(args.shape, "tiny" if quick else "llama3-8b")
+    args.lengths = _or(args.lengths, [256, 512] if quick else [32768, 131072])
+    args.max_tokens = _or(args.max_tokens, 1024 if quick else 1 << 20)
+    args.chunk = _or(args.chunk, 128 if quick else 4096)
+    args.decode_steps = _or(args.decode_steps, 4 if quick else 32)
+    args.n_local = _or(args.n_local, 128 if quick else 4096)
+    args.time_limit = _or(args.time_limit, 120.0 if quick else 360.0)
+    args.split_tokens = _or(args.split_tokens, 64 if quick else 512)
     if args.compiled_decode is None:
         args.compiled_decode = args.device.startswith("cuda")
     device = torch.device(args.device)

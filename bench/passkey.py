@@ -43,14 +43,14 @@ through exactly the computation of encoding it from scratch. ``xl3m`` runs every
 engine (no encode chain); its engine keeps the segments it has read by their tokens, so filler segments that
 recur within and across prompts are read once.
 
-Writes ``bench/results/passkey.md``, ``passkey.json`` and ``passkey.png`` (accuracy heatmaps).
+Writes ``passkey.md``, ``passkey.json`` (the command, the machine and every answer) and ``passkey.png`` (accuracy
+heatmaps) to ``bench/results/`` (``--results DIR`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import re
 import time
@@ -62,7 +62,21 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.common import RESULTS, machine_line, rate, write_result
+from bench.common import (
+    add_dtype,
+    add_results,
+    command_line,
+    fraction,
+    length_label,
+    machine_line,
+    make_parser,
+    non_negative_int,
+    positive_int,
+    rate,
+    results_payload,
+    write_json,
+    write_result,
+)
 from lminf_integrations import LMInfiniteConfig, unpatch_model
 from lminf_integrations.config import DCAConfig, XL3MConfig
 from lminf_integrations.engine import DocumentState, Engine, GenerationSettings
@@ -416,7 +430,7 @@ def render_table(
 ) -> str:
     """Accuracy (and XL3M's recall) as ``correct/asked (95% Wilson interval)``, over all depths and by depth."""
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    columns = ["| " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    columns = ["| " + " | ".join(map(length_label, lengths)) + " |", "|---|" + "---|" * len(lengths)]
     # (label, method, row field) of every line shown: each method's accuracy, and XL3M's recall after it.
     shown = [(m, m, "correct") for m in methods]
     if "xl3m" in methods:
@@ -435,7 +449,10 @@ def render_table(
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence[float], path: Path) -> bool:
+def plot(
+    rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence[float], path: Path,
+    model: str = "SmolLM2-135M-Instruct",
+) -> bool:  # fmt: skip
     try:
         import matplotlib
 
@@ -450,7 +467,7 @@ def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence
         grid = accuracy_grid(rows, method, lengths, depths)
         data = [[float("nan") if (v := grid[(n, d)]) is None else v for n in lengths] for d in depths]
         image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("prompt length")
         if index == 0:
@@ -460,7 +477,7 @@ def plot(rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence
             for x, value in enumerate(row):
                 ax.text(x, y, "–" if value != value else f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03)
-    fig.suptitle("Passkey retrieval accuracy, SmolLM2-135M-Instruct")
+    fig.suptitle(f"Passkey retrieval accuracy, {model}")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return True
 
@@ -481,49 +498,35 @@ def xl3m_details(xl3m: XL3MConfig, training: int, question_tokens: int) -> str:
     )
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces the run (every setting that changes the results, defaults included)."""
-    parts = [
-        "python -m bench passkey",
-        f"--lengths {' '.join(map(str, args.lengths))} --depths {' '.join(f'{d:g}' for d in args.depths)}",
-        f"--methods {' '.join(args.methods)} --keys {args.keys} --seed {args.seed}",
-    ]
-    if "vanilla" in args.methods:
-        parts.append(f"--vanilla-max {args.vanilla_max}")
-    if any(m in CHAIN_METHODS for m in args.methods):
-        parts.append(f"--n-global {args.n_global} --n-local {args.n_local}")
-    if "lambda+topk" in args.methods:
-        parts.append(f"--top-k {args.top_k} --top-k-from-layer {args.top_k_from_layer}")
-    parts.append(f"--dtype {args.dtype}")
-    if args.model is not None:
-        parts.append(f"--model {args.model}")
-    return " ".join(parts)
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench passkey", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("passkey", __doc__)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768, 65536],
+                        help="prompt lengths in tokens")  # fmt: skip
+    parser.add_argument("--depths", type=fraction, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="where the key line sits, as a fraction of the filler (0: first, 1: last)")  # fmt: skip
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:3]),
-                        help="default: vanilla lambda lambda+topk (xl3m and dca on request)")  # fmt: skip
-    parser.add_argument("--keys", type=int, default=1, help="different keys per (length, depth) cell")
-    parser.add_argument("--vanilla-max", type=int, default=16384, help="longest prompt given to vanilla")
-    parser.add_argument("--n-local", type=int, default=4096)
-    parser.add_argument("--n-global", type=int, default=10)
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--top-k-from-layer", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bf16")
+                        help="methods to run (xl3m and dca on request)")  # fmt: skip
+    parser.add_argument("--keys", type=positive_int, default=1, help="different keys per (length, depth) cell")
+    parser.add_argument("--vanilla-max", type=positive_int, default=16384, help="longest prompt given to vanilla")
+    parser.add_argument("--n-local", type=positive_int, default=4096, help="LM-Infinite's window")
+    parser.add_argument("--n-global", type=non_negative_int, default=10, help="LM-Infinite's global tokens")
+    parser.add_argument("--top-k", type=non_negative_int, default=5, help="lambda+topk's middle keys per query")
+    parser.add_argument("--top-k-from-layer", type=non_negative_int, default=8,
+                        help="lambda+topk's first layer with top-k")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    add_dtype(parser)
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded SmolLM2)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for passkey.md/.json/.png")
-    args = parser.parse_args(argv)
-    if args.keys < 1:
-        parser.error("--keys must be >= 1")
+    add_results(parser, "passkey.md, passkey.json and passkey.png")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    command = command_line("passkey", argv)
     model, tokenizer = load_model(args.model, args.dtype)
     parts = PromptParts.of(tokenizer)
     started = time.time()
@@ -563,18 +566,26 @@ def main(argv: list[str] | None = None) -> None:
     if "dca" in args.methods:
         chunk, local = DCAConfig().resolve(int(model.config.max_position_embeddings))
         details.append(f"dca: default DCAConfig (chunk_size={chunk}, local_window={local}).")
+    model_label = "SmolLM2-135M-Instruct" if args.model is None else str(args.model)
     header = [
-        "# Passkey retrieval, SmolLM2-135M-Instruct" if args.model is None else f"# Passkey retrieval, {args.model}",
+        f"# Passkey retrieval, {model_label}",
         "",
-        f"{machine_line()}, {args.dtype}. Command: `{command_line(args)}` ({_minutes(elapsed)}).",
+        f"{machine_line()}, {args.dtype}. Command: `{command}` ({_minutes(elapsed)}).",
         " ".join(details),
     ]
-    table = render_table(rows, args.lengths, args.depths, header)
-    print(table)
-    results: Path = args.results
+    print(write_outputs(args.results, rows, args.lengths, args.depths, command, model_label, header))
+
+
+def write_outputs(
+    results: Path, rows: list[dict[str, object]], lengths: Sequence[int], depths: Sequence[float], command: str,
+    model: str, header: Sequence[str],
+) -> str:  # fmt: skip
+    """``passkey.md`` (returned), ``passkey.json`` (the command, the machine, the model and every row) and the plot."""
+    table = render_table(rows, lengths, depths, header)
     write_result("passkey.md", table, results)
-    write_result("passkey.json", json.dumps(rows, indent=1) + "\n", results)
-    plot(rows, args.lengths, args.depths, results / "passkey.png")
+    write_json("passkey.json", results_payload(command, model=model, rows=rows), results)
+    plot(rows, lengths, depths, results / "passkey.png", model)
+    return table
 
 
 if __name__ == "__main__":

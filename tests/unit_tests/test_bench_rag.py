@@ -153,13 +153,14 @@ def test_summary_table_and_files(tmp_path: Path, document: FactDocument) -> None
     text = rag_vs_full.write_outputs(args.results, [document], runs, args, "TinyModel, float32")
     out = tmp_path / "out"
     assert (out / "rag-vs-full.md").read_text(encoding="utf-8") == text
-    assert "python -m bench rag-vs-full --tokens 4096 --questions 3 --multi 1 --seed 0" in text
+    assert f"Command: `python -m bench rag-vs-full --tokens 4096 --questions 3 --results {out}`" in text
     table = [line for line in text.splitlines() if line.startswith("| 4096 |")]
     cells = "| 1/2 (9–91%) | 1/1 (21–100%) | – | 1/1 (21–100%) | 2/3 (21–94%) | 3/3 (44–100%) | 10.0 | 2.00 | 1.00 |"
     assert len(table) == 2 and cells + " 16.0 | 0.50 |" in table[0]
     assert "single 1/2 vs 2/2 (≥ not met), multi 1/1 vs 0/1 (> met)" in text
     payload = json.loads((out / "rag-vs-full.json").read_text(encoding="utf-8"))
     assert payload["rows"] == rows and len(payload["answers"]) == 6
+    assert payload["command"] == f"python -m bench rag-vs-full --tokens 4096 --questions 3 --results {out}"
     assert payload["documents"][0]["facts"][0]["sentence"] == document.facts[0].sentence
     assert (out / "rag-vs-full.png").stat().st_size > 1000
 

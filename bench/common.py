@@ -113,12 +113,17 @@ def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
     return parse
 
 
+def _number(text: str) -> float:
+    """``text`` as a float; NaN (refused by every check below) where it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0 (seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value
@@ -126,10 +131,7 @@ def positive_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     """An argparse type: a number in [0, 1] (a depth, a probability)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not 0.0 <= value <= 1.0:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
     return value

@@ -21,18 +21,8 @@ from typing import Any
 import pytest
 
 from bench import common
+from bench.__main__ import COMMANDS
 
-COMMANDS = {
-    "ppl": "bench.ppl",
-    "passkey": "bench.passkey",
-    "rag-vs-full": "bench.rag_vs_full",
-    "speed": "bench.speed",
-    "decode": "bench.decode",
-    "reuse": "bench.reuse",
-    "band": "bench.band",
-    "cpu": "bench.cpu",
-    "gpu": "bench.gpu",
-}
 WITH_DTYPE = [name for name in COMMANDS if name != "cpu"]  # cpu compares every dtype itself
 
 

@@ -289,20 +289,33 @@ def test_a_model_without_a_chat_template_is_asked_in_plain_text(plain_tokenizer:
     assert text == expected
 
 
+def test_a_base_model_answers_from_its_state_as_directly(
+    tmp_path: Path, plain_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plain-text prompt of a model without a chat template splits as the chat one does: its document part,
+    BOS included, is a state that ``ask --state`` continues to the same answer (in this process: no start-up)."""
+    document = tmp_path / "doc.txt"
+    document.write_text("Alice met Bob at the station. " * 100)
+    state = tmp_path / "doc.lminf"
+    settings = ["--model", str(plain_model_dir), *SMALL, "--no-progress"]
+    assert main(["encode", str(document), "-o", str(state), *settings[:2], *SMALL[2:], "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["ask", str(document), "Who?", *settings]) == 0
+    direct = capsys.readouterr().out
+    assert main(["ask", "--state", str(state), "Who?", *settings]) == 0
+    assert capsys.readouterr().out == direct and direct.strip()
+
+
 @pytest.mark.parametrize(
     "strategy",
-    [[], ["--strategy", "dca", "--dca-chunk-size", "256", "--dca-local-window", "64"], ["base model"]],
-    ids=["lm-inf", "dca", "no-chat-template"],
+    [[], ["--strategy", "dca", "--dca-chunk-size", "256", "--dca-local-window", "64"]],
+    ids=["lm-inf", "dca"],
 )
-def test_encode_once_then_ask_from_the_state(
-    tmp_path: Path, tiny_model_dir: Path, plain_model_dir: Path, strategy: list[str]
-) -> None:
+def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path, strategy: list[str]) -> None:
     document = tmp_path / "doc.txt"
     document.write_text("Alice met Bob at the station. " * 150)  # ~1,000 tokens: four DCA chunks of 256
     state = tmp_path / "doc.lminf"
-    base = strategy == ["base model"]
-    strategy = [] if base else strategy
-    model = ["--model", str(plain_model_dir if base else tiny_model_dir), *strategy]
+    model = ["--model", str(tiny_model_dir), *strategy]
     small = SMALL if not strategy else ["--max-new-tokens", "8", "--dtype", "fp32"]  # n_local: LM-Infinite's
     encoded = _run("encode", str(document), "-o", str(state), *model, *small[2:])
     assert encoded.returncode == 0, encoded.stderr

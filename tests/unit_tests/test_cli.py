@@ -311,23 +311,27 @@ def test_a_base_model_answers_from_its_state_as_directly(
     [[], ["--strategy", "dca", "--dca-chunk-size", "256", "--dca-local-window", "64"]],
     ids=["lm-inf", "dca"],
 )
-def test_encode_once_then_ask_from_the_state(tmp_path: Path, tiny_model_dir: Path, strategy: list[str]) -> None:
+def test_encode_once_then_ask_from_the_state(
+    tmp_path: Path, tiny_model_dir: Path, strategy: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (the command's own behaviour; start-up and exit are tested by the runs above)."""
     document = tmp_path / "doc.txt"
     document.write_text("Alice met Bob at the station. " * 150)  # ~1,000 tokens: four DCA chunks of 256
     state = tmp_path / "doc.lminf"
-    model = ["--model", str(tiny_model_dir), *strategy]
+    model = ["--model", str(tiny_model_dir), *strategy, "--no-progress"]
     small = SMALL if not strategy else ["--max-new-tokens", "8", "--dtype", "fp32"]  # n_local: LM-Infinite's
-    encoded = _run("encode", str(document), "-o", str(state), *model, *small[2:])
-    assert encoded.returncode == 0, encoded.stderr
+    assert main(["encode", str(document), "-o", str(state), *model, *small[2:]]) == 0
     assert state.is_file()
-    direct = _run("ask", str(document), "Who?", *model, *small)
-    from_state = _run("ask", "--state", str(state), "Who?", *model, *small)
-    assert from_state.returncode == 0, from_state.stderr
-    assert from_state.stdout == direct.stdout and direct.stdout.strip()
+    capsys.readouterr()
+    assert main(["ask", str(document), "Who?", *model, *small]) == 0
+    direct = capsys.readouterr().out
+    assert main(["ask", "--state", str(state), "Who?", *model, *small]) == 0
+    assert capsys.readouterr().out == direct and direct.strip()
     other = ["--dca-chunk-size", "128"] if strategy else ["--n-global", "2"]
-    mismatch = _run("ask", "--state", str(state), "Who?", *model, *small, *other)
+    with pytest.raises(SystemExit) as refused:
+        main(["ask", "--state", str(state), "Who?", *model, *small, *other])
     differs = "dca_chunk_size: file 256, now 128" if strategy else "n_global: file 10, now 2"
-    assert mismatch.returncode != 0 and differs in mismatch.stderr, mismatch.stderr
+    assert differs in str(refused.value), refused.value
 
 
 def test_chat_template_arguments_are_given_as_json(tmp_path: Path) -> None:

@@ -116,7 +116,8 @@ def template_parts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> Prompt
     bare = list(opening)
     while bare and not str(tokenizer.decode(bare[-1:])).strip():
         bare.pop()
-    end = _last_at(ids, [opening, bare], len(ids) - t, after_it=True)  # the last user turn
+    parts = [opening] if bare == opening else [opening, bare]  # each looked for once: a plain prompt has neither
+    end = _last_at(ids, parts, len(ids) - t, after_it=True)  # the last user turn
     return PromptParts(end or 0, t)
 
 

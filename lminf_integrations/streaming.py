@@ -274,12 +274,16 @@ class TokenStream:
         return "".join(self._text)
 
     def close(self) -> None:
-        """Stop generation (if still running) and wait for it to end; ``result`` is then set even when the consumer
-        left before the end (counts, stop reason and the strategy's details are kept)."""
+        """Stop generation (if still running) and wait for it to end, or drop it at once if it is still queued;
+        ``result`` is then set even when the consumer left before the end (counts, stop reason and the strategy's
+        details are kept)."""
         self.cancelled.set()
         if self._job.cancel():  # still queued behind another generation: it never starts
             self._events.put(("end", StreamResult(stop_reason="cancelled")))
-        wait([self._job])
+        else:
+            # Only a started job is waited for. A cancelled one counts as done for `wait` only once the model thread
+            # dequeues it, after whatever runs ahead of it (a long encode): waiting would block until then.
+            wait([self._job])
         self._finished = True
         while self.result is None:
             try:

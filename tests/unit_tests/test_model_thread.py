@@ -90,6 +90,8 @@ def test_a_stream_closed_while_queued_never_runs(tiny_llama_with_real_tokenizer:
     queued = engine.stream("one two three", GenerationSettings(max_new_tokens=2))
     assert queued.running
     queued.close()
+    # close() returns at once: it does not wait for the job ahead (a long encode, say) to reach the cancelled one
+    assert not block.done() and not release.is_set()
     assert queued.result is not None and queued.result.stop_reason == "cancelled"
     assert queued.result.output_tokens == 0 and queued.text == ""
     release.set()

@@ -19,7 +19,7 @@ def test_dtype_table_keeps_earlier_parts_with_their_stamps(tmp_path: Path) -> No
                            "ask_state_s": 4.0, "answer": "green"},
                "measured": {"startup": "earlier, `python -m bench cpu --repeats 3`"}}
     (tmp_path / f"{name}.json").write_text(json.dumps(earlier))
-    argv = ["--skip", "startup", "ratio", "--dtype-tokens", "512", "--decode-steps", "2", "--results", str(tmp_path)]
+    argv = ["--skip", "startup", "ratio", "--dtype-tokens", "256", "--decode-steps", "2", "--results", str(tmp_path)]
     main(argv)
     table = (tmp_path / f"{name}.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| fp32")

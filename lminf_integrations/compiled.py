@@ -7,6 +7,7 @@ transformers' ``generate`` compiles the model's forward for decoding steps when 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,9 +25,17 @@ INDUCTOR_SETTINGS: dict[str, Any] = {
     "max_autotune": True,
     "cpp.enable_concat_linear": True,
     "cpp_wrapper": True,
-    # Autotuning's timing tables, written to stderr on a first compile: nothing a user can act on.
-    "autotune_num_choices_displayed": 0,
 }
+# Autotuning's timing tables and its statistics of the choices ("Autotune Choices Stats"), written to stderr on a
+# first compile: nothing a user can act on. Each is set only where this torch has it (a setting it does not know
+# would make the patch fail).
+_QUIET_SETTINGS: dict[str, Any] = {
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
+# Warnings torch raises from inside the compiler on a first compile (autotuning's benchmark buffers use a deprecated
+# storage call): torch's own business, not the user's.
+_COMPILER_WARNINGS = ("TypedStorage is deprecated",)
 
 # One graph per model and settings (fixed shapes). fullgraph=True: a step that dynamo cannot trace whole fails at
 # its compile instead of running split around the break. Split steps were not shown to be exact (a forced break
@@ -50,7 +59,10 @@ def inductor_settings(enabled: bool = True, device: torch.device = _CPU) -> Iter
         return
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(INDUCTOR_SETTINGS):
+    quiet = {name: value for name, value in _QUIET_SETTINGS.items() if hasattr(inductor_config, name)}
+    with inductor_config.patch({**INDUCTOR_SETTINGS, **quiet}), warnings.catch_warnings():
+        for message in _COMPILER_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
 
 

@@ -212,7 +212,9 @@ def test_compiled_decoding_gives_the_same_answer(
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.out and eager.out.strip()
-    assert "AUTOTUNE" not in compiled.stderr  # inductor's GEMM timing tables are not the user's business
+    # A first compile writes nothing of its own: inductor's GEMM timing tables and its statistics of the choices
+    # ("Autotune Choices Stats"), and torch's warnings from inside the compiler, are not the user's business.
+    assert "autotune" not in compiled.stderr.lower() and "Warning:" not in compiled.stderr, compiled.stderr
     assert "Loading weights" not in compiled.stderr  # --no-progress: no bar at all, transformers' loading bar neither
 
 

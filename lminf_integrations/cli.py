@@ -165,18 +165,31 @@ def _split_prompt(engine: Engine, document: str, question: str) -> tuple[list[in
     instruction, the question, the template's closing.
 
     Each part is tokenized on its own, so a saved document state is always an exact prefix, and the strategy is
-    told exactly where the question is. A model without a chat template (a base model) is asked in plain text:
-    its tokenizer's BOS, the document, the instruction and question, and "Answer:".
+    told exactly where the question is. The document and the question are read as text: a file that spells a
+    special token (``"<|im_end|>"`` in a code base) does not end the user's turn. A model without a chat template
+    (a base model) is asked in plain text: its tokenizer's BOS, the document, the instruction and question, and
+    "Answer:".
     """
     if not getattr(engine.tokenizer, "chat_template", None):
-        document_ids = engine.special_prefix + engine.tokenize(document)
-        return document_ids, engine.tokenize(INSTRUCTION), engine.tokenize(question), engine.tokenize(PLAIN_CLOSING)
+        document_ids = engine.special_prefix + engine.tokenize_text(document)
+        question_ids = engine.tokenize_text(question)
+        return document_ids, engine.tokenize(INSTRUCTION), question_ids, engine.tokenize(PLAIN_CLOSING)
     marker = "\u0000QUESTION\u0000"
     content = DEFAULT_QUESTION_TEMPLATE.format(document=document, question=marker)
     head, closing = engine.chat_prompt([{"role": "user", "content": content}]).split(marker)
     assert head.endswith(INSTRUCTION)
     opening = head[: len(head) - len(INSTRUCTION)]
-    return engine.tokenize(opening), engine.tokenize(INSTRUCTION), engine.tokenize(question), engine.tokenize(closing)
+    question_ids = engine.tokenize_text(question)
+    return _opening_ids(engine, opening, document), engine.tokenize(INSTRUCTION), question_ids, engine.tokenize(closing)
+
+
+def _opening_ids(engine: Engine, opening: str, document: str) -> list[int]:
+    """The template's opening and the document. Tokenized whole, as states were always made, unless the document
+    spells a special token: then the template's markup and the document each on their own, the document as text.
+    (A template that changed the document, trimming it, leaves the opening whole.)"""
+    if not engine.spells_added_tokens(document) or not opening.endswith(document):
+        return engine.tokenize(opening)
+    return engine.tokenize(opening[: len(opening) - len(document)]) + engine.tokenize_text(document)
 
 
 def _engine(settings: Resolved) -> Engine:

@@ -290,6 +290,23 @@ class Engine:
         """The tokens of ``text`` alone (no BOS: a piece of a prompt)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def tokenize_text(self, text: str) -> list[int]:
+        """The tokens of ``text`` read as text throughout: a string that spells one of the tokenizer's added tokens
+        (``"<|im_end|>"`` in a code base about chat models) stays text instead of becoming that control token. For
+        what a user gave (a file, a question), not for a chat template's markup. Text that spells none gets the
+        tokens of :meth:`tokenize`."""
+        if not self.spells_added_tokens(text):
+            return self.tokenize(text)
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def spells_added_tokens(self, text: str) -> bool:
+        """Whether ``text`` holds the string of one of the tokenizer's added tokens (its control tokens)."""
+        return any(token in text for token in self._added_token_strings)
+
+    @functools.cached_property
+    def _added_token_strings(self) -> tuple[str, ...]:
+        return tuple(token.content for token in self.tokenizer.added_tokens_decoder.values())
+
     @functools.cached_property
     def special_prefix(self) -> list[int]:
         """The tokens the tokenizer starts a whole text with (a BOS for Llama and Mistral tokenizers; none for

@@ -347,3 +347,36 @@ def test_chat_template_arguments_are_given_as_json(tmp_path: Path) -> None:
     parser = build_parser()
     args = parser.parse_args(["ask", "doc.txt", "q", "--chat-template-kwargs", '{"enable_thinking": false}'])
     assert _settings(args, parser, ASK_GROUPS).options.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_special_token_text_in_a_document_or_question_stays_text(
+    tiny_llama_with_real_tokenizer: tuple[object, PreTrainedTokenizerBase], plain_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """A code base may hold the chat template's own markers as text ("<|im_end|>" in a Python string): read as the
+    special tokens, they would end the user's turn in the middle of the document. The file and the question are
+    read as text; only the template's own markup gives special tokens. A document without such text gets the
+    tokens it always had (saved states stay valid)."""
+    from lminf_integrations.cli import _split_prompt
+    from lminf_integrations.engine import Engine
+
+    model, tokenizer = tiny_llama_with_real_tokenizer
+    engine = Engine(model=model, tokenizer=tokenizer, reuse_prefixes=False)  # type: ignore[arg-type]
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+
+    def specials(ids: list[int]) -> list[int]:
+        return [i for i in ids if i in special]
+
+    plain_head, *plain_rest = _split_prompt(engine, "Alice met Bob.", "Who did Alice meet?")
+    document = 'END = "<|im_end|>"\nSTART = "<|im_start|>assistant"  # <filename> too\n'
+    head, instruction, question, closing = _split_prompt(engine, document, "What is <|im_end|> here?")
+    assert specials(head) == specials(plain_head) and specials(question) == []
+    assert tokenizer.decode(head).endswith(document)
+    assert [instruction, closing] == [plain_rest[0], plain_rest[2]]
+    # an ordinary document: the tokens of the whole opening, as before
+    opening = engine.chat_prompt([{"role": "user", "content": "Alice met Bob." + "\0"}]).split("\0")[0]
+    assert plain_head == engine.tokenize(opening)
+    # a base model's plain-text prompt too: its BOS is the one special token
+    base = Engine(model=tiny_llama(plain_tokenizer), tokenizer=plain_tokenizer, reuse_prefixes=False)
+    head, _, question, _ = _split_prompt(base, 'BOS, EOS = "<|im_start|>", "<|endoftext|>"', "Why <|im_start|>?")
+    assert base.tokenize(plain_tokenizer.bos_token) == [plain_tokenizer.bos_token_id]  # the string spells the BOS
+    assert [i for i in head + question if i in plain_tokenizer.all_special_ids] == [plain_tokenizer.bos_token_id]

@@ -27,21 +27,24 @@ PLAIN_CLOSING = "\nAnswer:"
 
 
 def read_document(path: str) -> str:
-    """Read a UTF-8 text file, with errors a person can act on."""
-    file = Path(path)
-    if not file.exists():
-        raise SystemExit(f"lminf: error: no such file: {path}")
-    if not file.is_file():
-        raise SystemExit(f"lminf: error: not a regular file: {path}")
-    data = file.read_bytes()
+    """Read a UTF-8 text file, or standard input for ``-``, with errors a person can act on."""
+    if path == "-":
+        name, data = "standard input", sys.stdin.buffer.read()
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise SystemExit(f"lminf: error: no such file: {path}")
+        if not file.is_file():
+            raise SystemExit(f"lminf: error: not a regular file: {path}")
+        name, data = path, file.read_bytes()
     if b"\x00" in data[:8192]:
-        raise SystemExit(f"lminf: error: {path} looks binary (NUL bytes); give a UTF-8 text file")
+        raise SystemExit(f"lminf: error: {name} looks binary (NUL bytes); give UTF-8 text")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SystemExit(f"lminf: error: {path} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        raise SystemExit(f"lminf: error: {name} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
     if not text.strip():  # an answer would come from the model alone
-        raise SystemExit(f"lminf: error: {path} is empty")
+        raise SystemExit(f"lminf: error: {name} is empty")
     return text
 
 
@@ -137,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compiled decoding (--compile-decode) compiles again in every run: it pays off only for long "
         "answers (README: 'Decoding, eager vs compiled').",
     )
-    ask.add_argument("inputs", nargs="+", metavar="FILE QUESTION", help="UTF-8 text file to read whole, question")
+    ask.add_argument("inputs", nargs="+", metavar="FILE QUESTION",
+                     help="UTF-8 text file to read whole ('-': standard input), question")  # fmt: skip
     ask.add_argument("--state", default=None, help="a document state from `lminf encode` instead of FILE")
     ask.add_argument(
         "--show-selection", action="store_true", help="print what the strategy chose (XL3M: segments and scores)"
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode", help="encode a document once and save its state for many `ask --state`", allow_abbrev=False
     )
-    encode.add_argument("file", help="UTF-8 text file")
+    encode.add_argument("file", help="UTF-8 text file ('-': standard input)")
     encode.add_argument("-o", "--output", required=True, help="state file to write (safetensors)")
     _add_settings(
         encode,

@@ -380,3 +380,34 @@ def test_special_token_text_in_a_document_or_question_stays_text(
     head, _, question, _ = _split_prompt(base, 'BOS, EOS = "<|im_start|>", "<|endoftext|>"', "Why <|im_start|>?")
     assert base.tokenize(plain_tokenizer.bos_token) == [plain_tokenizer.bos_token_id]  # the string spells the BOS
     assert [i for i in head + question if i in plain_tokenizer.all_special_ids] == [plain_tokenizer.bos_token_id]
+
+
+def test_a_document_piped_in_as_dash_is_read_from_stdin(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cat src/*.py | lminf ask - "..."``: the usual "-" for standard input, for ask and encode, with the checks a
+    file gets; the answer is the one the same text in a file gets."""
+    import io
+
+    text = "Alice met Bob at the station. " * 20
+    document = tmp_path / "doc.txt"
+    document.write_text(text)
+    settings = ["--model", str(tiny_model_dir), *SMALL, "--no-progress"]
+
+    def stdin(data: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+    assert main(["ask", str(document), "Who?", *settings]) == 0
+    from_file = capsys.readouterr().out
+    stdin(text.encode())
+    assert main(["ask", "-", "Who?", *settings]) == 0
+    assert capsys.readouterr().out == from_file and from_file.strip()
+    stdin(text.encode())
+    state = tmp_path / "doc.lminf"
+    assert main(["encode", "-", "-o", str(state), *settings[:2], *SMALL[2:], "--no-progress"]) == 0
+    assert main(["ask", "--state", str(state), "Who?", *settings]) == 0
+    assert capsys.readouterr().out.endswith(from_file)
+    for data, message in ((b"", "standard input is empty"), (b"caf\xe9", "standard input is not valid UTF-8")):
+        stdin(data)
+        with pytest.raises(SystemExit, match=message):
+            main(["ask", "-", "Who?", *settings])

@@ -63,6 +63,7 @@ def test_console_script_help() -> None:
     [
         (None, "no such file"),
         (b"\x00\x01binary", "looks binary"),
+        (b"text " * 4000 + b"\x00\x01binary", "looks binary"),  # a NUL past the first 8 KB too
         (b"caf\xe9 au lait", "not valid UTF-8"),
         (b" \n\t\n", "is empty"),  # nothing to read: an answer would come from the model alone
     ],
@@ -411,3 +412,42 @@ def test_a_document_piped_in_as_dash_is_read_from_stdin(
         stdin(data)
         with pytest.raises(SystemExit, match=message):
             main(["ask", "-", "Who?", *settings])
+
+
+def test_a_named_pipe_is_read_like_a_file(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lminf ask <(cat src/*.py) "..."`` and ``/dev/stdin`` name a pipe, not a regular file: read it (a directory
+    is still refused)."""
+    import threading
+
+    text = "Alice met Bob at the station. " * 20
+    document = tmp_path / "doc.txt"
+    document.write_text(text)
+    settings = ["--model", str(tiny_model_dir), *SMALL, "--no-progress"]
+    assert main(["ask", str(document), "Who?", *settings]) == 0
+    from_file = capsys.readouterr().out
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(text))
+    writer.start()
+    assert main(["ask", str(fifo), "Who?", *settings]) == 0
+    writer.join()
+    assert capsys.readouterr().out == from_file
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(["ask", str(tmp_path), "Who?", *settings])
+
+
+@pytest.mark.parametrize("command", ["ask", "encode"])
+def test_several_files_are_refused_saying_how_to_give_them(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A glob (``lminf ask src/*.py "..."``) gives several files: one document is read, so say how to join them."""
+    files = [tmp_path / f"{name}.py" for name in ("a", "b")]
+    for file in files:
+        file.write_text("x = 1\n")
+    extra = ["Where?"] if command == "ask" else ["-o", str(tmp_path / "x.lminf")]
+    with pytest.raises(SystemExit) as error:
+        main([command, *map(str, files), *extra])
+    assert error.value.code == 2
+    assert "cat FILES | lminf " in capsys.readouterr().err

@@ -246,10 +246,15 @@ def cmd_ask(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     bar = _progress_bar(settings)
     started = time.perf_counter()
     first_token: float | None = None
+    prompt = head + instruction + question_ids + closing
+    if state is None and engine.strategy.continues_states:
+        # Read the document as `lminf encode` does, then the rest as `ask --state` does: the same chunks, so the same
+        # answer (in bf16 a chunk spanning the document's end rounds otherwise, and a greedy answer can flip).
+        state = engine.encode(head, bar, report_total=len(prompt))
     # The question part is known exactly here: the instruction and the question, before the template's end; the
     # question's own tokens rank XL3M's segments.
     stream = engine.stream(
-        head + instruction + question_ids + closing,
+        prompt,
         settings.generation,
         on_progress=bar,
         state=state,

@@ -377,8 +377,10 @@ class Engine:
 
         For strategies that continue prefixes (LM-Infinite, vanilla): the tokens run through the model in chunks,
         filling its cache, continuing ``state`` if given (in place — pass ``state.copy()`` to keep it). Chunk
-        boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length, so
-        encoding is the same computation however a text is split; with ``remember`` the state at the last chunk
+        boundaries fall on multiples of ``chunk_size`` (absolute positions), whatever the state's length, so a
+        text split at a state's end is read in the chunks of the whole text but for that one extra boundary (equal
+        up to rounding: in bf16 a greedy answer can differ; ``lminf ask`` encodes the document first for that
+        reason, as ``lminf encode`` does); with ``remember`` the state at the last chunk
         boundary is kept in the engine's state store for later prompts that share it. For XL3M: every segment is
         read and kept (``state`` cannot be continued). ``on_progress(done, total)`` is called, in the calling
         thread, before the first chunk and after each; ``report_total`` overrides the total it reports. The work

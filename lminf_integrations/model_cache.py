@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from safetensors import SafetensorError
+
 from .files import file_mode, folder_mode
 
 if TYPE_CHECKING:
@@ -47,7 +49,13 @@ def cache_root() -> Path | None:
     configured = os.environ.get("LMINF_CACHE_DIR")
     if configured is not None:
         return None if configured.strip().lower() in OFF_VALUES else Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME, and a user id without a passwd entry (a container's arbitrary user)
+            logger.warning("no home directory for the model cache; set LMINF_CACHE_DIR to keep one")
+            return None
     return Path(base) / "lminf_integrations"
 
 
@@ -210,7 +218,7 @@ def _build(folder: Path, source: Path, checksum: str, build: Builder) -> Path | 
             if check_folder(folder, checksum) is not None:  # not another process's complete copy: ours goes in
                 discard(folder)
                 staging.rename(folder)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors' own error for a full disk is no OSError
         logger.warning("could not write the model cache %s (%s); loading %s directly", folder, error, source.name)
         return None
     finally:

@@ -194,3 +194,39 @@ def test_cache_root_follows_the_environment(
     monkeypatch.delenv("LMINF_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
     assert model_cache.cache_root() == Path("/xdg/lminf_integrations")
+
+
+def test_a_disk_that_fills_up_while_writing_loads_directly(
+    source: Path, builder: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """safetensors reports a full disk as its own error, not an OSError: the run must still answer, loading the
+    source directly, and leave no partial folder. (The full disk is simulated: the free-space check before the
+    write passed, and another writer took the space.)"""
+    from safetensors import SafetensorError
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(type(builder.pair[0]), "save_pretrained", disk_full)
+    root = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="lminf_integrations"):
+        assert model_cache.load_through_cache(source, builder, _load, root) is None
+    assert "No space left on device" in caplog.text and "directly" in caplog.text
+    assert not [p for p in (root / "models").iterdir()]  # the staging folder is gone
+
+
+def test_no_home_directory_turns_the_cache_off_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A container run with a user id missing from /etc/passwd and no HOME: Path.home() raises. The model must
+    still load (directly), with a word on how to get a cache."""
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("LMINF_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with caplog.at_level(logging.WARNING, logger="lminf_integrations"):
+        assert model_cache.cache_root() is None
+    assert "LMINF_CACHE_DIR" in caplog.text

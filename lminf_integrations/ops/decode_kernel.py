@@ -13,12 +13,15 @@ one warning saying why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -82,6 +85,45 @@ def _build_name() -> str:
     return "lminf_decode_attention_" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# A build takes seconds to a minute; a lock file this old was left by a build that was killed.
+STALE_LOCK_SECONDS = 600
+
+
+def build_directory() -> Path:
+    """The folder torch builds the kernel in (under ``TORCH_EXTENSIONS_DIR`` or torch's default root)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(_build_name(), verbose=False))
+
+
+def clear_stale_lock() -> None:
+    """Remove the build folder's lock file if a killed build left it: torch waits, silently and for ever, while it
+    exists. A young lock is another process building now, and is left to it."""
+    lock = build_directory() / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:  # no lock: nothing to clear
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left %.0f minutes ago by a kernel build that did not finish", lock, age / 60)
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def build_tools_on_path() -> Iterator[None]:
+    """The build's tools on PATH: torch runs ``ninja`` from PATH, and the one this package depends on sits beside
+    the interpreter (``.venv/bin``), which is not on PATH when a virtualenv's program is run without activating it."""
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved or os.defpath])
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = saved
+
+
 def _build() -> Callable[..., torch.Tensor] | None:
     if platform.machine() not in ("x86_64", "AMD64"):  # the compiler flags are x86's
         logger.warning(
@@ -92,14 +134,16 @@ def _build() -> Callable[..., torch.Tensor] | None:
         from torch.utils.cpp_extension import load
 
         logger.info("Building the decode-attention kernel (once per machine, for its CPU flags)")
-        load(
-            _build_name(),
-            sources=[str(SOURCE)],
-            extra_cflags=cflags(),
-            extra_ldflags=_LDFLAGS,
-            is_python_module=False,
-            verbose=False,
-        )
+        clear_stale_lock()
+        with build_tools_on_path():
+            load(
+                _build_name(),
+                sources=[str(SOURCE)],
+                extra_cflags=cflags(),
+                extra_ldflags=_LDFLAGS,
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as error:  # no compiler, no ninja, unsupported flags: decoding still works, a little slower
         logger.warning(
             "decode-attention kernel could not be built (%s); decoding uses PyTorch's flash kernel. "

@@ -8,6 +8,11 @@ float32's precision and the lengths of its sums (``tests/tolerances.py``), never
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
+import ninja
 import pytest
 import torch
 
@@ -124,3 +129,40 @@ def test_kernel_is_built_without_avx512_where_torch_runs_without_it(monkeypatch:
     assert not avx2.bf16_units and avx2.cpu_class == "AVX2"
     if cpu.cpu_info().avx512:
         assert "-mno-avx512f" not in native
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch waits, silently and for ever, while its build folder's lock file exists: a build killed midway (Ctrl-C
+    twice, SIGKILL, a power cut) left every later run hanging. A lock far older than any build is removed, with a
+    warning; a young one (another process building now) is waited for as before."""
+    import logging
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = decode_kernel.build_directory()
+    assert folder.parent == tmp_path and folder.name == decode_kernel._build_name()  # torch's own folder
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    lock.touch()
+    decode_kernel.clear_stale_lock()
+    assert lock.exists()  # a build running now
+    old = time.time() - 2 * decode_kernel.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="lminf_integrations"):
+        decode_kernel.clear_stale_lock()
+    assert not lock.exists() and str(lock) in caplog.text
+
+
+def test_the_build_finds_the_virtualenvs_ninja_without_an_activated_virtualenv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``.venv/bin/lminf`` (as ``make demo`` runs it) has no ``.venv/bin`` on PATH: the ninja the package depends on
+    sits there, and torch looks for it on PATH only."""
+    import shutil
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("ninja") is None
+    with decode_kernel.build_tools_on_path():
+        found = shutil.which("ninja")
+    assert found is not None and Path(found).parent in {Path(sys.executable).parent, Path(ninja.BIN_DIR)}
+    assert os.environ["PATH"] == "/nonexistent"

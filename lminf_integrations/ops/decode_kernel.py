@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -129,6 +130,15 @@ def _build() -> Callable[..., torch.Tensor] | None:
         logger.warning(
             "decode-attention kernel: not built on %s; decoding uses PyTorch's flash kernel", platform.machine()
         )
+        return None
+    # What torch builds with (a command: "ccache g++" runs ccache). Missing, it is said in one line here, not in
+    # torch's banner about an incompatible compiler and a ninja failure.
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which((compiler.split() or [""])[0]) is None:
+        logger.warning(
+            "decode-attention kernel: no C++ compiler (%r, set CXX to choose one); decoding uses PyTorch's flash "
+            "kernel. LMINF_DECODE_KERNEL=0 skips the kernel.", compiler,
+        )  # fmt: skip
         return None
     try:
         from torch.utils.cpp_extension import load

@@ -166,3 +166,18 @@ def test_the_build_finds_the_virtualenvs_ninja_without_an_activated_virtualenv(m
         found = shutil.which("ninja")
     assert found is not None and Path(found).parent in {Path(sys.executable).parent, Path(ninja.BIN_DIR)}
     assert os.environ["PATH"] == "/nonexistent"
+
+
+def test_without_a_cpp_compiler_the_build_is_skipped_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No C++ compiler (none installed, or ``CXX`` naming none): one warning that says so, and decoding goes on with
+    PyTorch's kernel; not torch's banner about an incompatible compiler, nor a ninja failure."""
+    import logging
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with caplog.at_level(logging.WARNING):
+        assert decode_kernel._build() is None
+    ours = [r for r in caplog.records if r.name.startswith("lminf_integrations")]
+    assert len(ours) == 1 and "no C++ compiler" in ours[0].getMessage() and "/nonexistent/c++" in ours[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith("torch")], caplog.text

@@ -22,8 +22,9 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -110,19 +111,12 @@ def clear_stale_lock() -> None:
         lock.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def build_tools_on_path() -> Iterator[None]:
-    """The build's tools on PATH: torch runs ``ninja`` from PATH, and the one this package depends on sits beside
-    the interpreter (``.venv/bin``), which is not on PATH when a virtualenv's program is run without activating it."""
-    saved = os.environ.get("PATH")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved or os.defpath])
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["PATH"]
-        else:
-            os.environ["PATH"] = saved
+def build_tools_on_path() -> contextlib.AbstractContextManager[object]:
+    """The build's tools on PATH, for a ``with`` block: torch runs ``ninja`` from PATH, and the one this package
+    depends on sits beside the interpreter (``.venv/bin``), which is not on PATH when a virtualenv's program is run
+    without activating it."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH") or os.defpath])
+    return mock.patch.dict(os.environ, {"PATH": path})  # restored after the block, as it was
 
 
 def _build() -> Callable[..., torch.Tensor] | None:

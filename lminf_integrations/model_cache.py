@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -185,9 +186,26 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+# A build takes a minute or so; a staging folder this old was left by a run killed while writing (SIGKILL, a power
+# cut), and holds a partial copy of the converted model.
+STALE_STAGING_SECONDS = 3600
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    for staging in folder.parent.glob(f".{folder.name}.*"):
+        try:
+            age = time.time() - staging.stat().st_mtime
+        except OSError:  # removed by another process meanwhile
+            continue
+        if age > STALE_STAGING_SECONDS:
+            logger.info("removing %s, left by a run killed while writing the model cache", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _build(folder: Path, source: Path, checksum: str, build: Builder) -> Path | None:
     try:  # a folder we cannot write is found out before the slow conversion, not after
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(folder)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         staging.chmod(folder_mode())  # mkdtemp's 0700 would hide a shared cache from other users
     except OSError as error:

@@ -230,3 +230,26 @@ def test_no_home_directory_turns_the_cache_off_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="lminf_integrations"):
         assert model_cache.cache_root() is None
     assert "LMINF_CACHE_DIR" in caplog.text
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next_build(
+    source: Path, builder: Builder, tmp_path: Path
+) -> None:
+    """A run killed (SIGKILL, a power cut) while writing leaves its hidden staging folder, the size of the converted
+    model: the next build removes such folders when they are far older than a build takes, and leaves a young one
+    (another process writing now)."""
+    import time
+
+    root = tmp_path / "cache"
+    models = root / "models"
+    folder = model_cache.cached_folder(source, builder, root)  # to learn the entry's name
+    assert folder is not None
+    model_cache.discard(folder)
+    old, young = models / f".{folder.name}.killed", models / f".{folder.name}.writing"
+    for staging in (old, young):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"partial")
+    past = time.time() - 2 * model_cache.STALE_STAGING_SECONDS
+    os.utime(old, (past, past))
+    assert model_cache.cached_folder(source, builder, root) == folder
+    assert sorted(p.name for p in models.iterdir()) == sorted([folder.name, young.name])

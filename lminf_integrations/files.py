@@ -1,10 +1,11 @@
 """File modes for what the package writes where other processes (or users) read it: document states, the model
 cache. Tools that write through a private temporary file (safetensors, ``tempfile.mkdtemp``) leave mode 0600 or
-0700; these give the mode any file the user creates would get."""
+0700; these give the mode any file the user creates would get. And the age of what a killed process left behind."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -30,3 +31,12 @@ def file_mode() -> int:
 def folder_mode() -> int:
     """The mode a new folder gets from ``mkdir()`` under the process's umask."""
     return 0o777 & ~umask()
+
+
+def age_seconds(path: Path) -> float | None:
+    """Seconds since ``path`` was last modified, or ``None`` if it is gone (removed by another process meanwhile).
+    What a killed process left (a lock, a staging folder) is told from live work by being far older than it takes."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return None

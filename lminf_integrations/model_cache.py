@@ -24,14 +24,13 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from safetensors import SafetensorError
 
-from .files import file_mode, folder_mode
+from .files import age_seconds, file_mode, folder_mode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -193,11 +192,8 @@ STALE_STAGING_SECONDS = 3600
 
 def _remove_stale_staging(folder: Path) -> None:
     for staging in folder.parent.glob(f".{folder.name}.*"):
-        try:
-            age = time.time() - staging.stat().st_mtime
-        except OSError:  # removed by another process meanwhile
-            continue
-        if age > STALE_STAGING_SECONDS:
+        age = age_seconds(staging)
+        if age is not None and age > STALE_STAGING_SECONDS:
             logger.info("removing %s, left by a run killed while writing the model cache", staging)
             shutil.rmtree(staging, ignore_errors=True)
 

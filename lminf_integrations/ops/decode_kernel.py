@@ -21,7 +21,6 @@ import platform
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -29,6 +28,7 @@ from unittest import mock
 import torch
 
 from ..cpu import cpu_info
+from ..files import age_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,8 @@ def clear_stale_lock() -> None:
     """Remove the build folder's lock file if a killed build left it: torch waits, silently and for ever, while it
     exists. A young lock is another process building now, and is left to it."""
     lock = build_directory() / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:  # no lock: nothing to clear
-        return
-    if age > STALE_LOCK_SECONDS:
+    age = age_seconds(lock)
+    if age is not None and age > STALE_LOCK_SECONDS:
         logger.warning("removing %s, left %.0f minutes ago by a kernel build that did not finish", lock, age / 60)
         lock.unlink(missing_ok=True)
 
